@@ -1,0 +1,49 @@
+// The schema of every mmkern op, defined once. Kernels register per device in csrc/cpu and
+// csrc/cuda (C++) or from mmkern/ops (Triton); fake kernels and autograd live in mmkern/ops.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#include "build_info.h"
+
+extern "C" {
+// An empty module: importing mmkern._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace mmkern {
+
+std::string build_info() {
+  std::string info = "torch=" + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+#ifdef MMKERN_WITH_CUDA
+  info += ";cuda=" + cuda_build_info();
+#else
+  info += ";cuda=none";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(mmkern, m) {
+  // What this binary was compiled against: "torch=2.14;cuda=13.0;archs=800,900" or "...;cuda=none".
+  m.def("build_info() -> str", &build_info);
+
+  // act(cat([x.expand(*lead, d) for x in inputs], -1) @ weight.T + bias) without building the
+  // concat. Returns (out, activation_saved): the pre-activation for gelu, gelu_tanh and silu
+  // (whose derivative needs it), an empty tensor otherwise (relu's backward reads out).
+  m.def(
+      "concat_linear(Tensor[] inputs, Tensor weight, Tensor? bias, str activation) "
+      "-> (Tensor, Tensor)");
+  // Gradients of concat_linear. activation_saved is the pre-activation for gelu, gelu_tanh and
+  // silu, the output for relu, unused for none. Gradients not asked for come back empty.
+  m.def(
+      "concat_linear_backward(Tensor grad_out, Tensor[] inputs, Tensor weight, Tensor activation_saved, "
+      "str activation, bool[] input_needs_grad, bool weight_needs_grad, bool bias_needs_grad) "
+      "-> (Tensor[], Tensor, Tensor)");
+}
+
+}  // namespace mmkern

@@ -1,0 +1,8 @@
+"""mmkern: fused kernels for multimodal models, as PyTorch custom ops under ``torch.ops.mmkern``."""
+
+from mmkern import _extension  # noqa: F401  (registers the op schemas and C++ kernels)
+from mmkern._extension import build_info
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "__version__"]
