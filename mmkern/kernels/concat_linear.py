@@ -1,0 +1,150 @@
+"""concat_linear's forward and backward built from segmented_matmul (the CUDA implementation, and
+the CPU one under the interpreter switch).
+
+Forward: the segments whose leading shape is the output's ("per-token") go through one fused GEMM;
+the others ("broadcast", e.g. a pooled (B, 1, d) vector) are first projected at their own, smaller
+leading shape into an fp32 addend, which the fused GEMM's epilogue broadcasts. The same split
+applies recursively to the broadcast segments themselves.
+Backward: dz = grad * act'(z) once; per-token segments get dz @ W_i and dz^T @ x_i; broadcast
+segments get dz summed over their broadcast dims first, so their GEMMs run at their own size.
+"""
+
+import math
+
+import torch
+
+from mmkern.kernels.segmented_matmul import MAX_SEGMENTS, accumulate_dtype, segmented_matmul
+
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+IDENTITY_ROW_MAP = ((1, 2**62, 1), (1, 1, 0))
+
+
+def padded_lead(x: torch.Tensor, rank: int) -> tuple:
+    return (1,) * (rank - x.dim() + 1) + tuple(x.shape[:-1])
+
+
+def as_matrix(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def broadcast_row_map(lead: tuple, sub_lead: tuple):
+    """(div, mod, mul) terms with row(m) = sum((m // div) % mod * mul) mapping a row of the
+    contiguous ``lead`` to a row of the contiguous ``sub_lead`` (same rank; each dim equal or 1).
+    Each run of kept dims gives one term; None when there are more runs than the kernel takes."""
+    terms, run = [], None
+    div = mul = 1
+    for size, sub in zip(reversed(lead), reversed(sub_lead)):
+        if size == 1:
+            continue
+        if sub == size:
+            if run is None:
+                run = [div, 1, mul]
+                terms.append(run)
+            run[1] *= size
+            mul *= size
+        else:
+            run = None
+        div *= size
+    if len(terms) > 2:
+        return None
+    return tuple(tuple(t) for t in terms) + ((1, 1, 0),) * (2 - len(terms))
+
+
+def _project(segments, lead, weight, out, bias, activation, saved):
+    """out (prod(lead), N) = act(sum over segments x @ W[:, cols].T + bias); see the module docstring.
+    ``segments`` holds (x, column offset) pairs whose leading shapes broadcast to ``lead``."""
+    rank = len(lead)
+    rows, out_features = out.shape
+    per_token = [s for s in segments if padded_lead(s[0], rank) == lead]
+    broadcast = [s for s in segments if padded_lead(s[0], rank) != lead]
+
+    addend, row_map = None, IDENTITY_ROW_MAP
+    if broadcast:
+        sub_lead = tuple(torch.broadcast_shapes(*(padded_lead(x, rank) for x, _ in broadcast)))
+        addend = out.new_empty((math.prod(sub_lead), out_features), dtype=accumulate_dtype(out.dtype))
+        _project(broadcast, sub_lead, weight, addend, None, "none", None)
+        row_map = broadcast_row_map(lead, sub_lead)
+        if row_map is None:
+            addend = addend.view(*sub_lead, out_features).expand(*lead, out_features).reshape(rows, out_features)
+            row_map = IDENTITY_ROW_MAP
+
+    # More segments than one launch takes: chain launches through fp32 partial sums.
+    chunks = [per_token[i:i + MAX_SEGMENTS] for i in range(0, len(per_token), MAX_SEGMENTS)] or [[]]
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        target = out if last else out.new_empty(out.shape, dtype=accumulate_dtype(out.dtype))
+        pairs = [(as_matrix(x), weight[:, offset:offset + x.shape[-1]].t()) for x, offset in chunk]
+        segmented_matmul(
+            target, pairs, addend=addend, row_map=row_map,
+            bias=bias if last else None,
+            activation=activation if last else "none",
+            saved=saved if last else None,
+        )
+        addend, row_map = target, IDENTITY_ROW_MAP
+    return out
+
+
+def _column_offsets(inputs):
+    offsets, total = [], 0
+    for x in inputs:
+        offsets.append(total)
+        total += x.shape[-1]
+    return offsets
+
+
+def concat_linear_forward(inputs, weight, bias, activation):
+    lead = tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
+    rows, out_features = math.prod(lead), weight.shape[0]
+    out = weight.new_empty((*lead, out_features))
+    saved = weight.new_empty((*lead, out_features) if activation in SMOOTH_ACTIVATIONS else (0,))
+    segments = list(zip(inputs, _column_offsets(inputs)))
+    _project(
+        segments, lead, weight, out.view(rows, out_features), bias, activation,
+        saved.view(rows, out_features) if activation in SMOOTH_ACTIVATIONS else None,
+    )
+    return out, saved
+
+
+def activation_backward(grad, saved, activation):
+    if activation == "none":
+        return grad
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, saved, 0)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, saved)
+    return torch.ops.aten.gelu_backward(grad, saved, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,
+                           input_needs_grad, weight_needs_grad, bias_needs_grad):
+    lead = tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
+    rank, rows, out_features = len(lead), math.prod(lead), weight.shape[0]
+    acc = accumulate_dtype(weight.dtype)
+    empty = weight.new_empty((0,))
+    saved = activation_saved.reshape(rows, out_features) if activation != "none" else None
+    dz = activation_backward(grad_out.reshape(rows, out_features), saved, activation)
+
+    # Broadcast dims of a leading shape are summed out of dz once per distinct shape.
+    reduced = {}
+    for x in inputs:
+        own = padded_lead(x, rank)
+        if own != lead and own not in reduced:
+            dims = [d for d in range(rank) if own[d] == 1 and lead[d] != 1]
+            summed = dz.reshape(*lead, out_features).sum(dims, keepdim=True, dtype=acc)
+            reduced[own] = summed.to(weight.dtype).reshape(math.prod(own), out_features)
+
+    grad_inputs = []
+    grad_weight = weight.new_empty(weight.shape) if weight_needs_grad else empty
+    for x, offset, needs_grad in zip(inputs, _column_offsets(inputs), input_needs_grad):
+        a = reduced.get(padded_lead(x, rank), dz)
+        columns = slice(offset, offset + x.shape[-1])
+        if needs_grad:
+            grad_x = x.new_empty((math.prod(x.shape[:-1]), x.shape[-1]))
+            segmented_matmul(grad_x, [(a, weight[:, columns])])
+            grad_inputs.append(grad_x.view(x.shape))
+        else:
+            grad_inputs.append(empty)
+        if weight_needs_grad:
+            segmented_matmul(grad_weight[:, columns], [(a.t(), as_matrix(x))])
+    grad_bias = dz.sum(0, dtype=acc).to(weight.dtype) if bias_needs_grad else empty
+    return grad_inputs, grad_weight, grad_bias

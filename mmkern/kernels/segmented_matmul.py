@@ -1,0 +1,190 @@
+"""A GEMM over up to four (A_s, B_s) segment pairs with a fused epilogue, the building block of
+concat_linear's forward and backward on GPU:
+
+    out[m, n] = act( sum_s A_s[m, :] @ B_s[:, n]  +  addend[row(m), n]  +  bias[n] )
+
+Every operand is addressed through its own strides, so weight column slices, transposed views and
+sliced inputs are read in place. ``addend`` is an accumulation-dtype matrix whose row for output row
+m is ``sum_t ((m // div_t) % mod_t) * mul_t`` over two terms: that is how a projection computed
+once per sample (or per position) is broadcast over the other leading dims without materialising
+it. The pre-activation can be stored beside the output for the backward of smooth activations.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from mmkern import _config
+
+MAX_SEGMENTS = 4
+
+ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def _configs():
+    if _config.TRITON_ON_CPU:
+        # The interpreter runs every config of an autotuner: one small tile keeps tests quick.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1)]
+    shapes = [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 32, 5, 2),
+        (16, 64, 64, 4, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in shapes
+    ]
+
+
+@triton.jit
+def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K,
+                        offs_m, offs_n, mask_m, mask_n,
+                        BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACTIVATION == 2:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        # tanh(u) = 2 sigmoid(2u) - 1, written so that large |u| saturates instead of overflowing.
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = z * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 4:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K0", "K1", "K2", "K3", "NUM_SEGMENTS", "HAS_ADDEND"])
+@triton.jit
+def segmented_matmul_kernel(
+    out_ptr, stride_om, stride_on,
+    saved_ptr, stride_sm, stride_sn,
+    addend_ptr, stride_pm, stride_pn, div0, mod0, mul0, div1, mod1, mul1,
+    bias_ptr,
+    a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
+    a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
+    a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
+    a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
+    M, N,
+    NUM_SEGMENTS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row blocks share each column block of B while it sits in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if NUM_SEGMENTS > 0:
+        acc = _accumulate_segment(acc, a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
+                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+    if NUM_SEGMENTS > 1:
+        acc = _accumulate_segment(acc, a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
+                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+    if NUM_SEGMENTS > 2:
+        acc = _accumulate_segment(acc, a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
+                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+    if NUM_SEGMENTS > 3:
+        acc = _accumulate_segment(acc, a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
+                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_ADDEND:
+        rows = ((offs_m // div0) % mod0) * mul0 + ((offs_m // div1) % mod1) * mul1
+        acc += tl.load(addend_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if STORE_PREACTIVATION:
+        tl.store(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                 acc.to(saved_ptr.dtype.element_ty), mask=mask)
+    acc = _activation(acc, ACTIVATION)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul setting, as F.linear would: TF32 only when the user allowed it.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0)), bias=None,
+                     activation="none", saved=None):
+    """Writes act(sum_s a_s @ b_s + addend[row_map] + bias) into ``out`` (M, N), and the
+    pre-activation into ``saved`` when given. ``segments`` is a list of at most MAX_SEGMENTS
+    (a (M, K_s), b (K_s, N)) pairs, possibly empty (then only the epilogue runs)."""
+    from torch.library import wrap_triton
+
+    M, N = out.shape
+    if M == 0 or N == 0:
+        return out
+    assert len(segments) <= MAX_SEGMENTS
+    padded = list(segments) + [(out, out.t())] * (MAX_SEGMENTS - len(segments))
+    segment_args = []
+    for a, b in padded:
+        segment_args += [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), a.shape[1]]
+    (div0, mod0, mul0), (div1, mod1, mul1) = row_map
+    operand_dtype = segments[0][0].dtype if segments else out.dtype
+    acc_dtype = accumulate_dtype(out.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    wrap_triton(segmented_matmul_kernel)[grid](
+        out, out.stride(0), out.stride(1),
+        saved if saved is not None else out,
+        saved.stride(0) if saved is not None else 0,
+        saved.stride(1) if saved is not None else 0,
+        addend if addend is not None else out,
+        addend.stride(0) if addend is not None else 0,
+        addend.stride(1) if addend is not None else 0,
+        div0, mod0, mul0, div1, mod1, mul1,
+        bias if bias is not None else out,
+        *segment_args,
+        M, N,
+        NUM_SEGMENTS=len(segments),
+        HAS_ADDEND=addend is not None,
+        HAS_BIAS=bias is not None,
+        STORE_PREACTIVATION=saved is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        INPUT_PRECISION=_input_precision(operand_dtype),
+    )
+    return out

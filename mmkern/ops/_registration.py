@@ -1,0 +1,60 @@
+"""How a Triton implementation is attached to an op whose schema lives in csrc/registration.cpp.
+
+torch.library.triton_op would define the schema itself, which clashes with defining it once in
+C++ beside the C++ CPU kernel. So this does what triton_op does, for an existing op:
+  - eagerly, the implementation runs as the op's CUDA kernel, launching Triton kernels directly;
+  - under AOTDispatcher (torch.compile), a FunctionalTensorMode rule decomposes the op into its
+    implementation for CUDA tensors, so the compiler sees the wrap_triton'd kernels and calls them
+    from its own generated code instead of going through an opaque op;
+  - with MMKERN_TRITON_INTERPRET=1 the same implementation is also the CPU kernel (in Triton's
+    interpreter), replacing the C++ one, so the GPU code path runs under the CPU test suite.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from mmkern import _config
+
+
+def _wrap_triton_disabled():
+    # Outside of tracing, wrap_triton would route every launch through a higher-order op;
+    # launching the kernels directly is what triton_op does for eager calls too.
+    from torch._library.triton import set_wrap_triton_enabled
+
+    return set_wrap_triton_enabled(False)
+
+
+def _any_cuda_tensor(args) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in pytree.tree_leaves(args))
+
+
+def register_triton_kernel(qualname: str, implementation: Callable) -> None:
+    def eager_kernel(*args, **kwargs):
+        with _wrap_triton_disabled():
+            return implementation(*args, **kwargs)
+
+    torch.library.register_kernel(qualname, "cuda", eager_kernel)
+    if _config.TRITON_ON_CPU:
+        # Interpreted kernels are not traceable (wrap_triton hands them back untouched), so the
+        # op stays opaque to torch.compile in this mode.
+        torch.library.register_kernel(qualname, "cpu", eager_kernel)
+        return
+
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def decompose_for_compile(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        known_types = all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is torch.Tensor for t in types)
+        if not known_types:
+            return NotImplemented
+        # torch.export keeps the op whole (a serialisable graph); CPU tensors keep the C++ kernel.
+        if custom_triton_ops_decomposition_disabled() or not _any_cuda_tensor((args, kwargs)):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return implementation(*args, **kwargs)
+
+    torch.library.register_torch_dispatch(qualname, FunctionalTensorMode, decompose_for_compile)

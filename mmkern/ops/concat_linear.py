@@ -1,0 +1,179 @@
+"""Fused concat-projection: ``mmkern.ops.concat_linear``.
+
+The schema is in csrc/registration.cpp, the CPU kernel in csrc/cpu/concat_linear.cpp, the CUDA
+kernel (Triton) in mmkern/kernels/concat_linear.py; this file holds the public function, its
+argument checks, the fake kernels and the autograd registration.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from mmkern.ops._registration import register_triton_kernel
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DEVICES = ("cpu", "cuda", "meta")
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+
+
+def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  *, activation: str | None = "none") -> torch.Tensor:
+    """``act(F.linear(torch.cat([x.expand(*lead, x.shape[-1]) for x in inputs], -1), weight, bias))``
+    without building the concat.
+
+    Args:
+        inputs: one tensor per segment (modality), ``(*lead_i, d_i)``; the leading shapes broadcast
+            to one ``lead``. A segment with a smaller leading shape, such as a pooled image vector
+            ``(B, 1, d)`` beside text tokens ``(B, L, d)``, is projected once per sample, not per
+            token. Views are read in place when their leading dims collapse to one stride.
+        weight: ``(N, sum(d_i))``; segment i uses the columns of its own slice.
+        bias: ``(N,)`` or None.
+        activation: ``"none"`` (or None), ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+
+    Returns:
+        ``(*lead, N)`` in the inputs' dtype (float16, bfloat16, float32 or float64; fp16 and bf16
+        accumulate in fp32). Under autocast, every tensor is cast to the autocast dtype first.
+        Differentiable in every input, weight and bias.
+
+    Raises:
+        TypeError: ``inputs`` not a sequence of tensors, non-floating or mismatched dtypes.
+        ValueError: empty ``inputs``, mismatched devices, ``weight.shape[1] != sum(d_i)``, a bias
+            that is not ``(N,)``, leading shapes that do not broadcast, an unknown activation.
+    """
+    activation = "none" if activation is None else activation
+    inputs = _check_arguments(inputs, weight, bias, activation)
+    device_type = weight.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        inputs = [x.to(dtype) for x in inputs]
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        _check_same_dtype(inputs, weight, bias)
+    out, _ = torch.ops.mmkern.concat_linear.default(inputs, weight, bias, activation)
+    return out
+
+
+def _check_arguments(inputs, weight, bias, activation) -> list:
+    if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
+        raise TypeError(
+            f"inputs must be a sequence of tensors, one per segment, got {type(inputs).__name__}"
+            + ("; wrap a single tensor in a list" if isinstance(inputs, torch.Tensor) else "")
+        )
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("inputs must hold at least one tensor")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
+    named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + [("weight", weight)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {tensor.dtype}; concat_linear takes float16, bfloat16, float32 or float64")
+        if tensor.device != weight.device:
+            raise ValueError(f"{name} is on {tensor.device} but weight is on {weight.device}; all tensors must share one device")
+    if weight.device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"concat_linear runs on cpu and cuda tensors, got tensors on {weight.device}")
+    for name, x in named[:len(inputs)]:
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have a feature dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, sum of input widths), got shape {tuple(weight.shape)}")
+    widths = [x.shape[-1] for x in inputs]
+    if weight.shape[1] != sum(widths):
+        raise ValueError(
+            f"weight.shape[1] must equal the sum of the inputs' last dims {widths} = {sum(widths)}, "
+            f"got weight of shape {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    try:
+        torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
+    except RuntimeError:
+        shapes = ", ".join(f"inputs[{i}] {tuple(x.shape[:-1])}" for i, x in enumerate(inputs))
+        raise ValueError(f"the leading shapes of the inputs (all but the last dim) do not broadcast: {shapes}") from None
+    return inputs
+
+
+def _check_same_dtype(inputs, weight, bias) -> None:
+    named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + ([("bias", bias)] if bias is not None else [])
+    for name, tensor in named:
+        if tensor.dtype != weight.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but weight has {weight.dtype}; all tensors must share one "
+                "dtype (or run under torch.autocast)"
+            )
+
+
+def _lead_shape(inputs) -> tuple:
+    return tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
+
+
+@torch.library.register_fake("mmkern::concat_linear")
+def _concat_linear_fake(inputs, weight, bias, activation):
+    out_shape = (*_lead_shape(inputs), weight.shape[0])
+    return weight.new_empty(out_shape), weight.new_empty(out_shape if activation in SMOOTH_ACTIVATIONS else (0,))
+
+
+@torch.library.register_fake("mmkern::concat_linear_backward")
+def _concat_linear_backward_fake(grad_out, inputs, weight, activation_saved, activation,
+                                 input_needs_grad, weight_needs_grad, bias_needs_grad):
+    grad_inputs = [x.new_empty(x.shape if needed else (0,)) for x, needed in zip(inputs, input_needs_grad)]
+    grad_weight = weight.new_empty(weight.shape if weight_needs_grad else (0,))
+    grad_bias = weight.new_empty((weight.shape[0],) if bias_needs_grad else (0,))
+    return grad_inputs, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    xs, weight, bias, activation = inputs
+    out, preactivation = output
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    # relu's derivative reads off the output; the smooth ones need the pre-activation.
+    ctx.save_for_backward(weight, out if activation == "relu" else preactivation, *xs)
+    ctx.mark_non_differentiable(preactivation)
+
+
+def _backward(ctx, grad_out, _grad_preactivation):
+    weight, activation_saved, *xs = ctx.saved_tensors
+    inputs_need_grad, weight_needs_grad, bias_needs_grad, _ = ctx.needs_input_grad
+    bias_needs_grad = bias_needs_grad and ctx.has_bias
+    grad_inputs, grad_weight, grad_bias = torch.ops.mmkern.concat_linear_backward.default(
+        grad_out, xs, weight, activation_saved, ctx.activation,
+        list(inputs_need_grad), weight_needs_grad, bias_needs_grad,
+    )
+    return (
+        [g if needed else None for g, needed in zip(grad_inputs, inputs_need_grad)],
+        grad_weight if weight_needs_grad else None,
+        grad_bias if bias_needs_grad else None,
+        None,
+    )
+
+
+torch.library.register_autograd("mmkern::concat_linear", _backward, setup_context=_setup_context)
+
+
+def _triton_forward(inputs, weight, bias, activation):
+    from mmkern.kernels.concat_linear import concat_linear_forward
+
+    return concat_linear_forward(inputs, weight, bias, activation)
+
+
+def _triton_backward(grad_out, inputs, weight, activation_saved, activation,
+                     input_needs_grad, weight_needs_grad, bias_needs_grad):
+    from mmkern.kernels.concat_linear import concat_linear_backward
+
+    return concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,
+                                  input_needs_grad, weight_needs_grad, bias_needs_grad)
+
+
+register_triton_kernel("mmkern::concat_linear", _triton_forward)
+register_triton_kernel("mmkern::concat_linear_backward", _triton_backward)
