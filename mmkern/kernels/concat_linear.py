@@ -9,6 +9,7 @@ Backward: dz = grad * act'(z) once; per-token segments get dz @ W_i and dz^T @ x
 segments get dz summed over their broadcast dims first, so their GEMMs run at their own size.
 """
 
+import functools
 import math
 
 import torch
@@ -50,30 +51,14 @@ def broadcast_row_map(lead: tuple, sub_lead: tuple):
     return tuple(tuple(t) for t in terms) + ((1, 1, 0),) * (2 - len(terms))
 
 
-def _project(segments, lead, weight, out, bias, activation, saved):
-    """out (prod(lead), N) = act(sum over segments x @ W[:, cols].T + bias); see the module docstring.
-    ``segments`` holds (x, column offset) pairs whose leading shapes broadcast to ``lead``."""
-    rank = len(lead)
-    rows, out_features = out.shape
-    per_token = [s for s in segments if padded_lead(s[0], rank) == lead]
-    broadcast = [s for s in segments if padded_lead(s[0], rank) != lead]
-
-    addend, row_map = None, IDENTITY_ROW_MAP
-    if broadcast:
-        sub_lead = tuple(torch.broadcast_shapes(*(padded_lead(x, rank) for x, _ in broadcast)))
-        addend = out.new_empty((math.prod(sub_lead), out_features), dtype=accumulate_dtype(out.dtype))
-        _project(broadcast, sub_lead, weight, addend, None, "none", None)
-        row_map = broadcast_row_map(lead, sub_lead)
-        if row_map is None:
-            addend = addend.view(*sub_lead, out_features).expand(*lead, out_features).reshape(rows, out_features)
-            row_map = IDENTITY_ROW_MAP
-
-    # More segments than one launch takes: chain launches through fp32 partial sums.
-    chunks = [per_token[i:i + MAX_SEGMENTS] for i in range(0, len(per_token), MAX_SEGMENTS)] or [[]]
+def _fused_gemm(segments, out, addend, row_map, bias, activation, saved):
+    """out = act(sum over segments x @ W[:, cols].T + addend[row_map] + bias), for segments whose
+    leading shape is out's; launches past MAX_SEGMENTS chain through fp32 partial sums."""
+    chunks = [segments[i:i + MAX_SEGMENTS] for i in range(0, len(segments), MAX_SEGMENTS)] or [[]]
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
         target = out if last else out.new_empty(out.shape, dtype=accumulate_dtype(out.dtype))
-        pairs = [(as_matrix(x), weight[:, offset:offset + x.shape[-1]].t()) for x, offset in chunk]
+        pairs = [(as_matrix(x), weight[:, offset:offset + x.shape[-1]].t()) for x, offset, weight in chunk]
         segmented_matmul(
             target, pairs, addend=addend, row_map=row_map,
             bias=bias if last else None,
@@ -81,6 +66,33 @@ def _project(segments, lead, weight, out, bias, activation, saved):
             saved=saved if last else None,
         )
         addend, row_map = target, IDENTITY_ROW_MAP
+
+
+def _project(segments, lead, weight, out, bias, activation, saved):
+    """out (prod(lead), N) = act(sum over segments x @ W[:, cols].T + bias); see the module docstring.
+    ``segments`` holds (x, column offset) pairs whose leading shapes broadcast to ``lead``."""
+    rank = len(lead)
+    rows, out_features = out.shape
+    per_token, groups = [], {}
+    for x, offset in segments:
+        own = padded_lead(x, rank)
+        (per_token if own == lead else groups.setdefault(own, [])).append((x, offset, weight))
+
+    addend, row_map = None, IDENTITY_ROW_MAP
+    if groups:
+        partials = []
+        for own, group in groups.items():
+            partial = out.new_empty((math.prod(own), out_features), dtype=accumulate_dtype(out.dtype))
+            _fused_gemm(group, partial, None, IDENTITY_ROW_MAP, None, "none", None)
+            partials.append(partial.view(*own, out_features))
+        # Several broadcast patterns at once are rare: their sum is materialised at its broadcast shape.
+        addend = functools.reduce(torch.add, partials)
+        sub_lead = tuple(addend.shape[:-1])
+        row_map = broadcast_row_map(lead, sub_lead)
+        if row_map is None:
+            addend, row_map = addend.expand(*lead, out_features), IDENTITY_ROW_MAP
+        addend = addend.reshape(math.prod(addend.shape[:-1]), out_features)
+    _fused_gemm(per_token, out, addend, row_map, bias, activation, saved)
     return out
 
 

@@ -80,7 +80,7 @@ def segmented_matmul_kernel(
     out_ptr, stride_om, stride_on,
     saved_ptr, stride_sm, stride_sn,
     addend_ptr, stride_pm, stride_pn, div0, mod0, mul0, div1, mod1, mul1,
-    bias_ptr,
+    bias_ptr, stride_bias,
     a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
     a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
     a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
@@ -125,7 +125,7 @@ def segmented_matmul_kernel(
         rows = ((offs_m // div0) % mod0) * mul0 + ((offs_m // div1) % mod1) * mul1
         acc += tl.load(addend_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     if STORE_PREACTIVATION:
         tl.store(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
                  acc.to(saved_ptr.dtype.element_ty), mask=mask)
@@ -177,6 +177,7 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
         addend.stride(1) if addend is not None else 0,
         div0, mod0, mul0, div1, mod1, mul1,
         bias if bias is not None else out,
+        bias.stride(0) if bias is not None else 0,
         *segment_args,
         M, N,
         NUM_SEGMENTS=len(segments),

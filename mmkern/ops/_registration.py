@@ -8,6 +8,8 @@ C++ beside the C++ CPU kernel. So this does what triton_op does, for an existing
     from its own generated code instead of going through an opaque op;
   - with MMKERN_TRITON_INTERPRET=1 the same implementation is also the CPU kernel (in Triton's
     interpreter), replacing the C++ one, so the GPU code path runs under the CPU test suite.
+
+It also gives ops their autocast behaviour (register_autocast).
 """
 
 from collections.abc import Callable
@@ -58,3 +60,37 @@ def register_triton_kernel(qualname: str, implementation: Callable) -> None:
             return implementation(*args, **kwargs)
 
     torch.library.register_torch_dispatch(qualname, FunctionalTensorMode, decompose_for_compile)
+
+
+AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCUDA
+)
+_AUTOCAST_LIBRARY = torch.library.Library("mmkern", "IMPL")
+
+
+def autocast_dtype_of(tensor: torch.Tensor, autocast_dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast gives a tensor: lower-precision floats go to the autocast dtype; float64
+    and non-floating tensors are left alone, as torch's own autocast does."""
+    if tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return autocast_dtype
+    return tensor.dtype
+
+
+def register_autocast(qualname: str, cast_inputs: bool) -> None:
+    """Under autocast, casts the op's floating inputs to the autocast dtype (when ``cast_inputs``)
+    and runs it with autocast off, so the kernels' own internal matmuls are never re-cast. A backward
+    op takes ``cast_inputs=False``: its gradients must keep the forward's dtypes."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+
+        def kernel(*args, _device_type=device_type, **kwargs):
+            if cast_inputs:
+                dtype = torch.get_autocast_dtype(_device_type)
+                args, kwargs = pytree.tree_map_only(
+                    torch.Tensor, lambda t: t.to(autocast_dtype_of(t, dtype)), (args, kwargs))
+            with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_KEYS):
+                return op(*args, **kwargs)
+
+        _AUTOCAST_LIBRARY.impl(name, kernel, key)

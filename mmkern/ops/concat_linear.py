@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmkern.ops._registration import register_triton_kernel
+from mmkern.ops._registration import autocast_dtype_of, register_autocast, register_triton_kernel
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -33,7 +33,7 @@ def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
 
     Returns:
         ``(*lead, N)`` in the inputs' dtype (float16, bfloat16, float32 or float64; fp16 and bf16
-        accumulate in fp32). Under autocast, every tensor is cast to the autocast dtype first.
+        accumulate in fp32). Under autocast, fp32 tensors are cast to the autocast dtype first.
         Differentiable in every input, weight and bias.
 
     Raises:
@@ -43,14 +43,7 @@ def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
     """
     activation = "none" if activation is None else activation
     inputs = _check_arguments(inputs, weight, bias, activation)
-    device_type = weight.device.type
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        inputs = [x.to(dtype) for x in inputs]
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    else:
-        _check_same_dtype(inputs, weight, bias)
+    _check_same_dtype(inputs, weight, bias)
     out, _ = torch.ops.mmkern.concat_linear.default(inputs, weight, bias, activation)
     return out
 
@@ -104,9 +97,17 @@ def _check_arguments(inputs, weight, bias, activation) -> list:
 
 
 def _check_same_dtype(inputs, weight, bias) -> None:
+    """All tensors share one dtype, after autocast's casts where it is on (the op's autocast kernel
+    casts them)."""
+    device_type = weight.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+    def effective(t):
+        return autocast_dtype_of(t, torch.get_autocast_dtype(device_type)) if autocast else t.dtype
+
     named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + ([("bias", bias)] if bias is not None else [])
     for name, tensor in named:
-        if tensor.dtype != weight.dtype:
+        if effective(tensor) != effective(weight):
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but weight has {weight.dtype}; all tensors must share one "
                 "dtype (or run under torch.autocast)"
@@ -177,3 +178,5 @@ def _triton_backward(grad_out, inputs, weight, activation_saved, activation,
 
 register_triton_kernel("mmkern::concat_linear", _triton_forward)
 register_triton_kernel("mmkern::concat_linear_backward", _triton_backward)
+register_autocast("mmkern::concat_linear", cast_inputs=True)
+register_autocast("mmkern::concat_linear_backward", cast_inputs=False)

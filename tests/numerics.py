@@ -1,0 +1,37 @@
+"""How mmkern's results are compared with the eager reference."""
+
+import torch
+
+from mmkern import _config
+
+# Devices every op test runs on: the C++ CPU kernels (or, under MMKERN_TRITON_INTERPRET=1, the Triton
+# kernels in the interpreter), and CUDA where there is a GPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Triton's interpreter computes a bf16 tl.dot wrongly; bf16 through Triton is tested on a GPU.
+INTERPRETER_DTYPES = (torch.float64, torch.float32, torch.float16)
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtypes_for(device: str) -> tuple:
+    return INTERPRETER_DTYPES if _config.TRITON_ON_CPU and device == "cpu" else ALL_DTYPES
+
+
+def assert_close_to_reference(actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, name: str,
+                              factor: float = 2.0) -> None:
+    """flash-attention's criterion: the error of ``actual`` against the float64 result ``exact`` is at
+    most ``factor`` times the error of eager PyTorch in the same dtype (``eager``), plus a floor of a
+    few units of roundoff of the output's dtype for results eager happens to get exactly right. In
+    float64 eager *is* the exact result, so there the floor (1e-12 relative) allows for a different
+    summation order alone."""
+    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}"
+    assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype}, expected {eager.dtype}"
+    if exact.numel() == 0:
+        return
+    error = (actual.double() - exact).abs().max().item()
+    eager_error = (eager.double() - exact).abs().max().item()
+    floor = max(4 * torch.finfo(actual.dtype).eps, 1e-12) * max(exact.abs().max().item(), 1.0)
+    assert error <= factor * eager_error + floor, (
+        f"{name}: max error {error:.3e} against float64, eager PyTorch's is {eager_error:.3e} "
+        f"(allowed {factor} x that + {floor:.1e})"
+    )

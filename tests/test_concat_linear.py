@@ -1,0 +1,273 @@
+import math
+
+import pytest
+import torch
+
+import mmkern
+from mmkern import _config, ops, reference
+from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for
+
+# (input shapes, out_features, bias, activation): per-token and broadcast segments, 1 to 6 segments,
+# odd widths (1, 7, 97, 1000), lower-rank inputs, and edge sizes (no rows, a zero-width segment).
+CASES = {
+    "one_segment": ([(7, 97)], 33, True, "none"),
+    "two_tokens": ([(2, 7, 33), (2, 7, 97)], 61, True, "relu"),
+    "pooled_vector": ([(4, 97, 64), (4, 1, 100)], 97, True, "gelu"),
+    "lower_rank": ([(3, 7, 16), (7, 5), (1,)], 24, False, "gelu_tanh"),
+    "four_mixed": ([(2, 5, 1), (2, 1, 7), (1, 5, 33), (2, 5, 16)], 19, True, "silu"),
+    "wide_segment": ([(1, 3, 1000), (1, 1, 24)], 7, True, "gelu"),
+    "six_segments": ([(3, 4, 5 + i) for i in range(6)], 17, True, "relu"),
+    "one_row": ([(1, 1, 16), (1, 1, 3)], 1, True, "silu"),
+    "no_rows": ([(0, 5, 8), (1, 1, 3)], 9, True, "gelu"),
+    "zero_width": ([(3, 4, 0), (3, 4, 5)], 6, True, "none"),
+    "three_kept_runs": ([(2, 4, 3, 5, 2, 6), (2, 1, 3, 1, 2, 4)], 7, True, "silu"),
+}
+
+
+def make_case(shapes, out_features, with_bias, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    width = sum(shape[-1] for shape in shapes)
+    # Scaled so outputs stay O(1) and fp16 cannot overflow.
+    weight = torch.randn(out_features, width, generator=generator, dtype=torch.float64) / math.sqrt(max(width, 1))
+    bias = torch.randn(out_features, generator=generator, dtype=torch.float64) if with_bias else None
+    to = dict(dtype=dtype, device=device)
+    return [x.to(**to) for x in inputs], weight.to(**to), None if bias is None else bias.to(**to)
+
+
+def leaves(inputs, weight, bias):
+    return [t.detach().clone().requires_grad_() for t in [*inputs, weight] + ([bias] if bias is not None else [])]
+
+
+def forward_and_grads(fn, tensors, num_inputs, has_bias, activation, grad_out):
+    inputs, weight = tensors[:num_inputs], tensors[num_inputs]
+    bias = tensors[num_inputs + 1] if has_bias else None
+    out = fn(inputs, weight, bias, activation=activation)
+    grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype)) if out.numel() else [torch.zeros_like(t) for t in tensors]
+    return out, grads
+
+
+def check_against_reference(shapes, out_features, with_bias, activation, dtype, device):
+    inputs, weight, bias = make_case(shapes, out_features, with_bias, dtype, device)
+    exact_leaves = [t.double() for t in leaves(inputs, weight, bias)]
+    exact_leaves = [t.detach().requires_grad_() for t in exact_leaves]
+    exact, exact_grads = forward_and_grads(reference.concat_linear, exact_leaves, len(shapes), with_bias, activation,
+                                           grad_out := torch.randn(*torch.broadcast_shapes(*(s[:-1] for s in shapes)),
+                                                                   out_features, dtype=torch.float64, device=device))
+    eager, eager_grads = forward_and_grads(reference.concat_linear, leaves(inputs, weight, bias), len(shapes),
+                                           with_bias, activation, grad_out)
+    actual, actual_grads = forward_and_grads(ops.concat_linear, leaves(inputs, weight, bias), len(shapes),
+                                             with_bias, activation, grad_out)
+    assert_close_to_reference(actual, exact.detach(), eager.detach(), "out")
+    names = [f"grad inputs[{i}]" for i in range(len(shapes))] + ["grad weight", "grad bias"]
+    for name, a, x, e in zip(names, actual_grads, exact_grads, eager_grads):
+        assert_close_to_reference(a, x, e, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, device):
+    shapes, out_features, with_bias, activation = CASES[case]
+    for dtype in dtypes_for(device):
+        check_against_reference(shapes, out_features, with_bias, activation, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
+def test_every_activation_and_dtype(activation, device):
+    for dtype in dtypes_for(device):
+        check_against_reference([(2, 9, 24), (2, 1, 40)], 31, True, activation, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_and_weight_are_read_in_place(device):
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(5, 2, 64, generator=generator, dtype=torch.float64).to(device)
+    pooled = torch.randn(2, 1, 3, 40, generator=generator, dtype=torch.float64).to(device)
+    inputs = [
+        tokens.transpose(0, 1)[..., 3:35],  # non-contiguous leading dims and a feature slice
+        pooled[:, :, 1, 7:27],  # (2, 1, 20) taken out of a larger tensor
+        torch.randn(3, generator=generator, dtype=torch.float64).to(device).expand(2, 5, 3),  # stride-0 dims
+    ]
+    weight = torch.randn(55, 23, generator=generator, dtype=torch.float64).to(device).t()  # column-major (23, 55)
+    bias = torch.randn(46, generator=generator, dtype=torch.float64).to(device)[::2]  # strided bias
+    actual = ops.concat_linear(inputs, weight, bias, activation="gelu")
+    expected = reference.concat_linear(inputs, weight, bias, activation="gelu")
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    generator = torch.Generator().manual_seed(2)
+    tensors = [
+        torch.randn(2, 3, 4, generator=generator, dtype=torch.float64),
+        torch.randn(2, 1, 5, generator=generator, dtype=torch.float64),
+        torch.randn(3, 2, generator=generator, dtype=torch.float64),
+        torch.randn(6, 11, generator=generator, dtype=torch.float64),
+        torch.randn(6, generator=generator, dtype=torch.float64),
+    ]
+    tensors = [t.requires_grad_() for t in tensors]
+    # Through the interpreter (about a thousand launches per activation) the smooth-activation path
+    # stands for the rest; the main run checks every activation.
+    for activation in ["silu"] if _config.TRITON_ON_CPU else ["none", "relu", "gelu", "gelu_tanh", "silu"]:
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, w, bias: ops.concat_linear([a, b, c], w, bias, activation=activation), tensors
+        )
+
+
+def test_gradient_only_for_what_needs_it():
+    inputs, weight, bias = make_case([(2, 3, 4), (2, 1, 5)], 6, True, torch.float64, "cpu")
+    frozen_weight = weight.requires_grad_(False)
+    x = inputs[0].requires_grad_()
+    out = ops.concat_linear([x, inputs[1]], frozen_weight, bias)
+    (grad_x,) = torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(grad_x, torch.ones(2, 3, 6, dtype=torch.float64) @ weight[:, :4])
+
+
+def opcheck_samples(device):
+    samples = []
+    small_pooled = ([(2, 3, 8), (2, 1, 5)], 6, True, "gelu")
+    for shapes, out_features, with_bias, activation in [small_pooled, CASES["lower_rank"], CASES["one_row"]]:
+        for requires_grad in (False, True):
+            inputs, weight, bias = make_case(shapes, out_features, with_bias, torch.float32, device)
+            tensors = [*inputs, weight] + ([bias] if bias is not None else [])
+            for t in tensors:
+                t.requires_grad_(requires_grad)
+            samples.append((inputs, weight, bias, activation))
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for inputs, weight, bias, activation in opcheck_samples(device):
+        torch.library.opcheck(torch.ops.mmkern.concat_linear.default, (inputs, weight, bias, activation))
+        out, saved = torch.ops.mmkern.concat_linear.default(
+            [x.detach() for x in inputs], weight.detach(), None if bias is None else bias.detach(), activation)
+        grad_out = torch.randn_like(out)
+        activation_saved = out if activation == "relu" else saved
+        torch.library.opcheck(
+            torch.ops.mmkern.concat_linear_backward.default,
+            (grad_out, [x.detach() for x in inputs], weight.detach(), activation_saved, activation,
+             [True] * len(inputs), True, bias is not None),
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, device):
+    if backend == "inductor" and _config.TRITON_ON_CPU:
+        pytest.skip("the interpreter run checks the kernels; inductor's own codegen is checked in the main run")
+    inputs, weight, bias = make_case([(2, 9, 24), (2, 1, 40)], 31, True, torch.float32, device)
+
+    def step(text, image, weight, bias):
+        return ops.concat_linear([text, image], weight, bias, activation="gelu").square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    eager_leaves, compiled_leaves = leaves(inputs, weight, bias), leaves(inputs, weight, bias)
+    eager_loss, compiled_loss = step(*eager_leaves), compiled(*compiled_leaves)
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for e, c in zip(eager_leaves, compiled_leaves):
+        torch.testing.assert_close(c.grad, e.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_in_the_autocast_dtype(device):
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes_for(device) else torch.float16
+    inputs, weight, bias = make_case([(2, 9, 24), (2, 1, 40)], 31, True, torch.float32, device)
+    with torch.autocast(device, dtype=dtype):
+        actual = ops.concat_linear(inputs, weight, bias, activation="silu")
+        eager = reference.concat_linear(inputs, weight, bias, activation="silu")
+    assert actual.dtype == eager.dtype == dtype
+    exact = reference.concat_linear([x.to(dtype).double() for x in inputs], weight.to(dtype).double(),
+                                    bias.to(dtype).double(), activation="silu")
+    assert_close_to_reference(actual, exact, eager, "autocast out")
+
+
+def test_build_reports_cuda_sources_compiled_where_nvcc_exists():
+    import os
+    import shutil
+
+    info = mmkern.build_info()
+    if shutil.which("nvcc") and os.environ.get("MMKERN_SKIP_CUDA_BUILD", "0") != "1" and torch.version.cuda:
+        assert info["cuda"] != "none", info
+        assert info["archs"], info
+    assert info["torch"] == ".".join(torch.__version__.split(".")[:2])
+
+
+@pytest.fixture
+def sm90_compile_target(monkeypatch):
+    """Lets Triton build TTIR for an sm_90 target with no GPU present: torch reads each kernel's TTIR
+    to learn which arguments it writes. Nothing is compiled to machine code or run."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    class CompileOnlyDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+    # Set the slot directly: reset_active() would build the real driver, which needs a GPU.
+    monkeypatch.setattr(triton.runtime.driver, "_active", CompileOnlyDriver())
+
+
+def traced_calls(fn, *args):
+    from torch._functorch.aot_autograd import aot_export_joint_simple
+
+    graph = aot_export_joint_simple(fn, list(args), trace_joint=False)
+    return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="interpreted kernels are not traceable")
+@pytest.mark.skipif(not torch.version.cuda, reason="needs a CUDA build of torch (fake CUDA tensors)")
+def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
+    """Under AOTDispatcher both ops decompose into their Triton launches for CUDA tensors (as a
+    triton_op would), so the compiler calls the kernels from its own code. Traced with fake CUDA
+    tensors, so it runs on a machine with no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def forward(text, image, weight, bias):
+        return (ops.concat_linear([text, image], weight, bias, activation="gelu"),)
+
+    def backward(grad_out, text, image, weight, preactivation):
+        grad_inputs, grad_weight, grad_bias = torch.ops.mmkern.concat_linear_backward.default(
+            grad_out, [text, image], weight, preactivation, "gelu", [True, True], True, True)
+        return (*grad_inputs, grad_weight, grad_bias)
+
+    with FakeTensorMode():
+        text, image = torch.empty(2, 9, 24, device="cuda"), torch.empty(2, 1, 40, device="cuda")
+        weight, bias, grad_out = torch.empty(31, 64, device="cuda"), torch.empty(31, device="cuda"), torch.empty(2, 9, 31, device="cuda")
+        for calls in (traced_calls(forward, text, image, weight, bias),
+                      traced_calls(backward, grad_out, text, image, weight, grad_out)):
+            assert "triton_kernel_wrapper_functional" in calls, calls
+            assert not any("mmkern" in call for call in calls), calls
+
+
+BAD_INPUTS = {
+    "not a sequence": (lambda x, w, b: (x[0], w, b, "none"), TypeError, "sequence of tensors"),
+    "empty inputs": (lambda x, w, b: ([], w, b, "none"), ValueError, "at least one tensor"),
+    "integer input": (lambda x, w, b: ([x[0].long(), x[1]], w, b, "none"), TypeError, r"inputs\[0\] has dtype torch.int64"),
+    "integer weight": (lambda x, w, b: (x, w.int(), b, "none"), TypeError, "weight has dtype torch.int32"),
+    "mixed dtypes": (lambda x, w, b: ([x[0], x[1].double()], w, b, "none"), TypeError, r"inputs\[1\] has dtype torch.float64"),
+    "mixed devices": (lambda x, w, b: ([x[0], x[1].to("meta")], w, b, "none"), ValueError, r"inputs\[1\] is on meta"),
+    "wrong width": (lambda x, w, b: (x, w[:, 1:], b, "none"), ValueError, r"weight.shape\[1\] must equal"),
+    "weight not 2-D": (lambda x, w, b: (x, w[None], b, "none"), ValueError, "weight must be 2-D"),
+    "wrong bias": (lambda x, w, b: (x, w, b[1:], "none"), ValueError, "bias must have shape"),
+    "no broadcast": (lambda x, w, b: ([x[0], x[1].expand(2, 3, 4)[:, :2]], w, b, "none"), ValueError, "do not broadcast"),
+    "0-d input": (lambda x, w, b: ([torch.tensor(1.0), *x], w, b, "none"), ValueError, "0-d tensor"),
+    "unknown activation": (lambda x, w, b: (x, w, b, "tanh"), ValueError, "activation must be one of"),
+    "tensor-like list item": (lambda x, w, b: ([x[0], [1.0]], w, b, "none"), TypeError, r"inputs\[1\] must be a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_named(case):
+    make, error, message = BAD_INPUTS[case]
+    inputs = [torch.randn(2, 3, 5), torch.randn(2, 1, 4)]
+    weight, bias = torch.randn(6, 9), torch.randn(6)
+    with pytest.raises(error, match=message):
+        inputs, weight, bias, activation = make(inputs, weight, bias)
+        ops.concat_linear(inputs, weight, bias, activation=activation)
