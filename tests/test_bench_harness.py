@@ -77,6 +77,7 @@ def test_results_are_appended_with_the_environment(tmp_path):
     assert len(saved["records"]) == len(records)
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_end_to_end(tmp_path, capsys):
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_concat_linear.py")
     main = runpy.run_path(script)["main"]

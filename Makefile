@@ -1,0 +1,41 @@
+# The two quickstart commands (README): `make bench` and `make test`. Both set up a virtualenv in
+# $(VENV), install what is missing, build mmkern._C, then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUILT := $(VENV)/.mmkern-built
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
+BENCH_ARGS ?=
+
+.PHONY: setup test test-cpu test-interpreter bench clean
+
+setup: $(BUILT)
+
+# --system-site-packages: a machine that already has torch (GPU machines, often offline) uses it.
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(BUILT): $(PY) $(BUILD_INPUTS) scripts/ensure_requirements.py
+	$(PY) scripts/ensure_requirements.py
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -c "import mmkern; print('mmkern', mmkern.__version__, mmkern.build_info())"
+	touch $@
+
+test: test-cpu test-interpreter
+
+# The C++ CPU kernels, autograd, compile tracing, modules and harness (and CUDA tests where a GPU is).
+test-cpu: $(BUILT)
+	$(PY) -m pytest -q tests
+
+# The Triton kernels' logic on CPU tensors, in Triton's interpreter; larger shapes are left out.
+test-interpreter: $(BUILT)
+	MMKERN_TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
+
+bench: $(BUILT)
+	@for script in benchmarks/bench_*.py; do \
+		echo "== $$script"; $(PY) $$script $(BENCH_ARGS) || exit 1; \
+	done
+
+clean:
+	rm -rf build dist *.egg-info mmkern/_C*.so $(BUILT)
