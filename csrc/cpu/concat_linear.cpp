@@ -80,6 +80,14 @@ Tensor as_matrix(const Tensor& x, at::ScalarType dtype) {
   return x.reshape({rows, x.size(-1)}).to(dtype);
 }
 
+// One segment's column slice of the weight, for a GEMM with `rows` rows. MKL runs up to 20% slower
+// (4096x768x768, AVX2) when the slice keeps the full weight's row stride; the copy costs N*d moves
+// against rows*N*d multiply-adds, so it pays off once the GEMM has a few dozen rows.
+Tensor weight_columns(const Tensor& weight, int64_t offset, int64_t width, int64_t rows) {
+  const Tensor slice = weight.narrow(1, offset, width);
+  return rows >= 64 ? slice.contiguous() : slice;
+}
+
 // z[m, :] = bias + sum_g partials[g][row of m in group g, :], rows in parallel.
 template <typename scalar_t>
 void write_bias_and_broadcast_terms(Tensor& z, const Tensor& bias, const std::vector<Tensor>& partials,
@@ -163,7 +171,7 @@ std::tuple<Tensor, Tensor> concat_linear_cpu(TensorList inputs, const Tensor& we
     const int g = plan.group[i];
     if (g < 0) continue;
     const Tensor x = as_matrix(inputs[i], acc);
-    const Tensor w = weight_acc.narrow(1, plan.column_offset[i], inputs[i].size(-1)).t();
+    const Tensor w = weight_columns(weight_acc, plan.column_offset[i], inputs[i].size(-1), x.size(0)).t();
     partials[g] = partials[g].defined() ? partials[g].addmm_(x, w) : at::mm(x, w);
   }
 
@@ -178,7 +186,7 @@ std::tuple<Tensor, Tensor> concat_linear_cpu(TensorList inputs, const Tensor& we
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (plan.group[i] >= 0) continue;
     const Tensor x = as_matrix(inputs[i], acc);
-    const Tensor w = weight_acc.narrow(1, plan.column_offset[i], inputs[i].size(-1)).t();
+    const Tensor w = weight_columns(weight_acc, plan.column_offset[i], inputs[i].size(-1), x.size(0)).t();
     if (z_written) {
       z.addmm_(x, w);
     } else {
@@ -243,7 +251,7 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor> concat_linear_backward_cpu(
     const Tensor& a = g < 0 ? dz : group_dz[g];
     const int64_t width = inputs[i].size(-1);
     if (input_needs_grad.get(i)) {
-      const Tensor w = weight_acc.narrow(1, plan.column_offset[i], width);
+      const Tensor w = weight_columns(weight_acc, plan.column_offset[i], width, a.size(0));
       grad_inputs.push_back(at::mm(a, w).to(dtype).view(inputs[i].sizes()));
     } else {
       grad_inputs.push_back(empty);
