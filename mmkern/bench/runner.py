@@ -55,6 +55,20 @@ def _disagreement(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / scale).item()
 
 
+def _agreeing_providers(op, case, providers, args, dtype, reference) -> dict:
+    """The providers whose forward output matches the reference's; the others are reported and left out."""
+    expected = providers[reference](*args).detach()
+    agreeing = {}
+    for provider, fn in providers.items():
+        error = _disagreement(fn(*args).detach(), expected)
+        if error > AGREEMENT[dtype]:
+            print(f"\n{op} {case.name}: provider {provider!r} disagrees with {reference!r} "
+                  f"(relative error {error:.2e}); not timed", file=sys.stderr)
+        else:
+            agreeing[provider] = fn
+    return agreeing
+
+
 def _progress(total: int, description: str):
     try:
         from tqdm import tqdm
@@ -67,8 +81,8 @@ def _progress(total: int, description: str):
 def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, device: torch.device,
               dtype: torch.dtype, modes=MODES, reference: str = "eager", warmup: int = 2, repeats: int = 20,
               budget_s: float = 2.0) -> list:
-    """Times every (case, provider, mode) and measures its peak memory; returns Records, with
-    speedups against ``reference``."""
+    """Times every (case, provider, mode), the providers of one (case, mode) interleaved, and
+    measures each one's peak memory; returns Records, with speedups against ``reference``."""
     # Inductor otherwise compiles in a pool of worker processes that keep warming up in the
     # background, taking cores from whatever is timed next.
     torch._inductor.config.compile_threads = 1
@@ -77,29 +91,24 @@ def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, d
     for case in cases:
         args = case.make_args(device, dtype)
         leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.requires_grad]
-        providers = make_providers(case)
-        expected = providers[reference](*args).detach()
-        for provider, fn in providers.items():
-            error = _disagreement(fn(*args).detach(), expected)
-            if error > AGREEMENT[dtype]:
-                print(f"\n{op} {case.name}: provider {provider!r} disagrees with {reference!r} "
-                      f"(relative error {error:.2e}); not timed", file=sys.stderr)
-                continue
-            for mode in modes:
-                call = _mode_call(fn, args, leaves, mode)
-                stats = time_calls(call, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
-                peak = peak_memory_bytes(call, device)
-                flops, moved = case.work(mode)
+        providers = _agreeing_providers(op, case, make_providers(case), args, dtype, reference)
+        for mode in modes:
+            if bar is not None:
+                bar.set_postfix_str(f"{case.name} {mode}")
+            calls = {provider: _mode_call(fn, args, leaves, mode) for provider, fn in providers.items()}
+            timings = time_calls(calls, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+            flops, moved = case.work(mode)
+            for provider, call in calls.items():
+                stats = timings[provider]
                 seconds = stats.median_ms / 1e3
                 records.append(Record(
                     op=op, case=case.name, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
                     median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, min_ms=stats.min_ms,
                     repeats=stats.repeats, tflops=flops / seconds / 1e12 if flops else None,
                     gbps=moved / seconds / 1e9 if moved else None,
-                    peak_memory_mb=peak / 2**20, params=case.params,
+                    peak_memory_mb=peak_memory_bytes(call, device) / 2**20, params=case.params,
                 ))
-                if bar is not None:
-                    bar.set_postfix_str(f"{case.name} {provider} {mode}")
+            del calls  # frees retained backward graphs before the next case allocates
         if bar is not None:
             bar.update(1)
     if bar is not None:

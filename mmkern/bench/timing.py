@@ -25,31 +25,37 @@ class TimingStats:
         return cls(statistics.median(samples_ms), quantiles[0], quantiles[3], min(samples_ms), len(samples_ms))
 
 
-def time_calls(fn, device: torch.device, *, warmup: int, repeats: int, budget_s: float) -> TimingStats:
-    """Times ``repeats`` calls of ``fn`` after ``warmup`` calls, stopping early (but after 3 calls)
-    once ``budget_s`` is spent. CUDA calls are timed with events on the current stream."""
-    for _ in range(warmup):
+def _time_one(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-    samples, start = [], time.perf_counter()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_calls(calls: dict, device: torch.device, *, warmup: int, repeats: int, budget_s: float) -> dict:
+    """Times each of ``calls`` (name: fn) ``repeats`` times after ``warmup`` calls, in interleaved
+    rounds, so that drift in the machine's speed (clocks, neighbours, thermals) lands on every
+    call alike instead of on whichever ran last. Stops early, after 3 rounds, once ``budget_s`` per
+    call is spent. CUDA calls are timed with events on the current stream."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-            if len(samples) >= 3 and time.perf_counter() - start > budget_s:
-                break
-    else:
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-            if len(samples) >= 3 and time.perf_counter() - start > budget_s:
-                break
-    return TimingStats.of(samples)
+    samples = {name: [] for name in calls}
+    start = time.perf_counter()
+    for round_index in range(repeats):
+        for name, fn in calls.items():
+            samples[name].append(_time_one(fn, device))
+        if round_index >= 2 and time.perf_counter() - start > budget_s * len(calls):
+            break
+    return {name: TimingStats.of(times) for name, times in samples.items()}
 
 
 @contextlib.contextmanager
