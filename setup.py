@@ -15,7 +15,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 
+import torch
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -44,19 +46,42 @@ def _toolkit_root_from_nvcc(nvcc):
     return os.path.realpath(match.group(1).strip()) if match else None
 
 
+def _nvcc_release(root):
+    try:
+        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
 def find_cuda_home():
     """The CUDA toolkit root to build against, or None for a CPU-only build."""
     if os.environ.get("MMKERN_SKIP_CUDA_BUILD", "0") == "1":
+        return None
+    if not torch.version.cuda:
         return None
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), _toolkit_root_from_nvcc(nvcc)]
     candidates.append("/usr/local/cuda")
-    for root in candidates:
-        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and _has_cudart(root):
-            return os.path.realpath(root)
-    return None
+    root = next((os.path.realpath(r) for r in candidates
+                 if r and os.path.isfile(os.path.join(r, "bin", "nvcc")) and _has_cudart(r)), None)
+    if root is None:
+        return None
+    release = _nvcc_release(root)
+    # CUDA code built by one major release cannot link against a torch built with another.
+    if release is None or release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        warnings.warn(
+            f"mmkern: the CUDA toolkit at {root} (nvcc {release}) does not match torch's CUDA "
+            f"{torch.version.cuda}; building the CPU-only extension. Point CUDA_HOME at a CUDA "
+            f"{torch.version.cuda.split('.')[0]}.x toolkit to compile the CUDA sources.",
+            stacklevel=1,
+        )
+        return None
+    return root
 
 
 def default_max_jobs():
@@ -70,14 +95,13 @@ def default_max_jobs():
 
 CUDA_HOME = find_cuda_home()
 if CUDA_HOME:
-    # torch.utils.cpp_extension reads CUDA_HOME and the arch list when it is imported.
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = CUDA_HOME
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get(
         "MMKERN_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     )
 os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
-import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
@@ -86,7 +110,7 @@ def extension():
     # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (C++17 for
     # torch 2.6-2.9, C++20 for newer).
     cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]
-    if not CUDA_HOME or not torch.version.cuda:
+    if not CUDA_HOME:
         return CppExtension("mmkern._C", sources, extra_compile_args={"cxx": cxx_flags})
     nvcc_flags = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2"), "-lineinfo"]
     return CUDAExtension(

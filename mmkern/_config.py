@@ -13,3 +13,23 @@ TRITON_ON_CPU = os.environ.get("MMKERN_TRITON_INTERPRET", "0") == "1"
 
 if TRITON_ON_CPU:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _check_interpreter_runs_with_numpy() -> None:
+    # Triton before 3.7 reads kernel scalars in its interpreter with int(array), which numpy 2.4
+    # refuses: every interpreted kernel would fail with "only 0-dimensional arrays can be converted".
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version, numpy_version = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return
+    if tuple(map(int, triton_version.split(".")[:2])) < (3, 7) and tuple(map(int, numpy_version.split(".")[:2])) >= (2, 4):
+        raise RuntimeError(
+            f"MMKERN_TRITON_INTERPRET=1 needs numpy < 2.4 with Triton {triton_version} (its interpreter "
+            f"cannot read scalars under numpy {numpy_version}); run `pip install 'numpy<2.4'` or upgrade Triton"
+        )
+
+
+if TRITON_ON_CPU:
+    _check_interpreter_runs_with_numpy()

@@ -1,6 +1,6 @@
 """Installs into the running interpreter whichever of mmkern's build, test and benchmark requirements
 it lacks, and nothing else: a GPU machine with torch already installed and no internet then needs
-nothing from pip, and a fresh machine gets everything in one pip call."""
+nothing from pip, and a fresh machine gets what it needs in at most two pip calls."""
 
 import importlib.metadata
 import importlib.util
@@ -9,37 +9,42 @@ import subprocess
 import sys
 
 MIN_TORCH = (2, 6)
-
-# module to import: what pip installs when it is missing
-REQUIREMENTS = {
-    "setuptools": "setuptools>=64",
-    "wheel": "wheel",
-    "pytest": "pytest>=7",
-    "numpy": "numpy",
-    "tqdm": "tqdm",
-}
+# Triton before 3.7 reads scalars in its interpreter with int(array), which numpy 2.4 refuses.
+TRITON_WITH_NUMPY_2_4_INTERPRETER = (3, 7)
 
 
-def _torch_is_recent_enough() -> bool:
+def _version(distribution: str):
     try:
-        version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    major, minor = (int(part) for part in version.split(".")[:2])
-    return (major, minor) >= MIN_TORCH
+        return tuple(int(part) for part in importlib.metadata.version(distribution).split("+")[0].split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def _install(specs: list) -> None:
+    print(f"requirements: installing {' '.join(specs)}", flush=True)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", *specs])
 
 
 def main() -> int:
-    missing = [spec for module, spec in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    torch_version = _version("torch")
+    if torch_version is None or torch_version < MIN_TORCH:
+        _install([f"torch>={'.'.join(map(str, MIN_TORCH))}"])
+
+    missing = [spec for module, spec in (("setuptools", "setuptools>=64"), ("wheel", "wheel"),
+                                         ("pytest", "pytest>=7"), ("tqdm", "tqdm"))
+               if importlib.util.find_spec(module) is None]
     if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
         missing.append("ninja")
-    if not _torch_is_recent_enough():
-        missing.append(f"torch>={'.'.join(map(str, MIN_TORCH))}")
-    if not missing:
+    triton_version = _version("triton")
+    old_interpreter = triton_version is not None and triton_version < TRITON_WITH_NUMPY_2_4_INTERPRETER
+    numpy_version = _version("numpy")
+    if numpy_version is None or (old_interpreter and numpy_version >= (2, 4)):
+        missing.append("numpy<2.4" if old_interpreter else "numpy")
+    if missing:
+        _install(missing)
+    else:
         print("requirements: all present", flush=True)
-        return 0
-    print(f"requirements: installing {' '.join(missing)}", flush=True)
-    return subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", *missing])
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """How mmkern's results are compared with the eager reference."""
 
+import pytest
 import torch
 
 from mmkern import _config
+from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
 
 # Devices every op test runs on: the C++ CPU kernels (or, under MMKERN_TRITON_INTERPRET=1, the Triton
 # kernels in the interpreter), and CUDA where there is a GPU.
@@ -14,7 +16,17 @@ ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def dtypes_for(device: str) -> tuple:
-    return INTERPRETER_DTYPES if _config.TRITON_ON_CPU and device == "cpu" else ALL_DTYPES
+    dtypes = INTERPRETER_DTYPES if _config.TRITON_ON_CPU and device == "cpu" else ALL_DTYPES
+    return dtypes if float64_runs_on(device) else tuple(d for d in dtypes if d != torch.float64)
+
+
+def float64_runs_on(device: str) -> bool:
+    return not runs_on_triton(torch.device(device)) or triton_has_float64_dot()
+
+
+def skip_unless_float64_runs_on(device: str) -> None:
+    if not float64_runs_on(device):
+        pytest.skip("float64 through Triton needs Triton >= 3.5")
 
 
 def assert_close_to_reference(actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, name: str,

@@ -3,11 +3,12 @@ import torch
 from torch import nn
 
 from mmkern.nn import ConcatLinear
-from tests.numerics import DEVICES
+from tests.numerics import DEVICES, skip_unless_float64_runs_on
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_from_linear_equals_linear_over_the_concat(device):
+    skip_unless_float64_runs_on(device)
     torch.manual_seed(0)
     linear = nn.Linear(64 + 40, 33, device=device, dtype=torch.float64)
     text, image = torch.randn(3, 7, 64, device=device, dtype=torch.float64), torch.randn(3, 7, 40, device=device, dtype=torch.float64)
@@ -23,6 +24,7 @@ def test_from_linear_equals_linear_over_the_concat(device):
 
 
 def test_pooled_vector_broadcasts_like_an_expanded_concat():
+    skip_unless_float64_runs_on("cpu")
     torch.manual_seed(0)
     module = ConcatLinear([16, 8], 12, activation="gelu", dtype=torch.float64)
     tokens, pooled = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 1, 8, dtype=torch.float64)

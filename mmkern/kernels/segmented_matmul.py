@@ -15,16 +15,19 @@ import triton
 import triton.language as tl
 
 from mmkern import _config
+from mmkern.kernels.launch import traceable
 
 MAX_SEGMENTS = 4
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
+# The interpreter gets no autotuner: it would run every config, and before Triton 3.3 making one
+# needs a GPU driver. Its launches pass this one small tile instead, which keeps tests quick.
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+
+
 def _configs():
-    if _config.TRITON_ON_CPU:
-        # The interpreter runs every config of an autotuner: one small tile keeps tests quick.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=1)]
     shapes = [
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
@@ -53,7 +56,7 @@ def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stri
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -74,7 +77,13 @@ def _activation(z, ACTIVATION: tl.constexpr):
     return z
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K0", "K1", "K2", "K3", "NUM_SEGMENTS", "HAS_ADDEND"])
+def _autotuned(kernel):
+    if _config.TRITON_ON_CPU:
+        return kernel
+    return triton.autotune(configs=_configs(), key=["M", "N", "K0", "K1", "K2", "K3", "NUM_SEGMENTS", "HAS_ADDEND"])(kernel)
+
+
+@_autotuned
 @triton.jit
 def segmented_matmul_kernel(
     out_ptr, stride_om, stride_on,
@@ -150,8 +159,6 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     """Writes act(sum_s a_s @ b_s + addend[row_map] + bias) into ``out`` (M, N), and the
     pre-activation into ``saved`` when given. ``segments`` is a list of at most MAX_SEGMENTS
     (a (M, K_s), b (K_s, N)) pairs, possibly empty (then only the epilogue runs)."""
-    from torch.library import wrap_triton
-
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -167,7 +174,7 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    wrap_triton(segmented_matmul_kernel)[grid](
+    traceable(segmented_matmul_kernel)[grid](
         out, out.stride(0), out.stride(1),
         saved if saved is not None else out,
         saved.stride(0) if saved is not None else 0,
@@ -187,5 +194,6 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
         ACTIVATION=ACTIVATION_CODES[activation],
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         INPUT_PRECISION=_input_precision(operand_dtype),
+        **(INTERPRETER_TILE if _config.TRITON_ON_CPU else {}),
     )
     return out

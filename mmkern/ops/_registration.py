@@ -32,6 +32,14 @@ def _any_cuda_tensor(args) -> bool:
     return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in pytree.tree_leaves(args))
 
 
+def _export_keeps_triton_ops_whole() -> bool:
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # torch 2.6 has no such switch: export decomposes as compile does
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
 def register_triton_kernel(qualname: str, implementation: Callable) -> None:
     def eager_kernel(*args, **kwargs):
         with _wrap_triton_disabled():
@@ -48,13 +56,11 @@ def register_triton_kernel(qualname: str, implementation: Callable) -> None:
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
     def decompose_for_compile(mode, op, types, args, kwargs):
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-
         known_types = all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is torch.Tensor for t in types)
         if not known_types:
             return NotImplemented
         # torch.export keeps the op whole (a serialisable graph); CPU tensors keep the C++ kernel.
-        if custom_triton_ops_decomposition_disabled() or not _any_cuda_tensor((args, kwargs)):
+        if _export_keeps_triton_ops_whole() or not _any_cuda_tensor((args, kwargs)):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return implementation(*args, **kwargs)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
 from mmkern.ops._registration import autocast_dtype_of, register_autocast, register_triton_kernel
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -71,6 +72,9 @@ def _check_arguments(inputs, weight, bias, activation) -> list:
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {tensor.dtype}; concat_linear takes float16, bfloat16, float32 or float64")
+        if tensor.dtype == torch.float64 and runs_on_triton(tensor.device) and not triton_has_float64_dot():
+            raise TypeError(f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
+                            "or CPU tensors for float64")
         if tensor.device != weight.device:
             raise ValueError(f"{name} is on {tensor.device} but weight is on {weight.device}; all tensors must share one device")
     if weight.device.type not in SUPPORTED_DEVICES:
