@@ -1,5 +1,10 @@
 // The schema of every mmkern op, defined once. Kernels register per device in csrc/cpu and
 // csrc/cuda (C++) or from mmkern/ops (Triton); fake kernels and autograd live in mmkern/ops.
+// Only the limited C API (one binary for every CPython >= 3.10, an abi3 wheel). torch's build adds
+// its own Py_LIMITED_API flag in newer releases; this covers the older ones.
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030A0000
+#endif
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>

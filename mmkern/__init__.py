@@ -5,6 +5,6 @@ from mmkern import _extension  # noqa: F401  (registers the op schemas and C++ k
 from mmkern import nn, ops, reference
 from mmkern._extension import build_info
 
-__version__ = "0.1.0"
+__version__ = _extension.build_config.VERSION
 
 __all__ = ["build_info", "nn", "ops", "reference", "__version__"]

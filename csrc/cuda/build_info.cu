@@ -1,5 +1,6 @@
-// Compiled by nvcc, so it reports what nvcc actually built: the import-time check compares the
-// running GPU against this list rather than against what the build was asked for.
+// Compiled by nvcc, so it reports what nvcc actually built. The import-time check reads the targets
+// setup.py asked for (mmkern/_build_config.py, readable before this binary loads); python -m
+// mmkern.env shows both, and tests/test_build.py checks that they agree.
 #include <cuda_runtime_api.h>
 
 #include <string>
