@@ -40,7 +40,13 @@ def _export_keeps_triton_ops_whole() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
+# qualname -> the devices whose kernel is the Triton implementation (python -m mmkern.env lists them).
+TRITON_KERNELS: dict = {}
+
+
 def register_triton_kernel(qualname: str, implementation: Callable) -> None:
+    TRITON_KERNELS[qualname] = ("cuda", "cpu") if _config.TRITON_ON_CPU else ("cuda",)
+
     def eager_kernel(*args, **kwargs):
         with _wrap_triton_disabled():
             return implementation(*args, **kwargs)
