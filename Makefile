@@ -8,7 +8,7 @@ BUILT := $(VENV)/.mmkern-built
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 BENCH_ARGS ?=
 
-.PHONY: setup test test-cpu test-interpreter bench clean
+.PHONY: setup test test-cpu test-interpreter bench wheel test-wheel clean
 
 setup: $(BUILT)
 
@@ -37,5 +37,13 @@ bench: $(BUILT)
 		echo "== $$script"; $(PY) $$script $(BENCH_ARGS) || exit 1; \
 	done
 
+# A wheel for this machine's torch and CUDA toolkit, in dist/ (knobs: MMKERN_CUDA_ARCH_LIST, MAX_JOBS, ...).
+wheel: $(BUILT)
+	PYTHON=$(PY) scripts/build_wheel.sh dist
+
+# CI's check of the distributions: the wheel in a fresh virtualenv (import check, env, CPU tests), the sdist.
+test-wheel: $(BUILT)
+	PYTHON=$(PYTHON) BUILD_PYTHON=$(PY) scripts/test_wheel.sh
+
 clean:
-	rm -rf build dist *.egg-info mmkern/_C*.so $(BUILT)
+	rm -rf build dist *.egg-info mmkern/_C*.so mmkern/_build_config.py $(BUILT)
