@@ -63,6 +63,17 @@ TORCH_LIBRARY(mmkern, m) {
       "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? kv_lens, Tensor? q_lens, float scale, float dropout_p, Tensor? dropout_seed) "
       "-> (Tensor, Tensor, Tensor)");
+  // The packed form, as flash-attn's varlen API: q (total_q, Hq, D), k (total_k, Hkv, D),
+  // v (total_k, Hkv, Dv); sample b owns rows [cu_seqlens[b], cu_seqlens[b + 1]). Returns
+  // (out (total_q, Hq, Dv), lse (Hq, total_q)). Dropout indexes the (B, Hq, max_seqlen_q,
+  // max_seqlen_k) matrix, so a packed batch draws the mask of the same batch padded.
+  m.def(
+      "cross_modal_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+  m.def(
+      "cross_modal_attention_packed_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
+      "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace mmkern

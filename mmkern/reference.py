@@ -84,3 +84,32 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         out = out * rows[:, :, None, None]
         lse = lse.masked_fill(~rows[:, None, :], float("-inf"))
     return out, lse
+
+
+def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                                 scale: float | None = None, dropout_p: float = 0.0,
+                                 dropout_seed: int | None = None) -> tuple:
+    """The packed form through the padded one: each sample's rows are copied into a (B, max_seqlen,
+    H, D) batch and back. Returns (out (total_q, Hq, Dv), zero on rows no sample owns, and lse
+    (Hq, total_q), -inf there)."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    q_lens = torch.tensor([b - a for a, b in zip(starts_q, starts_q[1:])], dtype=torch.int64, device=q.device)
+    kv_lens = torch.tensor([b - a for a, b in zip(starts_k, starts_k[1:])], dtype=torch.int64, device=q.device)
+
+    def pad(x, starts, lengths, max_len):
+        padded = x.new_zeros((len(lengths), max_len, *x.shape[1:]))
+        for b, (start, length) in enumerate(zip(starts, lengths.tolist())):
+            padded[b, :length] = x[start:start + length]
+        return padded
+
+    out_padded, lse_padded = cross_modal_attention(
+        pad(q, starts_q, q_lens, max_seqlen_q), pad(k, starts_k, kv_lens, max_seqlen_k),
+        pad(v, starts_k, kv_lens, max_seqlen_k), kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
+        dropout_seed=dropout_seed)
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_padded.dtype, device=q.device)
+    for b, (start, length) in enumerate(zip(starts_q, q_lens.tolist())):
+        out = out.index_put((torch.arange(start, start + length, device=q.device),), out_padded[b, :length])
+        lse[:, start:start + length] = lse_padded[b, :, :length]
+    return out, lse

@@ -1,8 +1,10 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkern import ops, reference
+from mmkern import _config, ops, reference
 from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, kv_lens, q_lens)
@@ -12,6 +14,7 @@ CASES = {
     "few_queries_multi_query": (2, 1, 1000, 8, 1, 64, 64, [1000, 513], None),
     "more_queries_than_a_tile": (1, 200, 17, 2, 1, 8, 8, None, [150]),
     "head_dim_256": (1, 5, 9, 2, 2, 256, 16, [9], None),
+    "head_dim_128_more_queries_than_keys": (2, 97, 17, 2, 2, 128, 64, [17, 1], [97, 50]),
     "no_keys": (2, 3, 0, 2, 1, 16, 16, None, None),
 }
 
@@ -135,7 +138,9 @@ def test_gradcheck_float64(dropout):
     q, k, v, lengths = make_case(2, 5, 7, 4, 2, 6, 3, [7, 2], [5, 3], torch.float64, "cpu")
     seed = torch.tensor(11) if dropout else None
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    assert torch.autograd.gradcheck(lambda *t: _op_with_seed(*t, lengths["kv_lens"], lengths["q_lens"], seed), inputs)
+    # The interpreter takes a second a launch: it checks one random direction (fast mode).
+    assert torch.autograd.gradcheck(lambda *t: _op_with_seed(*t, lengths["kv_lens"], lengths["q_lens"], seed), inputs,
+                                    fast_mode=_config.TRITON_ON_CPU)
 
 
 def opcheck_samples(device):
@@ -179,12 +184,13 @@ def test_torch_compile_fullgraph(backend, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_runs_in_the_autocast_dtype(device):
+    dtype = dtypes_for(device)[-1]  # bfloat16, or float16 in the interpreter
     q, k, v, lengths = make_case(2, 9, 12, 4, 2, 16, 8, [12, 5], None, torch.float32, device)
-    with torch.autocast(device, dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype):
         out = ops.cross_modal_attention(q, k, v, **lengths)
-    assert out.dtype == torch.bfloat16
-    exact, _ = reference.cross_modal_attention(*(t.to(torch.bfloat16).double() for t in (q, k, v)), **lengths)
-    eager, _ = reference.cross_modal_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), **lengths)
+    assert out.dtype == dtype
+    exact, _ = reference.cross_modal_attention(*(t.to(dtype).double() for t in (q, k, v)), **lengths)
+    eager, _ = reference.cross_modal_attention(*(t.to(dtype) for t in (q, k, v)), **lengths)
     assert_close_to_reference(out, exact, eager, "out")
 
 
@@ -226,3 +232,138 @@ def test_bad_input_is_named(case):
     q, k, v = arguments.pop("q"), arguments.pop("k"), arguments.pop("v")
     with pytest.raises(error, match=message):
         ops.cross_modal_attention(q, k, v, **arguments)
+
+
+def pack(x, lengths):
+    """(B, L, ...) -> (sum of lengths, ...): each sample's first lengths[b] rows, one after another."""
+    return torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+
+
+def packed_case(device, dtype=torch.float64):
+    # Sample 1 has no keys and sample 2 no queries; lengths 1 and the max occur too.
+    q_lens, kv_lens = [5, 3, 0, 1], [21, 0, 4, 1]
+    q, k, v, _ = make_case(4, 5, 21, 4, 2, 16, 8, None, None, dtype, device)
+    offsets = {name: torch.tensor([0, *itertools.accumulate(lens)], device=device, dtype=torch.int32)
+               for name, lens in (("q", q_lens), ("k", kv_lens))}
+    padded_lengths = {"q_lens": torch.tensor(q_lens, device=device), "kv_lens": torch.tensor(kv_lens, device=device)}
+    packed = (pack(q, q_lens), pack(k, kv_lens), pack(v, kv_lens), offsets["q"], offsets["k"], 5, 21)
+    return (q, k, v, padded_lengths), packed, q_lens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_packed_equals_padded(device, dropout_p):
+    (q, k, v, lengths), (pq, pk, pv, cu_q, cu_k, max_q, max_k), q_lens = packed_case(device)
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
+    torch.manual_seed(7)
+    out, lse, grads = forward_and_grads(mmkern_attention, q, k, v, grad_out, dropout_p=dropout_p, **lengths)
+    torch.manual_seed(7)
+    packed_out, packed_lse, packed_grads = forward_and_grads(
+        lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p,
+                                                    return_lse=True), pq, pk, pv, pack(grad_out, q_lens))
+    torch.testing.assert_close(packed_out, pack(out, q_lens), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed_lse, pack(lse.transpose(1, 2), q_lens).t())
+    kv_lens = lengths["kv_lens"].tolist()
+    for packed_grad, grad, lens in zip(packed_grads, grads, (q_lens, kv_lens, kv_lens)):
+        torch.testing.assert_close(packed_grad, pack(grad, lens), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_matches_reference_in_every_dtype(device):
+    for dtype in dtypes_for(device):
+        _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, dtype)
+        grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64, device=device)
+
+        def packed_reference(*t):
+            return reference.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k)
+
+        exact = forward_and_grads(packed_reference, q.double(), k.double(), v.double(), grad_out)
+        eager = forward_and_grads(packed_reference, q, k, v, grad_out)
+        actual = forward_and_grads(
+            lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, return_lse=True), q, k, v, grad_out)
+        assert_close_to_reference(actual[0], exact[0].detach(), eager[0].detach(), f"out {dtype}")
+        for name, a, x, e in zip(("grad q", "grad k", "grad v"), actual[2], exact[2], eager[2]):
+            assert_close_to_reference(a, x, e, f"{name} {dtype}")
+
+
+def _packed_op(q, k, v, cu_q, cu_k, max_q, max_k, seed):
+    return torch.ops.mmkern.cross_modal_attention_packed.default(q, k, v, cu_q, cu_k, max_q, max_k, 0.25,
+                                                                 0.2 if seed is not None else 0.0, seed)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_packed_gradcheck_float64(dropout):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case("cpu")
+    q, k, v = (t[:, :, :3].clone().requires_grad_() for t in (q, k, v))
+    seed = torch.tensor(11) if dropout else None
+    assert torch.autograd.gradcheck(lambda *t: _packed_op(*t, cu_q, cu_k, max_q, max_k, seed)[0], (q, k, v),
+                                    fast_mode=_config.TRITON_ON_CPU)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_opcheck(device):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, torch.float32)
+    for seed in (None, torch.tensor(3)):
+        for requires_grad in (False, True):
+            args = (*(t.detach().requires_grad_(requires_grad) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, 0.3,
+                    0.0 if seed is None else 0.25, seed)
+            torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_packed.default, args)
+        out, lse = _packed_op(q, k, v, cu_q, cu_k, max_q, max_k, seed)
+        torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_packed_backward.default,
+                              (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.25,
+                               0.0 if seed is None else 0.2, seed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_torch_compile_fullgraph(device):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def attend(q, k, v):
+        return ops.cross_modal_attention_packed(q, k, v, cu_q, cu_k, max_q, max_k).square().sum()
+
+    actual = torch.autograd.grad(torch.compile(attend, fullgraph=True)(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(attend(q, k, v), (q, k, v))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_few_queries_over_long_keys_split_the_keys():
+    # The plan the GPU (and the interpreter) uses: 16 (sample, head) programs cannot fill 132
+    # multiprocessors, so the 1000 keys are split; 2048 query rows can, so they are not.
+    from mmkern.kernels.cross_modal_attention import INTERPRETER_MULTIPROCESSORS, Problem
+
+    def plan(batch, q_len, k_len):
+        q, k, v = torch.empty(batch, q_len, 8, 64), torch.empty(batch, k_len, 1, 64), torch.empty(batch, k_len, 1, 64)
+        problem = Problem(q, k, v, scale=1.0, dropout_p=0.0, dropout_seed=None)
+        return problem.splits(16, 64, INTERPRETER_MULTIPROCESSORS)
+
+    assert plan(2, 1, 1000) == (3, 384)
+    assert plan(2, 32, 32768)[0] > 8
+    assert plan(16, 2048, 4096) == (1, 4096)
+    assert plan(2, 1, 300) == (1, 300)
+
+
+PACKED_BAD_INPUTS = {
+    "q not 3-D": (dict(q=torch.randn(1, 6, 4, 8)), ValueError, "q must be 3-D"),
+    "cu_seqlens float": (dict(cu_seqlens_q=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens_q must have dtype int32"),
+    "cu_seqlens 2-D": (dict(cu_seqlens_k=torch.tensor([[0, 5]])), ValueError, "cu_seqlens_k must be 1-D"),
+    "cu_seqlens of other batch": (dict(cu_seqlens_k=torch.tensor([0, 2, 5])), ValueError,
+                                  r"as many offsets as cu_seqlens_q \(2\)"),
+    "cu_seqlens past the rows": (dict(cu_seqlens_q=torch.tensor([0, 7])), ValueError, "at most 6 rows"),
+    "cu_seqlens decreasing": (dict(cu_seqlens_q=torch.tensor([3, 1])), ValueError, "non-decreasing"),
+    "sample longer than max": (dict(max_seqlen_k=4), ValueError, "a sample of 5 rows, longer than max_seqlen 4"),
+    "max_seqlen negative": (dict(max_seqlen_q=-1), ValueError, "max_seqlen_q must be a non-negative int"),
+    "v rows mismatch": (dict(v=torch.randn(4, 2, 6)), ValueError, "v must have k's length and heads"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_BAD_INPUTS))
+def test_packed_bad_input_is_named(case):
+    changes, error, message = PACKED_BAD_INPUTS[case]
+    arguments = dict(q=torch.randn(6, 4, 8), k=torch.randn(5, 2, 8), v=torch.randn(5, 2, 6),
+                     cu_seqlens_q=torch.tensor([0, 6]), cu_seqlens_k=torch.tensor([0, 5]), max_seqlen_q=6,
+                     max_seqlen_k=5)
+    arguments.update(changes)
+    with pytest.raises(error, match=message):
+        ops.cross_modal_attention_packed(**arguments)

@@ -26,16 +26,23 @@ using at::Tensor;
 
 constexpr int64_t kQueryTile = 64;
 
-struct Shape {
-  int64_t batch, q_len, q_heads, head_dim, k_len, kv_heads, v_dim, group;
+// Where each sample's rows lie. Padded tensors (B, L, H, D) give sample b as x[b], rows from 0 up
+// to its length; packed ones (total, H, D) give rows [cu_seqlens[b], cu_seqlens[b + 1]) of x.
+struct Layout {
+  bool packed = false;
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, group = 0;
+  int64_t q_len = 0, k_len = 0;  // the dropout index's (Lq, Lk): the padded or the max lengths
+  std::vector<int64_t> q_start, q_rows, k_start, k_rows;
+
+  Tensor sample(const Tensor& x, int64_t b) const { return packed ? x : x.select(0, b); }
+  // lse is (B, Hq, Lq) padded and (Hq, total_q) packed: sample b's (Hq, rows) block.
+  Tensor sample_lse(const Tensor& lse, int64_t b) const {
+    return (packed ? lse : lse.select(0, b)).narrow(1, q_start[b], q_rows[b]);
+  }
 };
 
-Shape shape_of(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mmkern::cross_modal_attention: q, k, v must be 4-D");
-  Shape s{q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), k.size(2), v.size(3), 0};
-  TORCH_CHECK(s.kv_heads > 0 && s.q_heads % s.kv_heads == 0, "mmkern::cross_modal_attention: Hq % Hkv != 0");
-  s.group = s.q_heads / s.kv_heads;
-  return s;
+void check_heads(int64_t q_heads, int64_t kv_heads) {
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "mmkern::cross_modal_attention: Hq % Hkv != 0");
 }
 
 // Per-sample lengths, checked to lie in [0, limit] (the kernels index with them).
@@ -51,6 +58,52 @@ std::vector<int64_t> lengths(const std::optional<Tensor>& lens, int64_t batch, i
     out[b] = data[b];
   }
   return out;
+}
+
+Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tensor>& kv_lens,
+                     const std::optional<Tensor>& q_lens) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "mmkern::cross_modal_attention: q, k, v must be 4-D");
+  Layout l;
+  l.batch = q.size(0), l.q_len = q.size(1), l.q_heads = q.size(2), l.k_len = k.size(1), l.kv_heads = k.size(2);
+  check_heads(l.q_heads, l.kv_heads);
+  l.group = l.q_heads / l.kv_heads;
+  l.q_start.assign(l.batch, 0);
+  l.k_start.assign(l.batch, 0);
+  l.q_rows = lengths(q_lens, l.batch, l.q_len, "q_lens");
+  l.k_rows = lengths(kv_lens, l.batch, l.k_len, "kv_lens");
+  return l;
+}
+
+// Starts and lengths from cu_seqlens, checked to be non-decreasing, within the tensor's rows and
+// within the max length.
+void spans(const Tensor& cu_seqlens, int64_t total, int64_t max_len, const char* name, std::vector<int64_t>& start,
+           std::vector<int64_t>& rows) {
+  const Tensor values = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* data = values.const_data_ptr<int64_t>();
+  const int64_t batch = values.numel() - 1;
+  start.resize(batch), rows.resize(batch);
+  TORCH_CHECK(data[0] >= 0, "mmkern::cross_modal_attention_packed: ", name, " must start at a row >= 0");
+  for (int64_t b = 0; b < batch; ++b) {
+    start[b] = data[b], rows[b] = data[b + 1] - data[b];
+    TORCH_CHECK(rows[b] >= 0 && rows[b] <= max_len && data[b + 1] <= total, "mmkern::cross_modal_attention_packed: ",
+                name, " must be non-decreasing, within the ", total, " rows, with steps of at most ", max_len);
+  }
+}
+
+Layout packed_layout(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                     int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "mmkern::cross_modal_attention_packed: q, k, v must be 3-D");
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
+              "mmkern::cross_modal_attention_packed: cu_seqlens_q and cu_seqlens_k must both hold batch + 1 offsets");
+  Layout l;
+  l.packed = true;
+  l.batch = cu_seqlens_q.numel() - 1, l.q_heads = q.size(1), l.kv_heads = k.size(1);
+  l.q_len = max_seqlen_q, l.k_len = max_seqlen_k;
+  check_heads(l.q_heads, l.kv_heads);
+  l.group = l.q_heads / l.kv_heads;
+  spans(cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q", l.q_start, l.q_rows);
+  spans(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", l.k_start, l.k_rows);
+  return l;
 }
 
 // The dropout hash of mmkern.reference.dropout_keep_mask: splitmix64 of the element's index in the
@@ -81,13 +134,13 @@ struct Dropout {
 
   // (heads, rows, keys) factors 0 or 1 / (1 - p) for query heads [head0, head0 + heads) and query
   // rows [row0, row0 + rows) of sample b, keys [0, keys).
-  Tensor factors(const Shape& s, int64_t b, int64_t head0, int64_t heads, int64_t row0, int64_t rows, int64_t keys,
+  Tensor factors(const Layout& l, int64_t b, int64_t head0, int64_t heads, int64_t row0, int64_t rows, int64_t keys,
                  at::TensorOptions options) const {
     Tensor out = at::empty({heads, rows, keys}, options.dtype(at::kDouble));
     double* data = out.data_ptr<double>();
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t i = 0; i < rows; ++i) {
-        const uint64_t base = static_cast<uint64_t>(((b * s.q_heads + head0 + h) * s.q_len + row0 + i) * s.k_len);
+        const uint64_t base = static_cast<uint64_t>(((b * l.q_heads + head0 + h) * l.q_len + row0 + i) * l.k_len);
         for (int64_t j = 0; j < keys; ++j) {
           data[(h * rows + i) * keys + j] = keep(offset, base + j, threshold) ? scale : 0.0;
         }
@@ -97,97 +150,82 @@ struct Dropout {
   }
 };
 
-// Rows [row0, row0 + rows) of the heads of kv head `kv_head` in sample b of x (B, L, H, D), as
-// (group, rows, D) in dtype `acc`.
-Tensor group_rows(const Tensor& x, int64_t b, int64_t kv_head, int64_t group, int64_t row0, int64_t rows,
-                  at::ScalarType acc) {
-  return x.select(0, b).narrow(0, row0, rows).narrow(1, kv_head * group, group).transpose(0, 1).to(acc);
+// Rows [row0, row0 + rows) of the query heads that read kv head `kv_head`, from one sample's
+// (L, H, D) view, as (group, rows, D) in dtype `acc`.
+Tensor group_rows(const Tensor& x, int64_t kv_head, int64_t group, int64_t row0, int64_t rows, at::ScalarType acc) {
+  return x.narrow(0, row0, rows).narrow(1, kv_head * group, group).transpose(0, 1).to(acc);
 }
 
 // Runs fn(b, kv_head) for every group, in parallel when the groups alone can fill the threads.
 template <typename Fn>
-void for_each_group(const Shape& s, const Fn& fn) {
-  const int64_t groups = s.batch * s.kv_heads;
+void for_each_group(const Layout& l, const Fn& fn) {
+  const int64_t groups = l.batch * l.kv_heads;
   if (groups >= at::get_num_threads()) {
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) fn(g / s.kv_heads, g % s.kv_heads);
+      for (int64_t g = begin; g < end; ++g) fn(g / l.kv_heads, g % l.kv_heads);
     });
   } else {
-    for (int64_t g = 0; g < groups; ++g) fn(g / s.kv_heads, g % s.kv_heads);
+    for (int64_t g = 0; g < groups; ++g) fn(g / l.kv_heads, g % l.kv_heads);
   }
 }
 
 at::ScalarType accumulate_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                     const std::optional<Tensor>& kv_lens,
-                                                     const std::optional<Tensor>& q_lens, double scale,
-                                                     double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  const Shape s = shape_of(q, k, v);
+// Fills out and lse, which arrive zero and -inf.
+void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                       const Dropout& dropout, Tensor& out, Tensor& lse) {
   const auto acc = accumulate_type(q.scalar_type());
-  const auto kv_len = lengths(kv_lens, s.batch, s.k_len, "kv_lens");
-  const auto q_valid = lengths(q_lens, s.batch, s.q_len, "q_lens");
-  const Dropout dropout(dropout_p, dropout_seed);
-
-  // Rows no work reaches (past q_lens, or of samples without keys) stay zero, with lse = -inf.
-  Tensor out = at::zeros({s.batch, s.q_len, s.q_heads, s.v_dim}, q.options());
-  Tensor lse = at::full({s.batch, s.q_heads, s.q_len}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc));
-
-  for_each_group(s, [&](int64_t b, int64_t kv_head) {
-    const int64_t keys = kv_len[b];
+  for_each_group(l, [&](int64_t b, int64_t kv_head) {
+    const int64_t keys = l.k_rows[b];
     if (keys == 0) return;
-    const Tensor key_t = k.select(0, b).narrow(0, 0, keys).select(1, kv_head).to(acc).t();  // (D, keys)
-    const Tensor value = v.select(0, b).narrow(0, 0, keys).select(1, kv_head).to(acc);      // (keys, Dv)
-    for (int64_t row0 = 0; row0 < q_valid[b]; row0 += kQueryTile) {
-      const int64_t rows = std::min(kQueryTile, q_valid[b] - row0);
-      const Tensor query = group_rows(q, b, kv_head, s.group, row0, rows, acc);  // (G, rows, D)
-      Tensor scores = at::matmul(query, key_t).mul_(scale);                     // (G, rows, keys)
+    const Tensor q_b = l.sample(q, b).narrow(0, l.q_start[b], l.q_rows[b]);
+    const Tensor out_b = l.sample(out, b).narrow(0, l.q_start[b], l.q_rows[b]);
+    const Tensor lse_b = l.sample_lse(lse, b);
+    const Tensor key_t = l.sample(k, b).narrow(0, l.k_start[b], keys).select(1, kv_head).to(acc).t();  // (D, keys)
+    const Tensor value = l.sample(v, b).narrow(0, l.k_start[b], keys).select(1, kv_head).to(acc);      // (keys, Dv)
+    for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
+      const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
+      const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);  // (G, rows, D)
+      Tensor scores = at::matmul(query, key_t).mul_(scale);                    // (G, rows, keys)
       const Tensor tile_lse = at::logsumexp(scores, -1, /*keepdim=*/true);
       Tensor probs = scores.sub_(tile_lse).exp_();
       if (dropout.active) {
-        probs.mul_(dropout.factors(s, b, kv_head * s.group, s.group, row0, rows, keys, probs.options()));
+        probs.mul_(dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, keys, probs.options()));
       }
       const Tensor tile_out = at::matmul(probs, value);  // (G, rows, Dv)
-      out.select(0, b).narrow(0, row0, rows).narrow(1, kv_head * s.group, s.group).copy_(tile_out.transpose(0, 1));
-      lse.select(0, b).narrow(0, kv_head * s.group, s.group).narrow(1, row0, rows).copy_(tile_lse.squeeze(-1));
+      out_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group).copy_(tile_out.transpose(0, 1));
+      lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).copy_(tile_lse.squeeze(-1));
     }
   });
-  return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
-    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-    const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
-    const std::optional<Tensor>& dropout_seed) {
-  const Shape s = shape_of(q, k, v);
+// Fills grad_q, grad_k, grad_v, which arrive zero.
+void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
+                        Tensor& grad_k, Tensor& grad_v) {
   const auto acc = accumulate_type(q.scalar_type());
-  const auto kv_len = lengths(kv_lens, s.batch, s.k_len, "kv_lens");
-  const auto q_valid = lengths(q_lens, s.batch, s.q_len, "q_lens");
-  const Dropout dropout(dropout_p, dropout_seed);
-
-  Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
-  Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
-
-  for_each_group(s, [&](int64_t b, int64_t kv_head) {
-    const int64_t keys = kv_len[b];
-    if (keys == 0 || q_valid[b] == 0) return;
-    const Tensor key = k.select(0, b).narrow(0, 0, keys).select(1, kv_head).to(acc);      // (keys, D)
-    const Tensor value = v.select(0, b).narrow(0, 0, keys).select(1, kv_head).to(acc);    // (keys, Dv)
+  for_each_group(l, [&](int64_t b, int64_t kv_head) {
+    const int64_t keys = l.k_rows[b];
+    if (keys == 0 || l.q_rows[b] == 0) return;
+    const auto rows_of = [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.q_start[b], l.q_rows[b]); };
+    const auto keys_of = [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.k_start[b], keys).select(1, kv_head); };
+    const Tensor q_b = rows_of(q), grad_out_b = rows_of(grad_out), out_b = rows_of(out), grad_q_b = rows_of(grad_q);
+    const Tensor lse_b = l.sample_lse(lse, b);
+    const Tensor key = keys_of(k).to(acc);      // (keys, D)
+    const Tensor value = keys_of(v).to(acc);    // (keys, Dv)
     Tensor grad_key = at::zeros_like(key);
     Tensor grad_value = at::zeros_like(value);
-    for (int64_t row0 = 0; row0 < q_valid[b]; row0 += kQueryTile) {
-      const int64_t rows = std::min(kQueryTile, q_valid[b] - row0);
-      const Tensor query = group_rows(q, b, kv_head, s.group, row0, rows, acc);         // (G, rows, D)
-      const Tensor d_out = group_rows(grad_out, b, kv_head, s.group, row0, rows, acc);  // (G, rows, Dv)
-      const Tensor output = group_rows(out, b, kv_head, s.group, row0, rows, acc);
-      const Tensor tile_lse =
-          lse.select(0, b).narrow(0, kv_head * s.group, s.group).narrow(1, row0, rows).to(acc).unsqueeze(-1);
+    for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
+      const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
+      const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);          // (G, rows, D)
+      const Tensor d_out = group_rows(grad_out_b, kv_head, l.group, row0, rows, acc);   // (G, rows, Dv)
+      const Tensor output = group_rows(out_b, kv_head, l.group, row0, rows, acc);
+      const Tensor tile_lse = lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).to(acc).unsqueeze(-1);
       const Tensor probs = at::matmul(query, key.t()).mul_(scale).sub_(tile_lse).exp_();  // (G, rows, keys)
       Tensor d_probs = at::matmul(d_out, value.t());
       Tensor kept = probs;
       if (dropout.active) {
-        const Tensor factors = dropout.factors(s, b, kv_head * s.group, s.group, row0, rows, keys, probs.options());
+        const Tensor factors = dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, keys, probs.options());
         kept = probs * factors;
         d_probs.mul_(factors);
       }
@@ -196,12 +234,62 @@ std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
       const Tensor d_scores = d_probs.sub_(delta).mul_(probs).mul_(scale);
       grad_value.add_(at::matmul(kept.transpose(1, 2), d_out).sum(0));
       grad_key.add_(at::matmul(d_scores.transpose(1, 2), query).sum(0));
-      grad_q.select(0, b).narrow(0, row0, rows).narrow(1, kv_head * s.group, s.group)
-          .copy_(at::matmul(d_scores, key).transpose(0, 1));
+      grad_q_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group).copy_(at::matmul(d_scores, key).transpose(0, 1));
     }
-    grad_k.select(0, b).narrow(0, 0, keys).select(1, kv_head).copy_(grad_key);
-    grad_v.select(0, b).narrow(0, 0, keys).select(1, kv_head).copy_(grad_value);
+    keys_of(grad_k).copy_(grad_key);
+    keys_of(grad_v).copy_(grad_value);
   });
+}
+
+Tensor empty_lse(const Tensor& q, at::IntArrayRef shape) {
+  return at::full(shape, -std::numeric_limits<double>::infinity(), q.options().dtype(accumulate_type(q.scalar_type())));
+}
+
+// Rows no work reaches (past q_lens, or of samples without keys) stay zero, with lse = -inf.
+std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const std::optional<Tensor>& kv_lens,
+                                                     const std::optional<Tensor>& q_lens, double scale,
+                                                     double dropout_p, const std::optional<Tensor>& dropout_seed) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens);
+  Tensor out = at::zeros({l.batch, l.q_len, l.q_heads, v.size(3)}, q.options());
+  Tensor lse = empty_lse(q, {l.batch, l.q_heads, l.q_len});
+  attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), out, lse);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
+    const std::optional<Tensor>& dropout_seed) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens);
+  Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  attention_backward(l, grad_out, q, k, v, out, lse, scale, Dropout(dropout_p, dropout_seed), grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<Tensor, Tensor> cross_modal_attention_packed_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                            const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                            int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                                            double dropout_p,
+                                                            const std::optional<Tensor>& dropout_seed) {
+  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  Tensor out = at::zeros({q.size(0), l.q_heads, v.size(2)}, q.options());
+  Tensor lse = empty_lse(q, {l.q_heads, q.size(0)});
+  attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), out, lse);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_packed_backward_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    double dropout_p, const std::optional<Tensor>& dropout_seed) {
+  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  attention_backward(l, grad_out, q, k, v, out, lse, scale, Dropout(dropout_p, dropout_seed), grad_q, grad_k, grad_v);
   return {grad_q, grad_k, grad_v};
 }
 
@@ -210,6 +298,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
 TORCH_LIBRARY_IMPL(mmkern, CPU, m) {
   m.impl("cross_modal_attention", &cross_modal_attention_cpu);
   m.impl("cross_modal_attention_backward", &cross_modal_attention_backward_cpu);
+  m.impl("cross_modal_attention_packed", &cross_modal_attention_packed_cpu);
+  m.impl("cross_modal_attention_packed_backward", &cross_modal_attention_packed_backward_cpu);
 }
 
 }  // namespace mmkern
