@@ -43,6 +43,13 @@ def mmkern_attention(q, k, v, **kwargs):
     return ops.cross_modal_attention(q, k, v, return_lse=True, **kwargs)
 
 
+def gradient_error_factor(device):
+    # Without dropout the C++ CPU kernel runs ATen's flash-attention backward, whose vectorised exp
+    # is a polynomial good to about 20 ulp: it is SDPA's own error on CPU, up to 4x the exact-exp
+    # math path's in our cases.
+    return 4.0 if device == "cpu" and not _config.TRITON_ON_CPU else 2.0
+
+
 def check_against_reference(case, dtype, device):
     q, k, v, lengths = make_case(*CASES[case], dtype, device)
     grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
@@ -51,11 +58,11 @@ def check_against_reference(case, dtype, device):
     actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths)
     assert_close_to_reference(actual[0], exact[0].detach(), eager[0].detach(), "out")
     for name, a, x, e in zip(("grad q", "grad k", "grad v"), actual[2], exact[2], eager[2]):
-        assert_close_to_reference(a, x, e, name)
+        assert_close_to_reference(a, x, e, name, factor=gradient_error_factor(device))
     lse, exact_lse = actual[1], exact[1].detach()
     assert torch.equal(lse.isneginf(), exact_lse.isneginf())
     finite = exact_lse.isfinite()
-    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=1e-5, atol=1e-5)
+    assert_close_to_reference(lse[finite], exact_lse[finite], eager[1][finite], "lse")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,8 +1,13 @@
 // cross_modal_attention on CPU.
 //
-// Work is split into (sample, kv head) groups: the Hq / Hkv query heads that read one kv head are
-// stacked, so each GEMM covers the whole group (multi-query attention gets one K^T read for all its
-// heads). Only the first kv_lens[b] keys and q_lens[b] queries of a sample are touched. Queries run
+// Without dropout, each sample's valid rows go to ATen's CPU flash-attention kernel (vectorised for
+// the CPU it runs on, which this file, built for a baseline ISA, could not be), so padded keys and
+// queries cost nothing; a batch whose rows are all valid goes in one call, without copies. Grouped heads are repeated to the
+// query heads and unequal head dims zero-padded to the larger one for it.
+//
+// With dropout, whose mask must be mmkern's hash (shared with the GPU kernels), work is split into
+// (sample, kv head) groups: the Hq / Hkv query heads that read one kv head are stacked, so each
+// GEMM covers the whole group (multi-query attention gets one K^T read for all its heads). Only the first kv_lens[b] keys and q_lens[b] queries of a sample are touched. Queries run
 // in tiles of kQueryTile rows, which bounds the fp32 score tile at heads x kQueryTile x kv_len
 // whatever Lq is; the backward recomputes each tile's probabilities from the saved log-sum-exp.
 // GEMMs go to ATen's BLAS; scores, softmax and accumulation are float32 (float64 for float64).
@@ -171,9 +176,90 @@ void for_each_group(const Layout& l, const Fn& fn) {
 
 at::ScalarType accumulate_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// (N, L, H, D) -> the (N, H', L, dim) view ATen's flash kernel takes: each head repeated `group`
+// times, the head dim zero-padded to `dim`.
+Tensor flash_layout(const Tensor& x, int64_t group, int64_t dim) {
+  Tensor y = x;
+  if (group > 1) {
+    y = y.unsqueeze(3).expand({y.size(0), y.size(1), y.size(2), group, y.size(3)});
+    y = y.reshape({y.size(0), y.size(1), y.size(2) * group, y.size(4)});
+  }
+  if (y.size(3) < dim) y = at::constant_pad_nd(y, {0, dim - y.size(3)});
+  return y.transpose(1, 2);
+}
+
+// (N, H', L, dim) gradients of repeated heads -> (N, L, Hkv, width), summed over each group.
+Tensor fold_heads(const Tensor& grad, int64_t kv_heads, int64_t group, int64_t width) {
+  const Tensor rows = grad.transpose(1, 2).narrow(3, 0, width);
+  if (group == 1) return rows;
+  return rows.reshape({rows.size(0), rows.size(1), kv_heads, group, width}).sum(3);
+}
+
+// Whether a padded batch has every row of every sample valid (and some work): then ATen's kernel
+// takes it in one call, and its outputs are returned as they are, without a copy.
+bool whole_batch(const Layout& l) {
+  const auto full = [](const std::vector<int64_t>& rows, int64_t len) {
+    return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
+  };
+  return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len);
+}
+
+std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v,
+                                               double scale) {
+  const int64_t dim = std::max(q.size(-1), v.size(-1));
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, false, std::nullopt,
+      scale);
+  return {out.transpose(1, 2).narrow(3, 0, v.size(-1)), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_backward_chunk(const Layout& l, const Tensor& grad_out, const Tensor& q,
+                                                        const Tensor& k, const Tensor& v, const Tensor& out,
+                                                        const Tensor& lse, double scale) {
+  const int64_t head_dim = q.size(-1), v_dim = v.size(-1), dim = std::max(head_dim, v_dim);
+  auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      flash_layout(grad_out, 1, dim), flash_layout(q, 1, dim), flash_layout(k, l.group, dim),
+      flash_layout(v, l.group, dim), flash_layout(out, 1, dim), lse.contiguous(), 0.0, false, std::nullopt, scale);
+  return {grad_q.transpose(1, 2).narrow(3, 0, head_dim), fold_heads(grad_k, l.kv_heads, l.group, head_dim),
+          fold_heads(grad_v, l.kv_heads, l.group, v_dim)};
+}
+
+// One sample at a time over its valid rows, as (1, rows, H, D) views; empty samples are skipped.
+template <typename Fn>
+void for_each_sample(const Layout& l, const Fn& fn) {
+  for (int64_t b = 0; b < l.batch; ++b) {
+    if (l.q_rows[b] == 0 || l.k_rows[b] == 0) continue;
+    fn([&](const Tensor& x) { return l.sample(x, b).narrow(0, l.q_start[b], l.q_rows[b]).unsqueeze(0); },
+       [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.k_start[b], l.k_rows[b]).unsqueeze(0); },
+       [&](const Tensor& lse) { return l.sample_lse(lse, b).unsqueeze(0); });
+  }
+}
+
+void flash_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out,
+                   Tensor& lse) {
+  for_each_sample(l, [&](const auto& query_rows, const auto& key_rows, const auto& lse_rows) {
+    auto [sample_out, sample_lse] = flash_forward_chunk(l, query_rows(q), key_rows(k), key_rows(v), scale);
+    query_rows(out).copy_(sample_out);
+    lse_rows(lse).copy_(sample_lse);
+  });
+}
+
+void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const Tensor& out, const Tensor& lse, double scale, Tensor& grad_q, Tensor& grad_k,
+                    Tensor& grad_v) {
+  for_each_sample(l, [&](const auto& query_rows, const auto& key_rows, const auto& lse_rows) {
+    auto [sample_grad_q, sample_grad_k, sample_grad_v] = flash_backward_chunk(
+        l, query_rows(grad_out), query_rows(q), key_rows(k), key_rows(v), query_rows(out), lse_rows(lse), scale);
+    query_rows(grad_q).copy_(sample_grad_q);
+    key_rows(grad_k).copy_(sample_grad_k);
+    key_rows(grad_v).copy_(sample_grad_v);
+  });
+}
+
 // Fills out and lse, which arrive zero and -inf.
 void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                        const Dropout& dropout, Tensor& out, Tensor& lse) {
+  if (!dropout.active) return flash_forward(l, q, k, v, scale, out, lse);
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
     const int64_t keys = l.k_rows[b];
@@ -203,6 +289,7 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
 void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
                         Tensor& grad_k, Tensor& grad_v) {
+  if (!dropout.active) return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
     const int64_t keys = l.k_rows[b];
@@ -251,9 +338,14 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
                                                      const std::optional<Tensor>& q_lens, double scale,
                                                      double dropout_p, const std::optional<Tensor>& dropout_seed) {
   const Layout l = padded_layout(q, k, kv_lens, q_lens);
+  const Dropout dropout(dropout_p, dropout_seed);
+  if (!dropout.active && whole_batch(l)) {
+    auto [out, lse] = flash_forward_chunk(l, q, k, v, scale);
+    return {out.contiguous(), lse};
+  }
   Tensor out = at::zeros({l.batch, l.q_len, l.q_heads, v.size(3)}, q.options());
   Tensor lse = empty_lse(q, {l.batch, l.q_heads, l.q_len});
-  attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), out, lse);
+  attention_forward(l, q, k, v, scale, dropout, out, lse);
   return {out, lse};
 }
 
@@ -262,10 +354,15 @@ std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
     const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
     const std::optional<Tensor>& dropout_seed) {
   const Layout l = padded_layout(q, k, kv_lens, q_lens);
+  const Dropout dropout(dropout_p, dropout_seed);
+  if (!dropout.active && whole_batch(l)) {
+    auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale);
+    return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
+  }
   Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
   Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
-  attention_backward(l, grad_out, q, k, v, out, lse, scale, Dropout(dropout_p, dropout_seed), grad_q, grad_k, grad_v);
+  attention_backward(l, grad_out, q, k, v, out, lse, scale, dropout, grad_q, grad_k, grad_v);
   return {grad_q, grad_k, grad_v};
 }
 
