@@ -8,7 +8,6 @@ Speedups are against SDPA. FLOPs count the valid keys only (the work a padding-a
 forward 2 * Hq * Lq * kv_len * (D + Dv) per sample, backward 2.5 times that, as flash-attention counts.
 """
 
-import argparse
 import os
 import sys
 
@@ -16,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mmkern import ops, reference
-from mmkern.bench import MODES, Case, describe_environment, format_table, run_cases, write_results
+from mmkern.bench import Case, describe_environment, format_table, run_cases, write_results
+from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, fraction of valid keys). The first three are the issue's CPU targets.
 CPU_CASES = {
@@ -124,7 +124,7 @@ def flash_attn_varlen_provider(case):
     return call
 
 
-def make_providers(case, device, dtype, notes):
+def make_providers(case, device, with_compile, notes):
     p = case.params
     providers = {
         "mmkern": lambda q, k, v, kv_lens, mask: ops.cross_modal_attention(q, k, v, kv_lens=kv_lens),
@@ -136,10 +136,13 @@ def make_providers(case, device, dtype, notes):
         for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
             if hasattr(SDPBackend, backend):
                 providers[f"sdpa[{backend.lower()}]"] = sdpa_with_backend(getattr(SDPBackend, backend))
-        try:
-            providers["flex_attention"] = flex_attention_provider(case)
-        except ImportError:
-            notes.add("flex_attention: not in this torch; left out")
+        if not with_compile:
+            notes.add("flex_attention: compiled, so --no-compile leaves it out")
+        else:
+            try:
+                providers["flex_attention"] = flex_attention_provider(case)
+            except ImportError:
+                notes.add("flex_attention: not in this torch; left out")
         try:
             providers["flash_attn_varlen"] = flash_attn_varlen_provider(case)
         except ImportError:
@@ -155,31 +158,19 @@ def make_providers(case, device, dtype, notes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--cases", default=None, help="comma-separated names; default: all for the device")
-    parser.add_argument("--modes", default="forward,forward+backward", help=f"of {', '.join(MODES)}")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per (case, provider, mode)")
-    parser.add_argument("--no-compile", action="store_true", help="accepted for make bench; nothing here compiles on CPU")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser = benchmark_parser(__doc__, os.path.join(os.path.dirname(__file__), "results"),
+                              default_modes=("forward", "forward+backward"))
     args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = device_and_dtype(args)
     known = {**CPU_CASES, **CUDA_CASES}
-    names = args.cases.split(",") if args.cases else list(CUDA_CASES if device.type == "cuda" else CPU_CASES)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        parser.error(f"unknown cases {unknown}; known: {', '.join(known)}")
+    names = chosen_cases(parser, args, known, CUDA_CASES if device.type == "cuda" else CPU_CASES)
     element_size = torch.empty((), dtype=dtype).element_size()
     cases = [make_case(n, *known[n], element_size) for n in names]
 
     environment = describe_environment(device)
     print(f"cross_modal_attention on {environment['device']}, {dtype}, torch {environment['torch']}", file=sys.stderr)
     notes = set()
-    records = run_cases("cross_modal_attention", cases, lambda case: make_providers(case, device, dtype, notes),
+    records = run_cases("cross_modal_attention", cases, lambda case: make_providers(case, device, not args.no_compile, notes),
                         device=device, dtype=dtype, modes=args.modes.split(","), reference="sdpa",
                         repeats=args.repeats, budget_s=args.budget)
     csv_path, json_path = write_results(records, environment, args.out, "cross_modal_attention")
