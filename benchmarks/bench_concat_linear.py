@@ -7,7 +7,6 @@ FLOPs count the useful work (each segment projected at its own leading shape), t
 every provider; bytes count each input, weight and output once.
 """
 
-import argparse
 import functools
 import math
 import os
@@ -16,7 +15,8 @@ import sys
 import torch
 
 from mmkern import ops, reference
-from mmkern.bench import MODES, Case, describe_environment, format_table, run_cases, write_results
+from mmkern.bench import Case, describe_environment, format_table, run_cases, write_results
+from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype
 
 # name: (segment shapes, out_features, activation). The first two are the issue's CPU targets.
 CPU_CASES = {
@@ -66,24 +66,10 @@ def make_providers(case, with_compile):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--cases", default=None, help="comma-separated names; default: all for the device")
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per (case, provider, mode)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser = benchmark_parser(__doc__, os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    table = CUDA_CASES if device.type == "cuda" else CPU_CASES
-    names = args.cases.split(",") if args.cases else list(table)
-    unknown = [n for n in names if n not in CUDA_CASES]
-    if unknown:
-        parser.error(f"unknown cases {unknown}; known: {', '.join(CUDA_CASES)}")
+    device, dtype = device_and_dtype(args)
+    names = chosen_cases(parser, args, CUDA_CASES, CUDA_CASES if device.type == "cuda" else CPU_CASES)
     element_size = torch.empty((), dtype=dtype).element_size()
     cases = [make_case(n, *CUDA_CASES[n], element_size) for n in names]
 

@@ -49,6 +49,31 @@ TORCH_LIBRARY(mmkern, m) {
       "concat_linear_backward(Tensor grad_out, Tensor[] inputs, Tensor weight, Tensor activation_saved, "
       "str activation, bool[] input_needs_grad, bool weight_needs_grad, bool bias_needs_grad) "
       "-> (Tensor[], Tensor, Tensor)");
+
+  // softmax(q k^T * scale) v per head over each sample's first kv_lens[b] keys, for the first
+  // q_lens[b] queries (other rows are zero, lse -inf); q (B, Lq, Hq, D), k (B, Lk, Hkv, D),
+  // v (B, Lk, Hkv, Dv), Hq a multiple of Hkv. Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)), lse in float32 (float64 for
+  // float64 inputs).
+  // Dropout keeps probability (b, h, i, j) by a hash of dropout_seed and that index (the mask of
+  // mmkern.reference.dropout_keep_mask), so the backward redraws it.
+  m.def(
+      "cross_modal_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? q_lens, float scale, "
+      "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+  m.def(
+      "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? kv_lens, Tensor? q_lens, float scale, float dropout_p, Tensor? dropout_seed) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The packed form, as flash-attn's varlen API: q (total_q, Hq, D), k (total_k, Hkv, D),
+  // v (total_k, Hkv, Dv); sample b owns rows [cu_seqlens[b], cu_seqlens[b + 1]). Returns
+  // (out (total_q, Hq, Dv), lse (Hq, total_q)). Dropout indexes the (B, Hq, max_seqlen_q,
+  // max_seqlen_k) matrix, so a packed batch draws the mask of the same batch padded.
+  m.def(
+      "cross_modal_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+  m.def(
+      "cross_modal_attention_packed_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
+      "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace mmkern

@@ -1,6 +1,7 @@
 """The eager composition of every mmkern op in plain PyTorch: the ground truth for tests and the
 baseline for benchmarks. Written for clarity, not speed."""
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,3 +22,94 @@ def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
     lead = torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
     concat = torch.cat([x.expand(*lead, x.shape[-1]) for x in inputs], dim=-1)
     return ACTIVATIONS[activation](F.linear(concat, weight, bias))
+
+
+# Dropout masks come from a counter-based hash (splitmix64) of the seed and the element's index in
+# the (B, Hq, Lq, Lk) probability matrix, so every kernel (C++, Triton) and this reference draw the
+# same mask without storing it, and the backward redraws it.
+_SEED_MULTIPLIER = 0xD1B54A32D192ED03
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values taken as uint64."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def dropout_keep_mask(seed: int, shape: tuple, p: float, device=None) -> torch.Tensor:
+    """Which attention probabilities of a (B, Hq, Lq, Lk) matrix dropout keeps, for ``seed``."""
+    offset = (seed * _SEED_MULTIPLIER + _GOLDEN_GAMMA) % 2**64
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
+    z = index + (offset - 2**64 if offset >= 2**63 else offset)  # int64 arithmetic wraps as uint64 would
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    uniform = _shift_right(z, 40).to(torch.float64) / 2**24  # the top 24 bits, in [0, 1)
+    return uniform >= p
+
+
+def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
+                          q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
+                          dropout_seed: int | None = None) -> tuple:
+    """softmax(q k^T * scale over each sample's first kv_lens keys) v, per head, with grouped heads
+    (head h of q reads head h // (Hq / Hkv) of k and v). Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)
+    in float32, float64 for float64 inputs). Rows with no valid key, and query rows past q_lens, are zero with lse = -inf.
+    Scores and the weighted sum run in the inputs' dtype and the softmax in float32, as eager
+    attention does."""
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)).float() * scale if q.dtype != torch.float64 else (qh @ kh.transpose(-1, -2)) * scale
+    positions = torch.arange(k_len, device=q.device)
+    kv_lens = torch.full((batch,), k_len, device=q.device) if kv_lens is None else kv_lens
+    valid = (positions < kv_lens[:, None])[:, None, None, :]
+    empty = ~valid.any(-1, keepdim=True)
+    # Rows without a valid key get finite scores and are zeroed after the softmax: no NaN, and no NaN
+    # gradient either.
+    scores = scores.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1) * ~empty
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    if dropout_p > 0:
+        keep = dropout_keep_mask(dropout_seed, tuple(probs.shape), dropout_p, q.device)
+        probs = probs * keep / (1 - dropout_p)
+    out = (probs.to(v.dtype) @ vh).transpose(1, 2)
+    if q_lens is not None:
+        rows = torch.arange(q_len, device=q.device) < q_lens[:, None]
+        out = out * rows[:, :, None, None]
+        lse = lse.masked_fill(~rows[:, None, :], float("-inf"))
+    return out, lse
+
+
+def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                                 scale: float | None = None, dropout_p: float = 0.0,
+                                 dropout_seed: int | None = None) -> tuple:
+    """The packed form through the padded one: each sample's rows are copied into a (B, max_seqlen,
+    H, D) batch and back. Returns (out (total_q, Hq, Dv), zero on rows no sample owns, and lse
+    (Hq, total_q), -inf there)."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    q_lens = torch.tensor([b - a for a, b in zip(starts_q, starts_q[1:])], dtype=torch.int64, device=q.device)
+    kv_lens = torch.tensor([b - a for a, b in zip(starts_k, starts_k[1:])], dtype=torch.int64, device=q.device)
+
+    def pad(x, starts, lengths, max_len):
+        padded = x.new_zeros((len(lengths), max_len, *x.shape[1:]))
+        for b, (start, length) in enumerate(zip(starts, lengths.tolist())):
+            padded[b, :length] = x[start:start + length]
+        return padded
+
+    out_padded, lse_padded = cross_modal_attention(
+        pad(q, starts_q, q_lens, max_seqlen_q), pad(k, starts_k, kv_lens, max_seqlen_k),
+        pad(v, starts_k, kv_lens, max_seqlen_k), kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
+        dropout_seed=dropout_seed)
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_padded.dtype, device=q.device)
+    for b, (start, length) in enumerate(zip(starts_q, q_lens.tolist())):
+        out = out.index_put((torch.arange(start, start + length, device=q.device),), out_padded[b, :length])
+        lse[:, start:start + length] = lse_padded[b, :, :length]
+    return out, lse

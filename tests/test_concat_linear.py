@@ -62,8 +62,12 @@ def check_against_reference(shapes, out_features, with_bias, activation, dtype, 
                                              with_bias, activation, grad_out)
     assert_close_to_reference(actual, exact.detach(), eager.detach(), "out")
     names = [f"grad inputs[{i}]" for i in range(len(shapes))] + ["grad weight", "grad bias"]
-    for name, a, x, e in zip(names, actual_grads, exact_grads, eager_grads):
-        assert_close_to_reference(a, x, e, name)
+    # Each gradient element sums over the outputs it fed: out_features per row it was broadcast to,
+    # or every row for the weight and bias.
+    rows = math.prod(torch.broadcast_shapes(*(s[:-1] for s in shapes)))
+    terms = [out_features * rows // max(math.prod(s[:-1]), 1) for s in shapes] + [rows, rows]
+    for name, a, x, e, n in zip(names, actual_grads, exact_grads, eager_grads, terms):
+        assert_close_to_reference(a, x, e, name, terms=n)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -63,7 +63,8 @@ class Record:
     tflops: float | None
     gbps: float | None
     peak_memory_mb: float
-    speedup_vs_eager: float | None = None
+    speedup: float | None = None  # the baseline provider's median time over this one's
+    baseline: str | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -72,11 +73,11 @@ def device_slug(environment: dict) -> str:
 
 
 def write_results(records: list, environment: dict, out_dir: str, op: str) -> tuple:
-    """Appends the rows to out_dir/results.csv and writes out_dir/<op>-<device>-<time>.json."""
+    """Appends the rows to out_dir/<op>.csv and writes out_dir/<op>-<device>-<time>.json."""
     os.makedirs(out_dir, exist_ok=True)
     rows = [{**environment, **{k: v for k, v in asdict(r).items() if k != "params"}, "params": json.dumps(r.params)}
             for r in records]
-    csv_path = os.path.join(out_dir, "results.csv")
+    csv_path = os.path.join(out_dir, f"{op}.csv")
     new_file = not os.path.exists(csv_path)
     with open(csv_path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -91,7 +92,8 @@ def write_results(records: list, environment: dict, out_dir: str, op: str) -> tu
 
 
 def format_table(records: list) -> str:
-    header = ["case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "peak MB", "vs eager"]
+    baseline = next((r.baseline for r in records if r.baseline), "baseline")
+    header = ["case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "peak MB", f"vs {baseline}"]
     lines = [header]
     for r in records:
         lines.append([
@@ -99,7 +101,7 @@ def format_table(records: list) -> str:
             "" if r.tflops is None else f"{r.tflops:.3f}",
             "" if r.gbps is None else f"{r.gbps:.1f}",
             f"{r.peak_memory_mb:.1f}",
-            "" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.2f}x",
+            "" if r.speedup is None else f"{r.speedup:.2f}x",
         ])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in lines]

@@ -147,7 +147,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def input_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's matmul setting, as F.linear would: TF32 only when the user allowed it.
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -193,7 +193,7 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
         STORE_PREACTIVATION=saved is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        INPUT_PRECISION=_input_precision(operand_dtype),
+        INPUT_PRECISION=input_precision(operand_dtype),
         **(INTERPRETER_TILE if _config.TRITON_ON_CPU else {}),
     )
     return out

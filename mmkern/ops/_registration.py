@@ -88,6 +88,14 @@ def autocast_dtype_of(tensor: torch.Tensor, autocast_dtype: torch.dtype) -> torc
     return tensor.dtype
 
 
+def dtype_after_autocast(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype an op's autocast kernel gives ``tensor``: its own outside autocast."""
+    device_type = tensor.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return autocast_dtype_of(tensor, torch.get_autocast_dtype(device_type))
+    return tensor.dtype
+
+
 def register_autocast(qualname: str, cast_inputs: bool) -> None:
     """Under autocast, casts the op's floating inputs to the autocast dtype (when ``cast_inputs``)
     and runs it with autocast off, so the kernels' own internal matmuls are never re-cast. A backward

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
-from mmkern.ops._registration import autocast_dtype_of, register_autocast, register_triton_kernel
+from mmkern.ops._registration import dtype_after_autocast, register_autocast, register_triton_kernel
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -103,15 +103,9 @@ def _check_arguments(inputs, weight, bias, activation) -> list:
 def _check_same_dtype(inputs, weight, bias) -> None:
     """All tensors share one dtype, after autocast's casts where it is on (the op's autocast kernel
     casts them)."""
-    device_type = weight.device.type
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-
-    def effective(t):
-        return autocast_dtype_of(t, torch.get_autocast_dtype(device_type)) if autocast else t.dtype
-
     named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + ([("bias", bias)] if bias is not None else [])
     for name, tensor in named:
-        if effective(tensor) != effective(weight):
+        if dtype_after_autocast(tensor) != dtype_after_autocast(weight):
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but weight has {weight.dtype}; all tensors must share one "
                 "dtype (or run under torch.autocast)"

@@ -1,0 +1,402 @@
+// cross_modal_attention on CPU.
+//
+// Without dropout, each sample's valid rows go to ATen's CPU flash-attention kernel (vectorised for
+// the CPU it runs on, which this file, built for a baseline ISA, could not be), so padded keys and
+// queries cost nothing; a batch whose rows are all valid goes in one call, without copies. Grouped heads are repeated to the
+// query heads and unequal head dims zero-padded to the larger one for it.
+//
+// With dropout, whose mask must be mmkern's hash (shared with the GPU kernels), work is split into
+// (sample, kv head) groups: the Hq / Hkv query heads that read one kv head are stacked, so each
+// GEMM covers the whole group (multi-query attention gets one K^T read for all its heads). Only the first kv_lens[b] keys and q_lens[b] queries of a sample are touched. Queries run
+// in tiles of kQueryTile rows, which bounds the fp32 score tile at heads x kQueryTile x kv_len
+// whatever Lq is; the backward recomputes each tile's probabilities from the saved log-sum-exp.
+// GEMMs go to ATen's BLAS; scores, softmax and accumulation are float32 (float64 for float64).
+// Groups run in parallel when there are enough of them to fill the threads; otherwise they run one
+// after the other and each GEMM is multi-threaded by BLAS instead.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace mmkern {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kQueryTile = 64;
+
+// Where each sample's rows lie. Padded tensors (B, L, H, D) give sample b as x[b], rows from 0 up
+// to its length; packed ones (total, H, D) give rows [cu_seqlens[b], cu_seqlens[b + 1]) of x.
+struct Layout {
+  bool packed = false;
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, group = 0;
+  int64_t q_len = 0, k_len = 0;  // the dropout index's (Lq, Lk): the padded or the max lengths
+  std::vector<int64_t> q_start, q_rows, k_start, k_rows;
+
+  Tensor sample(const Tensor& x, int64_t b) const { return packed ? x : x.select(0, b); }
+  // lse is (B, Hq, Lq) padded and (Hq, total_q) packed: sample b's (Hq, rows) block.
+  Tensor sample_lse(const Tensor& lse, int64_t b) const {
+    return (packed ? lse : lse.select(0, b)).narrow(1, q_start[b], q_rows[b]);
+  }
+};
+
+void check_heads(int64_t q_heads, int64_t kv_heads) {
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "mmkern::cross_modal_attention: Hq % Hkv != 0");
+}
+
+// Per-sample lengths, checked to lie in [0, limit] (the kernels index with them).
+std::vector<int64_t> lengths(const std::optional<Tensor>& lens, int64_t batch, int64_t limit, const char* name) {
+  std::vector<int64_t> out(batch, limit);
+  if (!lens.has_value()) return out;
+  const Tensor values = lens->to(at::kLong).contiguous();
+  TORCH_CHECK(values.numel() == batch, "mmkern::cross_modal_attention: ", name, " must have one entry per sample");
+  const int64_t* data = values.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(data[b] >= 0 && data[b] <= limit, "mmkern::cross_modal_attention: ", name, "[", b, "] = ", data[b],
+                " is outside [0, ", limit, "]");
+    out[b] = data[b];
+  }
+  return out;
+}
+
+Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tensor>& kv_lens,
+                     const std::optional<Tensor>& q_lens) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "mmkern::cross_modal_attention: q, k, v must be 4-D");
+  Layout l;
+  l.batch = q.size(0), l.q_len = q.size(1), l.q_heads = q.size(2), l.k_len = k.size(1), l.kv_heads = k.size(2);
+  check_heads(l.q_heads, l.kv_heads);
+  l.group = l.q_heads / l.kv_heads;
+  l.q_start.assign(l.batch, 0);
+  l.k_start.assign(l.batch, 0);
+  l.q_rows = lengths(q_lens, l.batch, l.q_len, "q_lens");
+  l.k_rows = lengths(kv_lens, l.batch, l.k_len, "kv_lens");
+  return l;
+}
+
+// Starts and lengths from cu_seqlens, checked to be non-decreasing, within the tensor's rows and
+// within the max length.
+void spans(const Tensor& cu_seqlens, int64_t total, int64_t max_len, const char* name, std::vector<int64_t>& start,
+           std::vector<int64_t>& rows) {
+  const Tensor values = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* data = values.const_data_ptr<int64_t>();
+  const int64_t batch = values.numel() - 1;
+  start.resize(batch), rows.resize(batch);
+  TORCH_CHECK(data[0] >= 0, "mmkern::cross_modal_attention_packed: ", name, " must start at a row >= 0");
+  for (int64_t b = 0; b < batch; ++b) {
+    start[b] = data[b], rows[b] = data[b + 1] - data[b];
+    TORCH_CHECK(rows[b] >= 0 && rows[b] <= max_len && data[b + 1] <= total, "mmkern::cross_modal_attention_packed: ",
+                name, " must be non-decreasing, within the ", total, " rows, with steps of at most ", max_len);
+  }
+}
+
+Layout packed_layout(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                     int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "mmkern::cross_modal_attention_packed: q, k, v must be 3-D");
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
+              "mmkern::cross_modal_attention_packed: cu_seqlens_q and cu_seqlens_k must both hold batch + 1 offsets");
+  Layout l;
+  l.packed = true;
+  l.batch = cu_seqlens_q.numel() - 1, l.q_heads = q.size(1), l.kv_heads = k.size(1);
+  l.q_len = max_seqlen_q, l.k_len = max_seqlen_k;
+  check_heads(l.q_heads, l.kv_heads);
+  l.group = l.q_heads / l.kv_heads;
+  spans(cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q", l.q_start, l.q_rows);
+  spans(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", l.k_start, l.k_rows);
+  return l;
+}
+
+// The dropout hash of mmkern.reference.dropout_keep_mask: splitmix64 of the element's index in the
+// (B, Hq, Lq, Lk) matrix, offset by the seed.
+inline bool keep(uint64_t offset, uint64_t index, uint32_t threshold) {
+  uint64_t z = index + offset;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<uint32_t>(z >> 40) >= threshold;
+}
+
+struct Dropout {
+  bool active = false;
+  uint64_t offset = 0;
+  uint32_t threshold = 0;  // keep when the hash's top 24 bits are >= p * 2^24
+  double scale = 1.0;      // 1 / (1 - p)
+
+  Dropout(double p, const std::optional<Tensor>& seed) {
+    if (p <= 0) return;
+    TORCH_CHECK(seed.has_value(), "mmkern::cross_modal_attention: dropout needs a dropout_seed");
+    active = true;
+    const auto seed_value = static_cast<uint64_t>(seed->to(at::kLong).item<int64_t>());
+    offset = seed_value * 0xD1B54A32D192ED03ull + 0x9E3779B97F4A7C15ull;
+    threshold = static_cast<uint32_t>(std::ceil(p * (1 << 24)));
+    scale = 1.0 / (1.0 - p);
+  }
+
+  // (heads, rows, keys) factors 0 or 1 / (1 - p) for query heads [head0, head0 + heads) and query
+  // rows [row0, row0 + rows) of sample b, keys [0, keys).
+  Tensor factors(const Layout& l, int64_t b, int64_t head0, int64_t heads, int64_t row0, int64_t rows, int64_t keys,
+                 at::TensorOptions options) const {
+    Tensor out = at::empty({heads, rows, keys}, options.dtype(at::kDouble));
+    double* data = out.data_ptr<double>();
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const uint64_t base = static_cast<uint64_t>(((b * l.q_heads + head0 + h) * l.q_len + row0 + i) * l.k_len);
+        for (int64_t j = 0; j < keys; ++j) {
+          data[(h * rows + i) * keys + j] = keep(offset, base + j, threshold) ? scale : 0.0;
+        }
+      }
+    }
+    return out.to(options.dtype());
+  }
+};
+
+// Rows [row0, row0 + rows) of the query heads that read kv head `kv_head`, from one sample's
+// (L, H, D) view, as (group, rows, D) in dtype `acc`.
+Tensor group_rows(const Tensor& x, int64_t kv_head, int64_t group, int64_t row0, int64_t rows, at::ScalarType acc) {
+  return x.narrow(0, row0, rows).narrow(1, kv_head * group, group).transpose(0, 1).to(acc);
+}
+
+// Runs fn(b, kv_head) for every group, in parallel when the groups alone can fill the threads.
+template <typename Fn>
+void for_each_group(const Layout& l, const Fn& fn) {
+  const int64_t groups = l.batch * l.kv_heads;
+  if (groups >= at::get_num_threads()) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) fn(g / l.kv_heads, g % l.kv_heads);
+    });
+  } else {
+    for (int64_t g = 0; g < groups; ++g) fn(g / l.kv_heads, g % l.kv_heads);
+  }
+}
+
+at::ScalarType accumulate_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (N, L, H, D) -> the (N, H', L, dim) view ATen's flash kernel takes: each head repeated `group`
+// times, the head dim zero-padded to `dim`.
+Tensor flash_layout(const Tensor& x, int64_t group, int64_t dim) {
+  Tensor y = x;
+  if (group > 1) {
+    y = y.unsqueeze(3).expand({y.size(0), y.size(1), y.size(2), group, y.size(3)});
+    y = y.reshape({y.size(0), y.size(1), y.size(2) * group, y.size(4)});
+  }
+  if (y.size(3) < dim) y = at::constant_pad_nd(y, {0, dim - y.size(3)});
+  return y.transpose(1, 2);
+}
+
+// (N, H', L, dim) gradients of repeated heads -> (N, L, Hkv, width), summed over each group.
+Tensor fold_heads(const Tensor& grad, int64_t kv_heads, int64_t group, int64_t width) {
+  const Tensor rows = grad.transpose(1, 2).narrow(3, 0, width);
+  if (group == 1) return rows;
+  return rows.reshape({rows.size(0), rows.size(1), kv_heads, group, width}).sum(3);
+}
+
+// Whether a padded batch has every row of every sample valid (and some work): then ATen's kernel
+// takes it in one call, and its outputs are returned as they are, without a copy.
+bool whole_batch(const Layout& l) {
+  const auto full = [](const std::vector<int64_t>& rows, int64_t len) {
+    return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
+  };
+  return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len);
+}
+
+std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v,
+                                               double scale) {
+  const int64_t dim = std::max(q.size(-1), v.size(-1));
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, false, std::nullopt,
+      scale);
+  return {out.transpose(1, 2).narrow(3, 0, v.size(-1)), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_backward_chunk(const Layout& l, const Tensor& grad_out, const Tensor& q,
+                                                        const Tensor& k, const Tensor& v, const Tensor& out,
+                                                        const Tensor& lse, double scale) {
+  const int64_t head_dim = q.size(-1), v_dim = v.size(-1), dim = std::max(head_dim, v_dim);
+  auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      flash_layout(grad_out, 1, dim), flash_layout(q, 1, dim), flash_layout(k, l.group, dim),
+      flash_layout(v, l.group, dim), flash_layout(out, 1, dim), lse.contiguous(), 0.0, false, std::nullopt, scale);
+  return {grad_q.transpose(1, 2).narrow(3, 0, head_dim), fold_heads(grad_k, l.kv_heads, l.group, head_dim),
+          fold_heads(grad_v, l.kv_heads, l.group, v_dim)};
+}
+
+// One sample at a time over its valid rows, as (1, rows, H, D) views; empty samples are skipped.
+template <typename Fn>
+void for_each_sample(const Layout& l, const Fn& fn) {
+  for (int64_t b = 0; b < l.batch; ++b) {
+    if (l.q_rows[b] == 0 || l.k_rows[b] == 0) continue;
+    fn([&](const Tensor& x) { return l.sample(x, b).narrow(0, l.q_start[b], l.q_rows[b]).unsqueeze(0); },
+       [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.k_start[b], l.k_rows[b]).unsqueeze(0); },
+       [&](const Tensor& lse) { return l.sample_lse(lse, b).unsqueeze(0); });
+  }
+}
+
+void flash_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out,
+                   Tensor& lse) {
+  for_each_sample(l, [&](const auto& query_rows, const auto& key_rows, const auto& lse_rows) {
+    auto [sample_out, sample_lse] = flash_forward_chunk(l, query_rows(q), key_rows(k), key_rows(v), scale);
+    query_rows(out).copy_(sample_out);
+    lse_rows(lse).copy_(sample_lse);
+  });
+}
+
+void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const Tensor& out, const Tensor& lse, double scale, Tensor& grad_q, Tensor& grad_k,
+                    Tensor& grad_v) {
+  for_each_sample(l, [&](const auto& query_rows, const auto& key_rows, const auto& lse_rows) {
+    auto [sample_grad_q, sample_grad_k, sample_grad_v] = flash_backward_chunk(
+        l, query_rows(grad_out), query_rows(q), key_rows(k), key_rows(v), query_rows(out), lse_rows(lse), scale);
+    query_rows(grad_q).copy_(sample_grad_q);
+    key_rows(grad_k).copy_(sample_grad_k);
+    key_rows(grad_v).copy_(sample_grad_v);
+  });
+}
+
+// Fills out and lse, which arrive zero and -inf.
+void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                       const Dropout& dropout, Tensor& out, Tensor& lse) {
+  if (!dropout.active) return flash_forward(l, q, k, v, scale, out, lse);
+  const auto acc = accumulate_type(q.scalar_type());
+  for_each_group(l, [&](int64_t b, int64_t kv_head) {
+    const int64_t keys = l.k_rows[b];
+    if (keys == 0) return;
+    const Tensor q_b = l.sample(q, b).narrow(0, l.q_start[b], l.q_rows[b]);
+    const Tensor out_b = l.sample(out, b).narrow(0, l.q_start[b], l.q_rows[b]);
+    const Tensor lse_b = l.sample_lse(lse, b);
+    const Tensor key_t = l.sample(k, b).narrow(0, l.k_start[b], keys).select(1, kv_head).to(acc).t();  // (D, keys)
+    const Tensor value = l.sample(v, b).narrow(0, l.k_start[b], keys).select(1, kv_head).to(acc);      // (keys, Dv)
+    for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
+      const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
+      const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);  // (G, rows, D)
+      Tensor scores = at::matmul(query, key_t).mul_(scale);                    // (G, rows, keys)
+      const Tensor tile_lse = at::logsumexp(scores, -1, /*keepdim=*/true);
+      Tensor probs = scores.sub_(tile_lse).exp_();
+      if (dropout.active) {
+        probs.mul_(dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, keys, probs.options()));
+      }
+      const Tensor tile_out = at::matmul(probs, value);  // (G, rows, Dv)
+      out_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group).copy_(tile_out.transpose(0, 1));
+      lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).copy_(tile_lse.squeeze(-1));
+    }
+  });
+}
+
+// Fills grad_q, grad_k, grad_v, which arrive zero.
+void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
+                        Tensor& grad_k, Tensor& grad_v) {
+  if (!dropout.active) return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  const auto acc = accumulate_type(q.scalar_type());
+  for_each_group(l, [&](int64_t b, int64_t kv_head) {
+    const int64_t keys = l.k_rows[b];
+    if (keys == 0 || l.q_rows[b] == 0) return;
+    const auto rows_of = [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.q_start[b], l.q_rows[b]); };
+    const auto keys_of = [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.k_start[b], keys).select(1, kv_head); };
+    const Tensor q_b = rows_of(q), grad_out_b = rows_of(grad_out), out_b = rows_of(out), grad_q_b = rows_of(grad_q);
+    const Tensor lse_b = l.sample_lse(lse, b);
+    const Tensor key = keys_of(k).to(acc);      // (keys, D)
+    const Tensor value = keys_of(v).to(acc);    // (keys, Dv)
+    Tensor grad_key = at::zeros_like(key);
+    Tensor grad_value = at::zeros_like(value);
+    for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
+      const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
+      const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);          // (G, rows, D)
+      const Tensor d_out = group_rows(grad_out_b, kv_head, l.group, row0, rows, acc);   // (G, rows, Dv)
+      const Tensor output = group_rows(out_b, kv_head, l.group, row0, rows, acc);
+      const Tensor tile_lse = lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).to(acc).unsqueeze(-1);
+      const Tensor probs = at::matmul(query, key.t()).mul_(scale).sub_(tile_lse).exp_();  // (G, rows, keys)
+      Tensor d_probs = at::matmul(d_out, value.t());
+      Tensor kept = probs;
+      if (dropout.active) {
+        const Tensor factors = dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, keys, probs.options());
+        kept = probs * factors;
+        d_probs.mul_(factors);
+      }
+      // d scores = P * (dP - rowsum(dO * O)); rowsum(dO * O) = rowsum(P * dP), dropout included.
+      const Tensor delta = (d_out * output).sum(-1, /*keepdim=*/true);
+      const Tensor d_scores = d_probs.sub_(delta).mul_(probs).mul_(scale);
+      grad_value.add_(at::matmul(kept.transpose(1, 2), d_out).sum(0));
+      grad_key.add_(at::matmul(d_scores.transpose(1, 2), query).sum(0));
+      grad_q_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group).copy_(at::matmul(d_scores, key).transpose(0, 1));
+    }
+    keys_of(grad_k).copy_(grad_key);
+    keys_of(grad_v).copy_(grad_value);
+  });
+}
+
+Tensor empty_lse(const Tensor& q, at::IntArrayRef shape) {
+  return at::full(shape, -std::numeric_limits<double>::infinity(), q.options().dtype(accumulate_type(q.scalar_type())));
+}
+
+// Rows no work reaches (past q_lens, or of samples without keys) stay zero, with lse = -inf.
+std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const std::optional<Tensor>& kv_lens,
+                                                     const std::optional<Tensor>& q_lens, double scale,
+                                                     double dropout_p, const std::optional<Tensor>& dropout_seed) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens);
+  const Dropout dropout(dropout_p, dropout_seed);
+  if (!dropout.active && whole_batch(l)) {
+    auto [out, lse] = flash_forward_chunk(l, q, k, v, scale);
+    return {out.contiguous(), lse};
+  }
+  Tensor out = at::zeros({l.batch, l.q_len, l.q_heads, v.size(3)}, q.options());
+  Tensor lse = empty_lse(q, {l.batch, l.q_heads, l.q_len});
+  attention_forward(l, q, k, v, scale, dropout, out, lse);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
+    const std::optional<Tensor>& dropout_seed) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens);
+  const Dropout dropout(dropout_p, dropout_seed);
+  if (!dropout.active && whole_batch(l)) {
+    auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale);
+    return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
+  }
+  Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  attention_backward(l, grad_out, q, k, v, out, lse, scale, dropout, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<Tensor, Tensor> cross_modal_attention_packed_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                            const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                            int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                                            double dropout_p,
+                                                            const std::optional<Tensor>& dropout_seed) {
+  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  Tensor out = at::zeros({q.size(0), l.q_heads, v.size(2)}, q.options());
+  Tensor lse = empty_lse(q, {l.q_heads, q.size(0)});
+  attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), out, lse);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_packed_backward_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    double dropout_p, const std::optional<Tensor>& dropout_seed) {
+  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  attention_backward(l, grad_out, q, k, v, out, lse, scale, Dropout(dropout_p, dropout_seed), grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkern, CPU, m) {
+  m.impl("cross_modal_attention", &cross_modal_attention_cpu);
+  m.impl("cross_modal_attention_backward", &cross_modal_attention_backward_cpu);
+  m.impl("cross_modal_attention_packed", &cross_modal_attention_packed_cpu);
+  m.impl("cross_modal_attention_packed_backward", &cross_modal_attention_packed_backward_cpu);
+}
+
+}  // namespace mmkern

@@ -1,0 +1,544 @@
+"""cross_modal_attention on GPU (and on CPU under the interpreter switch): flash-style Triton kernels.
+
+Forward: one program per (query block, sample, query head, key split) streams the sample's valid
+keys through an online softmax in base 2, so no Lq x Lk matrix is ever stored and keys past
+kv_lens cost nothing. When the (sample, head, query block) programs alone cannot fill the GPU
+(few queries over long keys), the keys are split across programs (split-KV) and a second kernel
+combines the partial results by their log-sum-exps.
+Backward (recomputing the probabilities from the saved log-sum-exp): a small kernel forms
+delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over every query of every
+query head that reads that kv head (so grouped heads are summed in registers, without atomics);
+one kernel per query block accumulates dQ.
+
+Both the padded form (B, L, H, D) with per-sample lengths and the packed form (total, H, D) with
+cu_seqlens run the same kernels: a sample's rows start at b * stride_b + start_b * stride_l, with
+stride_b = 0 and start_b = cu_seqlens[b] when packed. Every row of the output the grid covers is
+written (zeros past a sample's length), so outputs need no memset; the packed form writes only a
+sample's own rows.
+
+Dropout redraws the mask of mmkern.reference.dropout_keep_mask from the seed and each element's
+index in the (B, Hq, Lq, Lk) matrix (Lq, Lk the max lengths when packed).
+
+Tile sizes are per head dim and have not been tuned on a GPU yet.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mmkern import _config
+from mmkern.kernels.launch import traceable
+from mmkern.kernels.segmented_matmul import accumulate_dtype, input_precision
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Split-KV is worth it only while programs are few; each split keeps at least this many keys.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 64
+# The interpreter plans splits as for an H100, so the CPU tests take the GPU's split-KV paths.
+INTERPRETER_MULTIPROCESSORS = 132
+
+
+@triton.jit
+def _span(b, starts_ptr, lens_ptr, full_len, PACKED: tl.constexpr, HAS_LENS: tl.constexpr):
+    """(first row, number of rows) of sample b; lengths are clamped into [0, full_len] so that no
+    value, checked or not, makes a kernel read outside its tensor."""
+    if PACKED:
+        start = tl.load(starts_ptr + b).to(tl.int64)
+        length = tl.load(starts_ptr + b + 1).to(tl.int64) - start
+    else:
+        start = tl.zeros((), tl.int64)
+        length = tl.zeros((), tl.int64) + full_len
+        if HAS_LENS:
+            length = tl.load(lens_ptr + b).to(tl.int64)
+    return start, tl.minimum(tl.maximum(length, 0), full_len)
+
+
+@triton.jit
+def _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, threshold):
+    """The (rows, cols) keep mask of mmkern.reference.dropout_keep_mask: splitmix64 of the element
+    index offset by the seed, kept when its top 24 bits are >= threshold."""
+    seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+    offset = seed * 0xD1B54A32D192ED03 + 0x9E3779B97F4A7C15
+    base = (b * Q_HEADS + h).to(tl.uint64) * Q_LEN
+    z = ((base + rows.to(tl.uint64))[:, None] * K_LEN + cols.to(tl.uint64)[None, :]) + offset
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z >> 40).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _store_rows(ptr, values, rows, cols, stride_row, stride_col, length, write_limit, n_cols):
+    """Stores a (rows, cols) tile, zero past the sample's `length` rows, for rows below write_limit."""
+    values = tl.where((rows < length)[:, None], values, 0.0)
+    mask = (rows < write_limit)[:, None] & (cols < n_cols)[None, :]
+    tl.store(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od, stride_os,
+    stride_lb, stride_lh, stride_ll, stride_ls,
+    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM, V_DIM, KEYS_PER_SPLIT,
+    scale_log2, dropout_threshold, dropout_scale,
+    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
+    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    b = bh // Q_HEADS
+    h = bh % Q_HEADS
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, PACKED, HAS_KV_LENS)
+    # Split partials are written over every row (the combine kernel reads them); outputs over the
+    # padded rows, or only the sample's own rows when packed.
+    write_limit = q_len if PACKED and not SPLIT else Q_LEN
+    if pid_m * BLOCK_M >= write_limit:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    v_dims = tl.arange(0, DV_PAD)
+    cols0 = tl.arange(0, BLOCK_N)
+    q_base = q_ptr + b * stride_qb + q_start * stride_ql + h * stride_qh
+    k_base = k_ptr + b * stride_kb + k_start * stride_kl + (h // GROUP) * stride_kh
+    v_base = v_ptr + b * stride_vb + k_start * stride_vl + (h // GROUP) * stride_vh
+    row_valid = rows < q_len
+    q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+                mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, DV_PAD), ACC_DTYPE)
+    lo = split * KEYS_PER_SPLIT
+    hi = tl.minimum(lo + KEYS_PER_SPLIT, kv_len)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + cols0
+        col_valid = cols < hi
+        k = tl.load(k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
+                    mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * scale_log2
+        s = tl.where(col_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold), p, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
+                    mask=col_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        m_i = m_new
+
+    has_keys = l_i > 0
+    out = acc * (dropout_scale / tl.where(has_keys, l_i, 1.0))[:, None]
+    # Stored in base 2 for the combine kernel; in natural log for the caller.
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    if not SPLIT:
+        lse = lse * LN2
+    # Split partials are indexed by the sample's own rows; outputs by the (packed) tensor's rows.
+    out_start = 0 if SPLIT else q_start
+    out_base = out_ptr + b * stride_ob + out_start * stride_ol + h * stride_oh + split * stride_os
+    _store_rows(out_base, out, rows, v_dims, stride_ol, stride_od, q_len, write_limit, V_DIM)
+    lse = tl.where(row_valid, lse, float("-inf"))
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + (out_start + rows) * stride_ll + split * stride_ls, lse,
+             mask=rows < write_limit)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, q_starts_ptr, q_lens_ptr,
+    stride_pb, stride_pl, stride_ph, stride_pd, stride_ps,
+    stride_qb, stride_ql, stride_qh, stride_qs,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ll,
+    Q_LEN, Q_HEADS, V_DIM, SPLITS,
+    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Q_HEADS
+    h = bh % Q_HEADS
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    write_limit = q_len if PACKED else Q_LEN
+    if pid_m * BLOCK_M >= write_limit:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v_dims = tl.arange(0, DV_PAD)
+    lse_base = part_lse_ptr + b * stride_qb + h * stride_qh + rows * stride_ql
+    out_base = part_out_ptr + b * stride_pb + h * stride_ph + rows[:, None] * stride_pl + v_dims[None, :] * stride_pd
+    row_mask = rows < write_limit
+    tile_mask = row_mask[:, None] & (v_dims < V_DIM)[None, :]
+
+    m = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(lse_base + s * stride_qs, mask=row_mask, other=float("-inf")))
+    has_keys = m > float("-inf")
+    m_safe = tl.where(has_keys, m, 0.0)
+    total = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, DV_PAD), ACC_DTYPE)
+    for s in range(SPLITS):
+        weight = tl.exp2(tl.load(lse_base + s * stride_qs, mask=row_mask, other=float("-inf")) - m_safe)
+        total += weight
+        acc += weight[:, None] * tl.load(out_base + s * stride_ps, mask=tile_mask, other=0.0)
+    out = acc / tl.where(has_keys, total, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_safe + tl.log2(tl.where(has_keys, total, 1.0))) * LN2, float("-inf"))
+    _store_rows(out_ptr + b * stride_ob + q_start * stride_ol + h * stride_oh, out, rows, v_dims,
+                stride_ol, stride_od, q_len, write_limit, V_DIM)
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll, lse, mask=row_mask)
+
+
+@triton.jit
+def _delta_kernel(
+    grad_ptr, out_ptr, delta_ptr, q_starts_ptr, q_lens_ptr,
+    stride_gb, stride_gl, stride_gh, stride_gd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_db, stride_dh, stride_dl,
+    Q_LEN, Q_HEADS, V_DIM,
+    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O), the softmax backward's correction (dropout included, as O holds it)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Q_HEADS
+    h = bh % Q_HEADS
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    write_limit = q_len if PACKED else Q_LEN
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v_dims = tl.arange(0, DV_PAD)
+    mask = (rows < q_len)[:, None] & (v_dims < V_DIM)[None, :]
+    grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
+                   + v_dims[None, :] * stride_gd, mask=mask, other=0.0)
+    out = tl.load(out_ptr + b * stride_ob + h * stride_oh + (q_start + rows)[:, None] * stride_ol
+                  + v_dims[None, :] * stride_od, mask=mask, other=0.0)
+    delta = tl.sum(grad.to(ACC_DTYPE) * out.to(ACC_DTYPE), 1)
+    tl.store(delta_ptr + b * stride_db + h * stride_dh + (q_start + rows) * stride_dl, delta, mask=rows < write_limit)
+
+
+@triton.jit
+def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
+    """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp, zero outside
+    the valid rows and keys."""
+    s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * scale_log2
+    p = tl.exp2(s - lse_log2[:, None])
+    return tl.where(row_valid[:, None] & col_valid[None, :], p, 0.0)
+
+
+@triton.jit
+def _grad_kv_kernel(
+    q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_gb, stride_gl, stride_gh, stride_gd,
+    stride_lb, stride_lh, stride_ll,
+    stride_dkb, stride_dkl, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+    Q_LEN, K_LEN, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM, V_DIM,
+    scale, scale_log2, dropout_threshold, dropout_scale,
+    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // KV_HEADS
+    kv_h = bh % KV_HEADS
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, PACKED, HAS_KV_LENS)
+    write_limit = kv_len if PACKED else K_LEN
+    if pid_n * BLOCK_N >= write_limit:
+        return
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D_PAD)
+    v_dims = tl.arange(0, DV_PAD)
+    rows0 = tl.arange(0, BLOCK_M)
+    col_valid = cols < kv_len
+    # K^T (D, BLOCK_N) and V^T (Dv, BLOCK_N), read once for every query of every head in the group.
+    k_t = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[None, :] * stride_kl
+                  + dims[:, None] * stride_kd, mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
+    v_t = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + (k_start + cols)[None, :] * stride_vl
+                  + v_dims[:, None] * stride_vd, mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, D_PAD), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_N, DV_PAD), ACC_DTYPE)
+    # A block past kv_len still writes its zeros; only blocks with keys visit the queries.
+    q_end = tl.where(pid_n * BLOCK_N < kv_len, q_len, 0)
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        q_base = q_ptr + b * stride_qb + h * stride_qh + q_start * stride_ql
+        g_base = grad_ptr + b * stride_gb + h * stride_gh + q_start * stride_gl
+        l_base = lse_ptr + b * stride_lb + h * stride_lh + q_start * stride_ll
+        d_base = delta_ptr + b * stride_lb + h * stride_lh + q_start * stride_ll
+        for start in range(0, q_end, BLOCK_M):
+            rows = start + rows0
+            row_valid = rows < q_len
+            q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+                        mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+            grad = tl.load(g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
+                           mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
+            lse_log2 = tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) * LOG2E
+            delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
+            p = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE,
+                               INPUT_PRECISION)
+            dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            kept = p
+            if DROPOUT:
+                keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
+                kept = tl.where(keep, p * dropout_scale, 0.0)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            dv = tl.dot(tl.trans(kept).to(grad.dtype), grad, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    _store_rows(dk_ptr + b * stride_dkb + kv_h * stride_dkh + k_start * stride_dkl, dk * scale, cols, dims,
+                stride_dkl, stride_dkd, kv_len, write_limit, HEAD_DIM)
+    _store_rows(dv_ptr + b * stride_dvb + kv_h * stride_dvh + k_start * stride_dvl, dv, cols, v_dims,
+                stride_dvl, stride_dvd, kv_len, write_limit, V_DIM)
+
+
+@triton.jit
+def _grad_q_kernel(
+    q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_gb, stride_gl, stride_gh, stride_gd,
+    stride_lb, stride_lh, stride_ll,
+    stride_dqb, stride_dql, stride_dqh, stride_dqd,
+    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM, V_DIM,
+    scale, scale_log2, dropout_threshold, dropout_scale,
+    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Q_HEADS
+    h = bh % Q_HEADS
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, PACKED, HAS_KV_LENS)
+    write_limit = q_len if PACKED else Q_LEN
+    if pid_m * BLOCK_M >= write_limit:
+        return
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    v_dims = tl.arange(0, DV_PAD)
+    cols0 = tl.arange(0, BLOCK_N)
+    row_valid = rows < q_len
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + (q_start + rows)[:, None] * stride_ql
+                + dims[None, :] * stride_qd, mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
+                   + v_dims[None, :] * stride_gd, mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
+    row_offsets = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll  # lse and delta share a layout
+    lse_log2 = tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + row_offsets, mask=row_valid, other=0.0)
+    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + k_start * stride_kl
+    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
+    dq = tl.zeros((BLOCK_M, D_PAD), ACC_DTYPE)
+    keys_end = tl.where(pid_m * BLOCK_M < q_len, kv_len, 0)
+    for start in range(0, keys_end, BLOCK_N):
+        cols = start + cols0
+        col_valid = cols < kv_len
+        k = tl.load(k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
+                    mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
+                      mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
+        p = _probabilities(q, tl.trans(k), lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE,
+                           INPUT_PRECISION)
+        dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if DROPOUT:
+            keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql, dq * scale, rows, dims,
+                stride_dql, stride_dqd, q_len, write_limit, HEAD_DIM)
+
+
+class Problem:
+    """What the kernels are told about one call: shapes, per-sample spans, dropout, tiles.
+
+    Padded tensors are (B, L, H, D) with optional per-sample lengths; packed ones are (total, H, D)
+    viewed as (1, total, H, D) with batch stride 0 and cu_seqlens giving each sample's rows."""
+
+    def __init__(self, q, k, v, *, kv_lens=None, q_lens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                 max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed):
+        self.packed = cu_seqlens_q is not None
+        if self.packed:
+            self.batch = cu_seqlens_q.shape[0] - 1
+            self.q_len, self.k_len = max_seqlen_q, max_seqlen_k
+            q, k, v = (t.unsqueeze(0) for t in (q, k, v))
+        else:
+            self.batch, self.q_len = q.shape[0], q.shape[1]
+            self.k_len = k.shape[1]
+        self.q, self.k, self.v = q, k, v
+        self.q_heads, self.head_dim = q.shape[2], q.shape[3]
+        self.kv_heads, self.v_dim = k.shape[2], v.shape[3]
+        self.group = self.q_heads // self.kv_heads
+        self.spans = (cu_seqlens_q, cu_seqlens_k, q_lens, kv_lens)
+        self.scale = scale
+        self.dropout = dropout_p > 0
+        self.dropout_seed = dropout_seed.to(q.device) if self.dropout else q
+        self.dropout_threshold = math.ceil(dropout_p * 2**24)
+        self.dropout_scale = 1.0 / (1.0 - dropout_p)
+        self.acc_dtype = accumulate_dtype(q.dtype)
+        self.acc_tl_dtype = tl.float64 if self.acc_dtype == torch.float64 else tl.float32
+        self.d_pad = max(16, triton.next_power_of_2(self.head_dim))
+        self.dv_pad = max(16, triton.next_power_of_2(self.v_dim))
+
+    def batch_stride(self, t):
+        return 0 if self.packed else t.stride(0)
+
+    def strides(self, t):
+        """(batch, length, head, dim) strides of a q/k/v-shaped tensor."""
+        return (self.batch_stride(t), *t.stride()[1:])
+
+    def lse_strides(self, lse):
+        """(batch, head, length) strides of a (B, H, L) or, packed, (H, total) tensor."""
+        return (0, *lse.stride()) if self.packed else lse.stride()
+
+    def span_args(self):
+        cu_q, cu_k, q_lens, kv_lens = (self.q if t is None else t for t in self.spans)
+        return cu_q, cu_k, q_lens, kv_lens
+
+    def span_flags(self, with_keys=True):
+        flags = {"PACKED": self.packed, "HAS_Q_LENS": self.spans[2] is not None}
+        if with_keys:
+            flags["HAS_KV_LENS"] = self.spans[3] is not None
+        return flags
+
+    def common_flags(self):
+        return {
+            **self.span_flags(), "DROPOUT": self.dropout,
+            "ACC_DTYPE": self.acc_tl_dtype,
+            "INPUT_PRECISION": input_precision(self.q.dtype), "D_PAD": self.d_pad, "DV_PAD": self.dv_pad,
+        }
+
+    def forward_tile(self):
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages); a short query side takes a short tile."""
+        if _config.TRITON_ON_CPU:
+            return 16, 16, 1, 1
+        widest = max(self.d_pad, self.dv_pad)
+        block_m, block_n, warps = (128, 64, 4) if widest <= 64 else (128, 64, 8) if widest <= 128 else (64, 32, 8)
+        if self.acc_dtype == torch.float64 or self.q.dtype == torch.float32:
+            block_m, block_n = block_m // 2, block_n // 2
+        block_m = min(block_m, max(16, triton.next_power_of_2(self.q_len)))
+        return block_m, block_n, warps, 2 if widest > 128 else 3
+
+    def backward_tile(self):
+        if _config.TRITON_ON_CPU:
+            return 16, 16, 1, 1
+        widest = max(self.d_pad, self.dv_pad)
+        block = 64 if widest <= 128 else 32
+        if self.acc_dtype == torch.float64 or self.q.dtype == torch.float32:
+            block //= 2
+        return block, block, 4 if widest <= 64 else 8, 2
+
+    def multiprocessors(self):
+        if _config.TRITON_ON_CPU:
+            return INTERPRETER_MULTIPROCESSORS
+        return torch.cuda.get_device_properties(self.q.device).multi_processor_count
+
+    def splits(self, block_m, block_n, multiprocessors):
+        """How many key splits: enough programs to fill the GPU twice over, each split with at
+        least MIN_KEYS_PER_SPLIT keys, a whole number of key blocks. Returns (splits, keys per split)."""
+        programs = self.batch * self.q_heads * triton.cdiv(self.q_len, block_m)
+        splits = min(triton.cdiv(2 * multiprocessors, max(programs, 1)), self.k_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+        if splits < 2:
+            return 1, max(self.k_len, 1)
+        keys_per_split = triton.cdiv(triton.cdiv(self.k_len, splits), block_n) * block_n
+        return triton.cdiv(self.k_len, keys_per_split), keys_per_split
+
+
+def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
+    """Writes out (B, Lq, Hq, Dv) or packed (total_q, Hq, Dv), and lse (B, Hq, Lq) or (Hq, total_q)."""
+    p = problem
+    block_m, block_n, warps, stages = p.forward_tile()
+    splits, keys_per_split = p.splits(block_m, block_n, p.multiprocessors())
+    out4 = out.unsqueeze(0) if p.packed else out
+    if splits > 1:
+        # Partials (B, Lq, Hq, splits, Dv) and base-2 lse (B, Hq, Lq, splits) in the accumulation
+        # dtype, every row written.
+        part_out = out.new_empty((p.batch, p.q_len, p.q_heads, splits, p.v_dim), dtype=p.acc_dtype)
+        part_lse = out.new_empty((p.batch, p.q_heads, p.q_len, splits), dtype=p.acc_dtype)
+        target, target_lse = part_out, part_lse
+        out_strides = (*part_out.stride()[:3], part_out.stride(4), part_out.stride(3))
+        lse_strides = part_lse.stride()
+    else:
+        target, target_lse = out4, lse
+        out_strides = (*p.strides(out4), 0)
+        lse_strides = (*p.lse_strides(lse), 0)
+    grid = (triton.cdiv(p.q_len, block_m), p.batch * p.q_heads, splits)
+    if grid[0] == 0 or grid[1] == 0:
+        return
+    traceable(_forward_kernel)[grid](
+        p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(),
+        *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides,
+        p.q_len, p.k_len, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
+        p.scale * LOG2E, p.dropout_threshold, p.dropout_scale,
+        SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        **p.common_flags(),
+    )
+    if splits > 1:
+        cu_q, _, q_lens, _ = p.span_args()
+        combine_block = 16 if _config.TRITON_ON_CPU else 32
+        traceable(_combine_splits_kernel)[(triton.cdiv(p.q_len, combine_block), p.batch * p.q_heads)](
+            part_out, part_lse, out4, lse, cu_q, q_lens,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(4), part_out.stride(3),
+            *part_lse.stride(),
+            *p.strides(out4), *p.lse_strides(lse),
+            p.q_len, p.q_heads, p.v_dim, splits,
+            **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad, BLOCK_M=combine_block,
+        )
+
+
+def backward(problem: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
+    """Writes grad_q, grad_k, grad_v (shaped as q, k, v; packed ones (total, H, D))."""
+    p = problem
+    unsqueeze = (lambda t: t.unsqueeze(0)) if p.packed else (lambda t: t)
+    grad_out, out, grad_q, grad_k, grad_v = (unsqueeze(t) for t in (grad_out, out, grad_q, grad_k, grad_v))
+    block_m, block_n, warps, stages = p.backward_tile()
+    delta = torch.empty(lse.shape, dtype=p.acc_dtype, device=lse.device)  # lse is contiguous too
+    cu_q, cu_k, q_lens, kv_lens = p.span_args()
+    if p.batch * p.q_heads and p.q_len:
+        traceable(_delta_kernel)[(triton.cdiv(p.q_len, block_m), p.batch * p.q_heads)](
+            grad_out, out, delta, cu_q, q_lens, *p.strides(grad_out), *p.strides(out), *p.lse_strides(delta),
+            p.q_len, p.q_heads, p.v_dim,
+            **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad,
+            BLOCK_M=block_m,
+        )
+    shared = (p.q, p.k, p.v, grad_out, lse, delta)
+    scalars = (p.scale, p.scale * LOG2E, p.dropout_threshold, p.dropout_scale)
+    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, **p.common_flags()}
+    operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out),
+                       *p.lse_strides(lse))
+    if p.batch * p.kv_heads and p.k_len:
+        traceable(_grad_kv_kernel)[(triton.cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
+            *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
+            *operand_strides, *p.strides(grad_k), *p.strides(grad_v),
+            p.q_len, p.k_len, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
+        )
+    if p.batch * p.q_heads and p.q_len:
+        traceable(_grad_q_kernel)[(triton.cdiv(p.q_len, block_m), p.batch * p.q_heads)](
+            *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
+            *operand_strides, *p.strides(grad_q),
+            p.q_len, p.k_len, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
+        )

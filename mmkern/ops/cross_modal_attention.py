@@ -1,0 +1,302 @@
+"""Cross-modal attention: ``mmkern.ops.cross_modal_attention`` and its packed (varlen) form
+``mmkern.ops.cross_modal_attention_packed``.
+
+The schemas are in csrc/registration.cpp, the CPU kernels in csrc/cpu/cross_modal_attention.cpp and
+the CUDA kernels (Triton) in mmkern/kernels/cross_modal_attention.py; this file holds the public
+functions, their argument checks, the fake kernels and the autograd registration.
+"""
+
+import torch
+
+from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
+from mmkern.ops._registration import dtype_after_autocast, register_autocast, register_triton_kernel
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.int32, torch.int64)
+MAX_HEAD_DIM = 256
+
+
+def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
+                          q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
+                          return_lse: bool = False):
+    """Attention of one modality's queries over another's keys and values, each sample with its own
+    lengths: ``softmax(q k^T * scale) v`` per head, over the first ``kv_lens[b]`` keys of sample b.
+
+    Args:
+        q: ``(B, Lq, Hq, D)``.
+        k: ``(B, Lk, Hkv, D)``; ``Hq`` must be a multiple of ``Hkv`` (grouped and multi-query
+            attention: query head h reads kv head ``h // (Hq // Hkv)``).
+        v: ``(B, Lk, Hkv, Dv)``; ``Dv`` may differ from ``D``. Head dims up to 256. Strided views
+            (q, k, v sliced out of one fused projection) are read in place when their last dim is
+            contiguous.
+        kv_lens: optional integer ``(B,)``, valid keys per sample, in ``[0, Lk]``. Keys past it are
+            ignored and cost no work; a sample with no valid key gets zeros and zero gradients.
+        q_lens: optional integer ``(B,)``, valid queries per sample, in ``[0, Lq]``; later rows are
+            zero and get zero gradient.
+        scale: the score scale, ``D ** -0.5`` by default.
+        dropout_p: dropout on the attention probabilities, drawn in the kernel from a seed taken from
+            torch's default generator (so ``torch.manual_seed`` makes it reproducible).
+        return_lse: also return the log-sum-exp of each row's scaled scores, ``(B, Hq, Lq)``, float32
+            (float64 for float64 inputs), ``-inf`` for rows with no valid key; it carries no gradient.
+
+    Returns:
+        ``out (B, Lq, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
+
+    Raises:
+        TypeError: a non-tensor, non-floating or mismatched q/k/v dtypes, non-integer lengths.
+        ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, head dims over 256, mismatched
+            devices, lengths of the wrong shape or outside their range, a bad scale or dropout_p.
+    """
+    q, k, v = _check_qkv(q, k, v, packed=False)
+    batch, q_len, _, head_dim = q.shape
+    kv_lens = _check_lengths(kv_lens, "kv_lens", batch, k.shape[1], q.device)
+    q_lens = _check_lengths(q_lens, "q_lens", batch, q_len, q.device)
+    scale = _check_scale(scale, head_dim)
+    dropout_p, seed = _dropout(dropout_p)
+    out, lse = torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
+    return (out, lse) if return_lse else out
+
+
+def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                                 scale: float | None = None, dropout_p: float = 0.0, return_lse: bool = False):
+    """``cross_modal_attention`` over packed sequences, as flash-attn's varlen API: the samples' rows
+    lie one after another, sample b owning rows ``[cu_seqlens[b], cu_seqlens[b + 1])``.
+
+    Args:
+        q: ``(total_q, Hq, D)``.
+        k: ``(total_k, Hkv, D)``, ``Hq`` a multiple of ``Hkv``.
+        v: ``(total_k, Hkv, Dv)``.
+        cu_seqlens_q, cu_seqlens_k: integer ``(B + 1,)`` row offsets on q's device, non-decreasing,
+            starting at 0 or more and ending at most at ``total``.
+        max_seqlen_q, max_seqlen_k: the longest sample of each side (sizes the launch grid).
+        scale, dropout_p: as in ``cross_modal_attention``. Dropout draws the mask of the same batch
+            padded to ``(B, max_seqlen_q, ...)``, so packed and padded runs agree for one seed.
+        return_lse: also return the float32 log-sum-exp ``(Hq, total_q)`` (float64 for float64).
+
+    Returns:
+        ``out (total_q, Hq, Dv)``, zero on rows no sample owns, or ``(out, lse)``.
+
+    Raises:
+        TypeError, ValueError: as ``cross_modal_attention``, and for cu_seqlens of the wrong dtype,
+            shape, device or values, and max lengths that are not non-negative ints or are exceeded.
+    """
+    q, k, v = _check_qkv(q, k, v, packed=True)
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", None, q.shape[0], max_seqlen_q, q.device)
+    cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", cu_seqlens_q.shape[0], k.shape[0], max_seqlen_k,
+                                     q.device)
+    scale = _check_scale(scale, q.shape[2])
+    dropout_p, seed = _dropout(dropout_p)
+    out, lse = torch.ops.mmkern.cross_modal_attention_packed.default(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed)
+    return (out, lse) if return_lse else out
+
+
+def _dropout(dropout_p) -> tuple:
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    # A CPU int64 scalar: the kernels read it without a device sync, and torch.compile traces it.
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    return float(dropout_p), seed
+
+
+def _check_qkv(q, k, v, packed: bool) -> tuple:
+    """q, k, v checked as (B, L, H, D) tensors, or (total, H, D) ones when packed."""
+    rank, layout = (3, "(total, heads, head_dim)") if packed else (4, "(batch, length, heads, head_dim)")
+    named = (("q", q), ("k", k), ("v", v))
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {tensor.dtype}; cross_modal_attention takes float16, bfloat16, "
+                            "float32 or float64")
+        if tensor.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(tensor.shape)}")
+        if tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}; q, k and v must share one device")
+        if tensor.dtype == torch.float64 and runs_on_triton(tensor.device) and not triton_has_float64_dot():
+            raise TypeError(f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
+                            "or CPU tensors for float64")
+    for name, tensor in named[1:]:
+        if dtype_after_autocast(tensor) != dtype_after_autocast(q):
+            raise TypeError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; q, k and v must share one "
+                            "dtype (or run under torch.autocast)")
+    (q_heads, head_dim), (kv_heads, k_dim), v_dim = q.shape[-2:], k.shape[-2:], v.shape[-1]
+    if not packed and not k.shape[0] == v.shape[0] == q.shape[0]:
+        raise ValueError(f"q, k and v must have the same batch size, got {q.shape[0]}, {k.shape[0]} and {v.shape[0]}")
+    if v.shape[-3] != k.shape[-3] or v.shape[-2] != kv_heads:
+        raise ValueError(f"v must have k's length and heads {(k.shape[-3], kv_heads)}, got {tuple(v.shape[-3:-1])}")
+    if k_dim != head_dim:
+        raise ValueError(f"q and k must have the same head dim, got {head_dim} and {k_dim}")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"the query heads ({q_heads}) must be a multiple of the key/value heads ({kv_heads})")
+    for name, dim in (("q and k", head_dim), ("v", v_dim)):
+        if dim > MAX_HEAD_DIM:
+            raise ValueError(f"the head dim of {name} must be at most {MAX_HEAD_DIM}, got {dim}")
+    # Any strides are read in place but the last: a view with a strided last dim is copied once.
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (q, k, v))
+
+
+def _check_lengths(lengths, name, batch, limit, device):
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape ({batch},) or None, got {type(lengths).__name__}")
+    if lengths.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), one length per sample, got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"{name} is on {lengths.device} but q is on {device}")
+    # Reading the values costs a device sync on GPU; under torch.compile the kernels check them.
+    if batch and not torch.compiler.is_compiling():
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > limit:
+            raise ValueError(f"{name} must lie in [0, {limit}], got values from {low} to {high}")
+    return lengths
+
+
+def _check_cu_seqlens(cu_seqlens, name, entries, total, max_len, device):
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of row offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D with batch + 1 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if entries is not None and cu_seqlens.shape[0] != entries:
+        raise ValueError(f"{name} must have as many offsets as cu_seqlens_q ({entries}), got {cu_seqlens.shape[0]}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
+    # Reading the values costs a device sync on GPU; under torch.compile they are trusted.
+    if not torch.compiler.is_compiling():
+        steps = cu_seqlens.diff()
+        if int(cu_seqlens[0]) < 0 or int(cu_seqlens[-1]) > total or (steps.numel() and int(steps.min()) < 0):
+            raise ValueError(f"{name} must be non-decreasing offsets from 0 or more to at most {total} rows, "
+                             f"got {cu_seqlens.tolist()}")
+        if steps.numel() and int(steps.max()) > max_len:
+            raise ValueError(f"{name} holds a sample of {int(steps.max())} rows, longer than max_seqlen "
+                             f"{max_len}")
+    return cu_seqlens
+
+
+def _check_scale(scale, head_dim) -> float:
+    if scale is None:
+        return head_dim ** -0.5 if head_dim else 1.0
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not float(scale) == float(scale) \
+            or abs(float(scale)) == float("inf"):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mmkern::cross_modal_attention")
+def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed):
+    batch, q_len, q_heads, _ = q.shape
+    return q.new_empty((batch, q_len, q_heads, v.shape[3])), q.new_empty((batch, q_heads, q_len), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("mmkern::cross_modal_attention_backward")
+def _cross_modal_attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p,
+                                         dropout_seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("mmkern::cross_modal_attention_packed")
+def _cross_modal_attention_packed_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                       dropout_p, dropout_seed):
+    total, q_heads, _ = q.shape
+    return q.new_empty((total, q_heads, v.shape[2])), q.new_empty((q_heads, total), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("mmkern::cross_modal_attention_packed_backward")
+def _cross_modal_attention_packed_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _register_autograd(qualname: str, backward_op) -> None:
+    """Both forms: the backward op takes (grad_out, q, k, v, out, lse) and then the forward's
+    arguments after v, in order."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *rest = inputs
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in rest]
+        ctx.constants = [None if is_tensor else x for x, is_tensor in zip(rest, ctx.is_tensor)]
+        ctx.save_for_backward(q, k, v, *output, *(x for x in rest if isinstance(x, torch.Tensor)))
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        tensors = iter(tensors)
+        rest = [next(tensors) if is_tensor else x for x, is_tensor in zip(ctx.constants, ctx.is_tensor)]
+        grad_q, grad_k, grad_v = backward_op(grad_out, q, k, v, out, lse, *rest)
+        return grad_q, grad_k, grad_v, *(None for _ in rest)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+def _triton_problem(q, k, v, scale, dropout_p, dropout_seed, **spans):
+    from mmkern.kernels.cross_modal_attention import Problem
+
+    return Problem(q, k, v, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed, **spans)
+
+
+def _triton_forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed):
+    from mmkern.kernels.cross_modal_attention import forward
+
+    batch, q_len, q_heads, _ = q.shape
+    out = q.new_empty((batch, q_len, q_heads, v.shape[3]))  # every row is written
+    lse = q.new_empty((batch, q_heads, q_len), dtype=_lse_dtype(q))
+    forward(_triton_problem(q, k, v, scale, dropout_p, dropout_seed, kv_lens=kv_lens, q_lens=q_lens), out, lse)
+    return out, lse
+
+
+def _triton_backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed):
+    from mmkern.kernels.cross_modal_attention import backward
+
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]  # every row is written
+    problem = _triton_problem(q, k, v, scale, dropout_p, dropout_seed, kv_lens=kv_lens, q_lens=q_lens)
+    backward(problem, grad_out, out, lse.contiguous(), *grads)
+    return tuple(grads)
+
+
+def _triton_packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
+                           dropout_seed):
+    from mmkern.kernels.cross_modal_attention import forward
+
+    total, q_heads, _ = q.shape
+    # Rows no sample owns are never visited: they start as zeros and -inf.
+    out = q.new_zeros((total, q_heads, v.shape[2]))
+    lse = q.new_full((q_heads, total), float("-inf"), dtype=_lse_dtype(q))
+    problem = _triton_problem(q, k, v, scale, dropout_p, dropout_seed, cu_seqlens_q=cu_seqlens_q,
+                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    forward(problem, out, lse)
+    return out, lse
+
+
+def _triton_packed_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            scale, dropout_p, dropout_seed):
+    from mmkern.kernels.cross_modal_attention import backward
+
+    grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    problem = _triton_problem(q, k, v, scale, dropout_p, dropout_seed, cu_seqlens_q=cu_seqlens_q,
+                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    backward(problem, grad_out, out, lse.contiguous(), *grads)
+    return tuple(grads)
+
+
+_register_autograd("mmkern::cross_modal_attention", torch.ops.mmkern.cross_modal_attention_backward.default)
+_register_autograd("mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default)
+register_triton_kernel("mmkern::cross_modal_attention", _triton_forward)
+register_triton_kernel("mmkern::cross_modal_attention_backward", _triton_backward)
+register_triton_kernel("mmkern::cross_modal_attention_packed", _triton_packed_forward)
+register_triton_kernel("mmkern::cross_modal_attention_packed_backward", _triton_packed_backward)
+for _name in ("cross_modal_attention", "cross_modal_attention_packed"):
+    register_autocast(f"mmkern::{_name}", cast_inputs=True)
+    register_autocast(f"mmkern::{_name}_backward", cast_inputs=False)

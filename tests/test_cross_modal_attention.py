@@ -1,0 +1,376 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmkern import _config, ops, reference
+from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for
+
+# name: (B, Lq, Lk, Hq, Hkv, D, Dv, kv_lens, q_lens)
+CASES = {
+    "text_over_image": (2, 17, 97, 4, 4, 32, 32, [97, 40], None),
+    "grouped_heads_other_dv_edge_lengths": (3, 7, 33, 6, 2, 16, 24, [0, 33, 1], [7, 1, 0]),
+    "few_queries_multi_query": (2, 1, 1000, 8, 1, 64, 64, [1000, 513], None),
+    "more_queries_than_a_tile": (1, 200, 17, 2, 1, 8, 8, None, [150]),
+    "head_dim_256": (1, 5, 9, 2, 2, 256, 16, [9], None),
+    "head_dim_128_more_queries_than_keys": (2, 97, 17, 2, 2, 128, 64, [17, 1], [97, 50]),
+    "no_keys": (2, 3, 0, 2, 1, 16, 16, None, None),
+}
+
+
+def make_case(batch, q_len, k_len, q_heads, kv_heads, head_dim, v_dim, kv_lens, q_lens, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device, dtype)
+
+    lengths = {name: None if values is None else torch.tensor(values, device=device)
+               for name, values in (("kv_lens", kv_lens), ("q_lens", q_lens))}
+    return (randn(batch, q_len, q_heads, head_dim), randn(batch, k_len, kv_heads, head_dim),
+            randn(batch, k_len, kv_heads, v_dim), lengths)
+
+
+def forward_and_grads(fn, q, k, v, grad_out, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)) if out.numel() else \
+        [torch.zeros_like(t) for t in (q, k, v)]
+    return out, lse, grads
+
+
+def mmkern_attention(q, k, v, **kwargs):
+    return ops.cross_modal_attention(q, k, v, return_lse=True, **kwargs)
+
+
+def gradient_error_factor(device):
+    # Without dropout the C++ CPU kernel runs ATen's flash-attention backward, whose vectorised exp
+    # is a polynomial good to about 20 ulp: it is SDPA's own error on CPU, up to 4x the exact-exp
+    # math path's in our cases.
+    return 4.0 if device == "cpu" and not _config.TRITON_ON_CPU else 2.0
+
+
+def check_against_reference(case, dtype, device):
+    q, k, v, lengths = make_case(*CASES[case], dtype, device)
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
+    exact = forward_and_grads(reference.cross_modal_attention, q.double(), k.double(), v.double(), grad_out, **lengths)
+    eager = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, **lengths)
+    actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths)
+    assert_close_to_reference(actual[0], exact[0].detach(), eager[0].detach(), "out")
+    for name, a, x, e in zip(("grad q", "grad k", "grad v"), actual[2], exact[2], eager[2]):
+        assert_close_to_reference(a, x, e, name, factor=gradient_error_factor(device))
+    lse, exact_lse = actual[1], exact[1].detach()
+    assert torch.equal(lse.isneginf(), exact_lse.isneginf())
+    finite = exact_lse.isfinite()
+    assert_close_to_reference(lse[finite], exact_lse[finite], eager[1][finite], "lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, device):
+    for dtype in dtypes_for(device):
+        check_against_reference(case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_sdpa(device):
+    q, k, v, _ = make_case(2, 33, 65, 8, 2, 32, 32, None, None, torch.float32, device)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(4, 1),
+                                              v.transpose(1, 2).repeat_interleave(4, 1), scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(ops.cross_modal_attention(q, k, v, scale=0.3), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_valid_key_or_query_gives_zeros_and_zero_gradients(device):
+    q, k, v, lengths = make_case(2, 5, 6, 2, 1, 8, 8, [0, 6], [5, 0], torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = ops.cross_modal_attention(q, k, v, return_lse=True, **lengths)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_views_of_one_projection(device):
+    # q, k and v sliced out of one fused (B, L, 3, H, D) projection: read in place.
+    fused = torch.randn(2, 9, 3, 4, 16, device=device, dtype=torch.float64)
+    q, k, v = fused.unbind(2)
+    expected = ops.cross_modal_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_lens=torch.tensor([9, 4], device=device))
+    torch.testing.assert_close(ops.cross_modal_attention(q, k, v, kv_lens=torch.tensor([9, 4], device=device)), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_is_the_reference_mask_for_the_generators_seed(device):
+    q, k, v, lengths = make_case(2, 9, 21, 4, 2, 16, 8, [21, 13], [9, 4], torch.float64, device)
+    grad_out = torch.randn(2, 9, 4, 8, dtype=torch.float64, device=device)
+    torch.manual_seed(123)
+    actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, dropout_p=0.3, **lengths)
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    expected = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, dropout_p=0.3,
+                                 dropout_seed=seed, **lengths)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-12)
+    for a, e in zip(actual[2], expected[2]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(124)
+    assert not torch.allclose(ops.cross_modal_attention(q, k, v, dropout_p=0.3, **lengths), actual[0])
+
+
+def test_dropout_keeps_one_minus_p_independently():
+    p, shape = 0.3, (4, 8, 64, 256)
+    keep = reference.dropout_keep_mask(5, shape, p)
+    n = keep.numel()
+    assert abs(keep.double().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    other = reference.dropout_keep_mask(6, shape, p)
+    assert abs((keep & other).double().mean().item() - (1 - p) ** 2) < 0.01
+    # Neighbouring probabilities are independent: no correlation along keys.
+    along_keys = (keep[..., 1:] & keep[..., :-1]).double().mean().item()
+    assert abs(along_keys - (1 - p) ** 2) < 0.01
+
+
+def test_dropout_is_unbiased():
+    # With v = 1 every output is the sum of its row's kept, rescaled probabilities: 1 on average.
+    q, k, _, _ = make_case(1, 256, 128, 2, 1, 16, 1, None, None, torch.float64, "cpu")
+    out = ops.cross_modal_attention(q, k, torch.ones(1, 128, 1, 1, dtype=torch.float64), dropout_p=0.5)
+    assert abs(out.mean().item() - 1.0) < 0.02
+
+
+def _op_with_seed(q, k, v, kv_lens, q_lens, seed):
+    return torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, 0.25, 0.2 if seed is not None else 0.0,
+                                                          seed)[0]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradcheck_float64(dropout):
+    q, k, v, lengths = make_case(2, 5, 7, 4, 2, 6, 3, [7, 2], [5, 3], torch.float64, "cpu")
+    seed = torch.tensor(11) if dropout else None
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    # The interpreter takes a second a launch: it checks one random direction (fast mode).
+    assert torch.autograd.gradcheck(lambda *t: _op_with_seed(*t, lengths["kv_lens"], lengths["q_lens"], seed), inputs,
+                                    fast_mode=_config.TRITON_ON_CPU)
+
+
+def opcheck_samples(device):
+    samples = []
+    for requires_grad in (False, True):
+        for seed in (None, torch.tensor(3)):
+            q, k, v, lengths = make_case(2, 5, 7, 4, 2, 8, 4, [7, 0], [5, 2], torch.float32, device)
+            for t in (q, k, v):
+                t.requires_grad_(requires_grad)
+            samples.append((q, k, v, lengths["kv_lens"], lengths["q_lens"], 0.3, 0.0 if seed is None else 0.25, seed))
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for sample in opcheck_samples(device):
+        torch.library.opcheck(torch.ops.mmkern.cross_modal_attention.default, sample)
+        q, k, v, kv_lens, q_lens, scale, dropout_p, seed = sample
+        out, lse = torch.ops.mmkern.cross_modal_attention.default(q.detach(), k.detach(), v.detach(), kv_lens, q_lens,
+                                                                  scale, dropout_p, seed)
+        torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_backward.default,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, kv_lens, q_lens,
+                               scale, dropout_p, seed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, device):
+    q, k, v, lengths = make_case(2, 9, 12, 4, 2, 16, 8, [12, 5], None, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def attend(q, k, v, kv_lens):
+        return ops.cross_modal_attention(q, k, v, kv_lens=kv_lens).square().sum()
+
+    compiled = torch.compile(attend, backend=backend, fullgraph=True)
+    actual = torch.autograd.grad(compiled(q, k, v, lengths["kv_lens"]), (q, k, v))
+    expected = torch.autograd.grad(attend(q, k, v, lengths["kv_lens"]), (q, k, v))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_in_the_autocast_dtype(device):
+    dtype = dtypes_for(device)[-1]  # bfloat16, or float16 in the interpreter
+    q, k, v, lengths = make_case(2, 9, 12, 4, 2, 16, 8, [12, 5], None, torch.float32, device)
+    with torch.autocast(device, dtype=dtype):
+        out = ops.cross_modal_attention(q, k, v, **lengths)
+    assert out.dtype == dtype
+    exact, _ = reference.cross_modal_attention(*(t.to(dtype).double() for t in (q, k, v)), **lengths)
+    eager, _ = reference.cross_modal_attention(*(t.to(dtype) for t in (q, k, v)), **lengths)
+    assert_close_to_reference(out, exact, eager, "out")
+
+
+def _arguments(**changes):
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 6)
+    arguments = dict(q=q, k=k, v=v, kv_lens=torch.tensor([5, 2]), q_lens=None, scale=None, dropout_p=0.0)
+    arguments.update(changes)
+    return arguments
+
+
+BAD_INPUTS = {
+    "q not a tensor": (dict(q=[1.0]), TypeError, "q must be a tensor"),
+    "integer k": (dict(k=torch.ones(2, 5, 2, 8, dtype=torch.int64)), TypeError, "k has dtype torch.int64"),
+    "mixed dtypes": (dict(v=torch.randn(2, 5, 2, 6).half()), TypeError, "v has dtype torch.float16 but q has torch.float32"),
+    "q not 4-D": (dict(q=torch.randn(2, 3, 32)), ValueError, "q must be 4-D"),
+    "mixed devices": (dict(k=torch.randn(2, 5, 2, 8, device="meta")), ValueError, "k is on meta"),
+    "batch mismatch": (dict(v=torch.randn(3, 5, 2, 6)), ValueError, "same batch size"),
+    "v length mismatch": (dict(v=torch.randn(2, 4, 2, 6)), ValueError, "v must have k's length and heads"),
+    "head dim mismatch": (dict(k=torch.randn(2, 5, 2, 7)), ValueError, "same head dim, got 8 and 7"),
+    "heads not a multiple": (dict(k=torch.randn(2, 5, 3, 8), v=torch.randn(2, 5, 3, 6)), ValueError, r"multiple of the key/value heads \(3\)"),
+    "head dim over 256": (dict(q=torch.randn(2, 3, 4, 257), k=torch.randn(2, 5, 2, 257)), ValueError, "at most 256, got 257"),
+    "v head dim over 256": (dict(v=torch.randn(2, 5, 2, 300)), ValueError, "head dim of v must be at most 256"),
+    "kv_lens wrong shape": (dict(kv_lens=torch.tensor([5])), ValueError, r"kv_lens must have shape \(2,\)"),
+    "kv_lens float": (dict(kv_lens=torch.tensor([5.0, 2.0])), TypeError, "kv_lens must have dtype int32 or int64"),
+    "kv_lens not a tensor": (dict(kv_lens=[5, 2]), TypeError, "kv_lens must be an integer tensor"),
+    "kv_lens too long": (dict(kv_lens=torch.tensor([6, 2])), ValueError, r"kv_lens must lie in \[0, 5\], got values from 2 to 6"),
+    "kv_lens negative": (dict(kv_lens=torch.tensor([-1, 2])), ValueError, r"kv_lens must lie in \[0, 5\]"),
+    "kv_lens on another device": (dict(kv_lens=torch.tensor([5, 2], device="meta")), ValueError, "kv_lens is on meta"),
+    "q_lens too long": (dict(q_lens=torch.tensor([4, 1])), ValueError, r"q_lens must lie in \[0, 3\]"),
+    "dropout_p of 1": (dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    "scale not finite": (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_named(case):
+    changes, error, message = BAD_INPUTS[case]
+    arguments = _arguments(**changes)
+    q, k, v = arguments.pop("q"), arguments.pop("k"), arguments.pop("v")
+    with pytest.raises(error, match=message):
+        ops.cross_modal_attention(q, k, v, **arguments)
+
+
+def pack(x, lengths):
+    """(B, L, ...) -> (sum of lengths, ...): each sample's first lengths[b] rows, one after another."""
+    return torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+
+
+def packed_case(device, dtype=torch.float64):
+    # Sample 1 has no keys and sample 2 no queries; lengths 1 and the max occur too.
+    q_lens, kv_lens = [5, 3, 0, 1], [21, 0, 4, 1]
+    q, k, v, _ = make_case(4, 5, 21, 4, 2, 16, 8, None, None, dtype, device)
+    offsets = {name: torch.tensor([0, *itertools.accumulate(lens)], device=device, dtype=torch.int32)
+               for name, lens in (("q", q_lens), ("k", kv_lens))}
+    padded_lengths = {"q_lens": torch.tensor(q_lens, device=device), "kv_lens": torch.tensor(kv_lens, device=device)}
+    packed = (pack(q, q_lens), pack(k, kv_lens), pack(v, kv_lens), offsets["q"], offsets["k"], 5, 21)
+    return (q, k, v, padded_lengths), packed, q_lens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_packed_equals_padded(device, dropout_p):
+    (q, k, v, lengths), (pq, pk, pv, cu_q, cu_k, max_q, max_k), q_lens = packed_case(device)
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
+    torch.manual_seed(7)
+    out, lse, grads = forward_and_grads(mmkern_attention, q, k, v, grad_out, dropout_p=dropout_p, **lengths)
+    torch.manual_seed(7)
+    packed_out, packed_lse, packed_grads = forward_and_grads(
+        lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p,
+                                                    return_lse=True), pq, pk, pv, pack(grad_out, q_lens))
+    torch.testing.assert_close(packed_out, pack(out, q_lens), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed_lse, pack(lse.transpose(1, 2), q_lens).t())
+    kv_lens = lengths["kv_lens"].tolist()
+    for packed_grad, grad, lens in zip(packed_grads, grads, (q_lens, kv_lens, kv_lens)):
+        torch.testing.assert_close(packed_grad, pack(grad, lens), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_matches_reference_in_every_dtype(device):
+    for dtype in dtypes_for(device):
+        _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, dtype)
+        grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64, device=device)
+
+        def packed_reference(*t):
+            return reference.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k)
+
+        exact = forward_and_grads(packed_reference, q.double(), k.double(), v.double(), grad_out)
+        eager = forward_and_grads(packed_reference, q, k, v, grad_out)
+        actual = forward_and_grads(
+            lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, return_lse=True), q, k, v, grad_out)
+        assert_close_to_reference(actual[0], exact[0].detach(), eager[0].detach(), f"out {dtype}")
+        for name, a, x, e in zip(("grad q", "grad k", "grad v"), actual[2], exact[2], eager[2]):
+            assert_close_to_reference(a, x, e, f"{name} {dtype}")
+
+
+def _packed_op(q, k, v, cu_q, cu_k, max_q, max_k, seed):
+    return torch.ops.mmkern.cross_modal_attention_packed.default(q, k, v, cu_q, cu_k, max_q, max_k, 0.25,
+                                                                 0.2 if seed is not None else 0.0, seed)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_packed_gradcheck_float64(dropout):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case("cpu")
+    q, k, v = (t[:, :, :3].clone().requires_grad_() for t in (q, k, v))
+    seed = torch.tensor(11) if dropout else None
+    assert torch.autograd.gradcheck(lambda *t: _packed_op(*t, cu_q, cu_k, max_q, max_k, seed)[0], (q, k, v),
+                                    fast_mode=_config.TRITON_ON_CPU)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_opcheck(device):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, torch.float32)
+    for seed in (None, torch.tensor(3)):
+        for requires_grad in (False, True):
+            args = (*(t.detach().requires_grad_(requires_grad) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, 0.3,
+                    0.0 if seed is None else 0.25, seed)
+            torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_packed.default, args)
+        out, lse = _packed_op(q, k, v, cu_q, cu_k, max_q, max_k, seed)
+        torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_packed_backward.default,
+                              (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.25,
+                               0.0 if seed is None else 0.2, seed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_torch_compile_fullgraph(device):
+    _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def attend(q, k, v):
+        return ops.cross_modal_attention_packed(q, k, v, cu_q, cu_k, max_q, max_k).square().sum()
+
+    actual = torch.autograd.grad(torch.compile(attend, fullgraph=True)(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(attend(q, k, v), (q, k, v))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_few_queries_over_long_keys_split_the_keys():
+    # The plan the GPU (and the interpreter) uses: 16 (sample, head) programs cannot fill 132
+    # multiprocessors, so the 1000 keys are split; 2048 query rows can, so they are not.
+    from mmkern.kernels.cross_modal_attention import INTERPRETER_MULTIPROCESSORS, Problem
+
+    def plan(batch, q_len, k_len):
+        q, k, v = torch.empty(batch, q_len, 8, 64), torch.empty(batch, k_len, 1, 64), torch.empty(batch, k_len, 1, 64)
+        problem = Problem(q, k, v, scale=1.0, dropout_p=0.0, dropout_seed=None)
+        return problem.splits(16, 64, INTERPRETER_MULTIPROCESSORS)
+
+    assert plan(2, 1, 1000) == (3, 384)
+    assert plan(2, 32, 32768)[0] > 8
+    assert plan(16, 2048, 4096) == (1, 4096)
+    assert plan(2, 1, 300) == (1, 300)
+
+
+PACKED_BAD_INPUTS = {
+    "q not 3-D": (dict(q=torch.randn(1, 6, 4, 8)), ValueError, "q must be 3-D"),
+    "cu_seqlens float": (dict(cu_seqlens_q=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens_q must have dtype int32"),
+    "cu_seqlens 2-D": (dict(cu_seqlens_k=torch.tensor([[0, 5]])), ValueError, "cu_seqlens_k must be 1-D"),
+    "cu_seqlens of other batch": (dict(cu_seqlens_k=torch.tensor([0, 2, 5])), ValueError,
+                                  r"as many offsets as cu_seqlens_q \(2\)"),
+    "cu_seqlens past the rows": (dict(cu_seqlens_q=torch.tensor([0, 7])), ValueError, "at most 6 rows"),
+    "cu_seqlens decreasing": (dict(cu_seqlens_q=torch.tensor([3, 1])), ValueError, "non-decreasing"),
+    "sample longer than max": (dict(max_seqlen_k=4), ValueError, "a sample of 5 rows, longer than max_seqlen 4"),
+    "max_seqlen negative": (dict(max_seqlen_q=-1), ValueError, "max_seqlen_q must be a non-negative int"),
+    "v rows mismatch": (dict(v=torch.randn(4, 2, 6)), ValueError, "v must have k's length and heads"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_BAD_INPUTS))
+def test_packed_bad_input_is_named(case):
+    changes, error, message = PACKED_BAD_INPUTS[case]
+    arguments = dict(q=torch.randn(6, 4, 8), k=torch.randn(5, 2, 8), v=torch.randn(5, 2, 6),
+                     cu_seqlens_q=torch.tensor([0, 6]), cu_seqlens_k=torch.tensor([0, 5]), max_seqlen_q=6,
+                     max_seqlen_k=5)
+    arguments.update(changes)
+    with pytest.raises(error, match=message):
+        ops.cross_modal_attention_packed(**arguments)

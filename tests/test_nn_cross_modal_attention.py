@@ -1,0 +1,162 @@
+import pytest
+import torch
+from torch import nn
+
+from mmkern import reference
+from mmkern.nn import CrossModalAttention
+from tests.numerics import DEVICES
+
+
+def make_mha(device, kdim=None, vdim=None, batch_first=True, bias=True):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, kdim=kdim, vdim=vdim, batch_first=batch_first, bias=bias,
+                                device=device, dtype=torch.float64)
+    if bias:  # torch initialises the biases to zero; non-zero ones make the check meaningful
+        with torch.no_grad():
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+    return mha.eval()
+
+
+def inputs(device, kdim=32, vdim=32, batch_first=True, self_attention=False):
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        shape = shape if batch_first else (shape[1], shape[0], *shape[2:])
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+
+    query = randn(3, 7, 32)
+    if self_attention:
+        return query, query, query
+    return query, randn(3, 11, kdim), randn(3, 11, vdim)
+
+
+def right_padding(device, lengths=(11, 4, 1), k_len=11):
+    return torch.arange(k_len, device=device) >= torch.tensor(lengths, device=device)[:, None]
+
+
+def assert_same(module, mha, args, **kwargs):
+    expected, expected_weights = mha(*args, **kwargs)
+    actual, actual_weights = module(*args, **kwargs)
+    torch.testing.assert_close(actual, expected)
+    if kwargs.get("need_weights"):
+        torch.testing.assert_close(actual_weights, expected_weights)
+    else:
+        assert actual_weights is None
+    grads = torch.autograd.grad(actual.square().sum(), list(module.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(mha.parameters()))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_from_torch_self_attention_with_packed_weights(device, batch_first):
+    mha = make_mha(device, batch_first=batch_first)
+    module = CrossModalAttention.from_torch(mha)
+    assert module.in_proj_weight is mha.in_proj_weight and module.out_proj is mha.out_proj
+    args = inputs(device, batch_first=batch_first, self_attention=True)
+    assert_same(module, mha, args, need_weights=False)
+    assert_same(module, mha, args, key_padding_mask=right_padding(device, (7, 3, 1), 7), need_weights=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_torch_cross_attention_with_kdim_vdim(device):
+    mha = make_mha(device, kdim=24, vdim=40)
+    module = CrossModalAttention.from_torch(mha)
+    assert module.in_proj_weight is None and module.k_proj_weight is mha.k_proj_weight
+    args = inputs(device, kdim=24, vdim=40)
+    assert_same(module, mha, args, need_weights=False)
+    assert_same(module, mha, args, key_padding_mask=right_padding(device), need_weights=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_mask_that_is_not_right_padding_is_exact(device):
+    mha = make_mha(device)
+    module = CrossModalAttention.from_torch(mha)
+    mask = torch.rand(3, 11, generator=torch.Generator().manual_seed(2)).to(device) < 0.5
+    mask[:, 3] = False  # every sample keeps a key
+    assert_same(module, mha, inputs(device), key_padding_mask=mask, need_weights=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_attn_mask_and_float_padding_give_torchs_answer(device):
+    mha = make_mha(device)
+    module = CrossModalAttention.from_torch(mha)
+    args = inputs(device)
+    assert_same(module, mha, args, key_padding_mask=right_padding(device), need_weights=True)
+    assert_same(module, mha, args, need_weights=True, average_attn_weights=False)
+    attn_mask = torch.randn(7, 11, dtype=torch.float64, device=device)
+    assert_same(module, mha, args, attn_mask=attn_mask, need_weights=False)
+    bool_mask = torch.rand(3 * 4, 7, 11, generator=torch.Generator().manual_seed(3)).to(device) < 0.3
+    bool_mask[..., 0] = False  # no row loses every key (torch's answer would be NaN)
+    assert_same(module, mha, args, attn_mask=bool_mask, key_padding_mask=right_padding(device), need_weights=False)
+    float_padding = torch.zeros(3, 11, dtype=torch.float64, device=device).masked_fill(right_padding(device), -1e4)
+    assert_same(module, mha, args, key_padding_mask=float_padding, need_weights=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unbatched_inputs(device):
+    mha = make_mha(device)
+    module = CrossModalAttention.from_torch(mha)
+    query, key, value = (x[0] for x in inputs(device))
+    assert_same(module, mha, (query, key, value), need_weights=False)
+
+
+def test_state_dicts_move_between_the_two():
+    mha = make_mha("cpu", kdim=24, vdim=40)
+    module = CrossModalAttention(32, 4, kdim=24, vdim=40, dtype=torch.float64)
+    assert set(module.state_dict()) == set(mha.state_dict())
+    module.load_state_dict(mha.state_dict())
+    args = inputs("cpu", kdim=24, vdim=40)
+    torch.testing.assert_close(module(*args)[0], mha(*args, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_query_attention(device):
+    module = CrossModalAttention(32, 8, kdim=24, vdim=16, num_kv_heads=2, device=device, dtype=torch.float64)
+    assert module.k_proj_weight.shape == (8, 24) and module.in_proj_bias.shape == (32 + 2 * 8,)
+    query, key, value = inputs(device, kdim=24, vdim=16)
+    with torch.no_grad():
+        module.in_proj_bias.normal_()
+    out, _ = module(query, key, value, key_padding_mask=right_padding(device))
+    bq, bk, bv = module.in_proj_bias.split((32, 8, 8))
+    q = (query @ module.q_proj_weight.T + bq).unflatten(-1, (8, 4))
+    k = (key @ module.k_proj_weight.T + bk).unflatten(-1, (2, 4))
+    v = (value @ module.v_proj_weight.T + bv).unflatten(-1, (2, 4))
+    attended, _ = reference.cross_modal_attention(q, k, v, kv_lens=torch.tensor([11, 4, 1], device=device))
+    torch.testing.assert_close(out, module.out_proj(attended.flatten(-2)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiles_without_graph_breaks(device):
+    mha = make_mha(device)
+    module = CrossModalAttention.from_torch(mha)
+    mask = torch.rand(3, 11, generator=torch.Generator().manual_seed(2)).to(device) < 0.5
+    mask[:, 0] = False
+    args = inputs(device)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(*args, key_padding_mask=mask)[0], mha(*args, key_padding_mask=mask)[0])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(embed_dim=30, num_heads=4), r"embed_dim \(30\) must be a positive multiple of num_heads \(4\)"),
+    (dict(embed_dim=32, num_heads=4, num_kv_heads=3), r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+    (dict(embed_dim=32, num_heads=4, dropout=1.0), r"dropout must be in \[0, 1\)"),
+])
+def test_bad_configuration_is_named(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        CrossModalAttention(**arguments)
+
+
+def test_bad_inputs_are_named():
+    module = CrossModalAttention(32, 4)
+    query, key = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    with pytest.raises(ValueError, match=r"key must be \(batch, length, 32\)"):
+        module(query, torch.randn(2, 6, 31), key)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, key length\) \(2, 6\)"):
+        module(query, key, key, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mha must be an nn.MultiheadAttention"):
+        CrossModalAttention.from_torch(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        CrossModalAttention.from_torch(nn.MultiheadAttention(32, 4, add_bias_kv=True))
