@@ -153,7 +153,7 @@ def _check_lengths(lengths, name, batch, limit, device):
         raise ValueError(f"{name} is on {lengths.device} but q is on {device}")
     # Reading the values costs a device sync on GPU; under torch.compile the kernels check them.
     if batch and not torch.compiler.is_compiling():
-        low, high = int(lengths.min()), int(lengths.max())
+        low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one device sync, not two
         if low < 0 or high > limit:
             raise ValueError(f"{name} must lie in [0, {limit}], got values from {low} to {high}")
     return lengths
@@ -172,13 +172,14 @@ def _check_cu_seqlens(cu_seqlens, name, entries, total, max_len, device):
         raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
     # Reading the values costs a device sync on GPU; under torch.compile they are trusted.
     if not torch.compiler.is_compiling():
-        steps = cu_seqlens.diff()
-        if int(cu_seqlens[0]) < 0 or int(cu_seqlens[-1]) > total or (steps.numel() and int(steps.min()) < 0):
+        # first, last, shortest and longest step in one device sync
+        steps = torch.cat([cu_seqlens.diff(), cu_seqlens.new_zeros(1)])
+        first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], *torch.aminmax(steps)]).tolist()
+        if first < 0 or last > total or shortest < 0:
             raise ValueError(f"{name} must be non-decreasing offsets from 0 or more to at most {total} rows, "
                              f"got {cu_seqlens.tolist()}")
-        if steps.numel() and int(steps.max()) > max_len:
-            raise ValueError(f"{name} holds a sample of {int(steps.max())} rows, longer than max_seqlen "
-                             f"{max_len}")
+        if longest > max_len:
+            raise ValueError(f"{name} holds a sample of {longest} rows, longer than max_seqlen {max_len}")
     return cu_seqlens
 
 
