@@ -74,6 +74,39 @@ TORCH_LIBRARY(mmkern, m) {
       "cross_modal_attention_packed_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
       "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
+
+  // Symmetric per-token (per-row over the last dim) quantization to int8 or float8_e4m3fn:
+  // scale = max(amax / qmax, FLT_MIN) in float32, shape (*lead, 1); xq = round(x / scale) clamped to
+  // [-qmax, qmax] (qmax 127, or 448 for fp8). A row holding NaN or inf gets a NaN scale and zero xq.
+  m.def("quantize_per_token(Tensor x, ScalarType dtype) -> (Tensor, Tensor)");
+  // xq * scale in dtype.
+  m.def("dequantize_per_token(Tensor xq, Tensor scale, ScalarType dtype) -> Tensor");
+  // dequantize_per_token(*quantize_per_token(x, dtype), x.dtype) in one pass.
+  m.def("fake_quantize_per_token(Tensor x, ScalarType dtype) -> Tensor");
+
+  // concat_linear over int8 segments with per-token scales (scales[i] (*lead_i, 1) float32) and an
+  // int8 weight with per-output-channel weight_scale (N,) float32: each segment's products sum in
+  // int32, are scaled by its token scales, summed over segments, then scaled by weight_scale, with
+  // bias and activation in the epilogue. Returns (out, activation_saved) in out_dtype, the latter as
+  // in concat_linear.
+  m.def(
+      "quantized_concat_linear(Tensor[] inputs, Tensor[] scales, Tensor weight, Tensor weight_scale, Tensor? bias, "
+      "str activation, ScalarType out_dtype) -> (Tensor, Tensor)");
+  // Quantization in the training loop: quantizes float inputs per token and the float weight per
+  // output channel to int8, then runs quantized_concat_linear into the inputs' dtype. Returns the
+  // output, the activation_saved of concat_linear, and the quantized operands, which the backward
+  // (the unquantized op's gradient at the dequantized values, straight-through) reads instead of
+  // keeping float copies. A composite of the two ops above, one kernel for every device.
+  m.def(
+      "quantize_and_concat_linear(Tensor[] inputs, Tensor weight, Tensor? bias, str activation) "
+      "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
+
+  // Elementwise fusion of same-shape quantized features (*lead, d) with scales (*lead, 1):
+  // "sum": sum_i weights[i] * dequant(x_i) (weights (n,) float32, all ones when absent);
+  // "gated": g * dequant(x_0) + (1 - g) * dequant(x_1), g = sigmoid(gate), gate (*lead, d).
+  m.def(
+      "quantized_fusion(Tensor[] inputs, Tensor[] scales, Tensor? weights, Tensor? gate, str mode, "
+      "ScalarType out_dtype) -> Tensor");
 }
 
 }  // namespace mmkern

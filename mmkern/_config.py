@@ -5,11 +5,17 @@ to them instead of the C++ CPU kernels, so the GPU code path can be tested on a 
 GPU. It sets TRITON_INTERPRET, which Triton reads when a kernel is defined: set it in the
 environment before mmkern is imported. The interpreter is slow and its bf16 tl.dot is wrong; test
 bf16 on a GPU.
+
+MMKERN_CHECK_SCALES=0 skips the quantized ops' check of their scales' values (see CHECK_SCALES).
 """
 
 import os
 
 TRITON_ON_CPU = os.environ.get("MMKERN_TRITON_INTERPRET", "0") == "1"
+
+# The quantized ops check that their scales are finite and non-negative, which costs a device sync
+# per call; MMKERN_CHECK_SCALES=0 skips it in hot loops whose scales are known to be good.
+CHECK_SCALES = os.environ.get("MMKERN_CHECK_SCALES", "1") != "0"
 
 if TRITON_ON_CPU:
     os.environ["TRITON_INTERPRET"] = "1"

@@ -1,6 +1,7 @@
 """The eager composition of every mmkern op in plain PyTorch: the ground truth for tests and the
 baseline for benchmarks. Written for clarity, not speed."""
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -113,3 +114,63 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         out = out.index_put((torch.arange(start, start + length, device=q.device),), out_padded[b, :length])
         lse[:, start:start + length] = lse_padded[b, :, :length]
     return out, lse
+
+
+QUANTIZED_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple:
+    """(xq, scale): scale = max(amax / qmax, tiny) per row in float32, xq = round(x / scale) clamped
+    to [-qmax, qmax]; a row holding NaN or inf gets a NaN scale and zeros."""
+    qmax = QUANTIZED_MAX[dtype]
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if x.shape[-1] else xf.new_zeros((*x.shape[:-1], 1))
+    finite = torch.isfinite(xf).all(-1, keepdim=True)
+    scale = (amax / qmax).clamp(min=torch.finfo(torch.float32).tiny).masked_fill(~finite, float("nan"))
+    q = (xf / scale).clamp(-qmax, qmax)
+    q = torch.round(q) if dtype == torch.int8 else q
+    return q.masked_fill(~finite, 0).to(dtype), scale
+
+
+def dequantize_per_token(xq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (xq.float() * scale).to(dtype)
+
+
+def fake_quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    return dequantize_per_token(*quantize_per_token(x, dtype), x.dtype)
+
+
+def quantized_concat_linear(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], weight_q: torch.Tensor,
+                            weight_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
+                            out_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """concat_linear on the dequantized inputs and weight, computed in ``compute_dtype`` (out_dtype by
+    default: the eager path; float64 makes every integer sum exact, the ground truth)."""
+    compute_dtype = out_dtype if compute_dtype is None else compute_dtype
+    inputs = [x.to(compute_dtype) * s.to(compute_dtype) for x, s in zip(inputs_q, scales)]
+    weight = weight_q.to(compute_dtype) * weight_scale.to(compute_dtype)[:, None]
+    bias = None if bias is None else bias.to(compute_dtype)
+    return concat_linear(inputs, weight, bias, activation=activation).to(out_dtype)
+
+
+def quantize_and_concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
+                               *, activation: str = "none", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inputs quantized to int8 per token and the weight per output channel, then
+    quantized_concat_linear into the inputs' dtype."""
+    quantized = [quantize_per_token(x) for x in inputs]
+    weight_q, weight_scale = quantize_per_token(weight)
+    return quantized_concat_linear([q for q, _ in quantized], [s for _, s in quantized], weight_q, weight_scale[:, 0],
+                                   bias, activation=activation, out_dtype=weight.dtype, compute_dtype=compute_dtype)
+
+
+def quantized_fusion(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                     weights: torch.Tensor | None = None, *, mode: str = "sum", gate: torch.Tensor | None = None,
+                     out_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """"sum": sum_i weights[i] * dequant(x_i); "gated": g * dequant(x_0) + (1 - g) * dequant(x_1),
+    g = sigmoid(gate); computed in ``compute_dtype``."""
+    features = [dequantize_per_token(x, s, compute_dtype) for x, s in zip(inputs_q, scales)]
+    if mode == "gated":
+        g = torch.sigmoid(gate.to(compute_dtype))
+        return (g * features[0] + (1 - g) * features[1]).to(out_dtype)
+    weights = torch.ones(len(features), dtype=compute_dtype, device=features[0].device) if weights is None else weights
+    out = functools.reduce(torch.add, [w * f for w, f in zip(weights.to(compute_dtype), features)])
+    return out.to(out_dtype)

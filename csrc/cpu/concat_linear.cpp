@@ -9,157 +9,32 @@
 //    on top with beta = 1, so bias and broadcast terms cost no extra pass;
 //  - fp16 and bf16 accumulate in fp32 and round once, as a single GEMM over the concat would.
 #include <ATen/ATen.h>
-#include <ATen/ExpandUtils.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <string>
 #include <tuple>
 #include <vector>
+
+#include "concat_plan.h"
 
 namespace mmkern {
 namespace {
 
 using at::Tensor;
 using at::TensorList;
-
-// How the segments of one call broadcast against the output's leading shape.
-struct BroadcastPlan {
-  std::vector<int64_t> lead;                       // the output's leading shape
-  int64_t rows = 1;                                // prod(lead)
-  std::vector<int64_t> column_offset;              // where each segment's columns start in weight
-  std::vector<int> group;                          // per segment: -1 if per-token, else its group
-  std::vector<std::vector<int64_t>> group_lead;    // per group: leading shape padded to lead's rank
-  std::vector<int64_t> group_rows;                 // per group: prod(group_lead)
-};
-
-std::vector<int64_t> leading_shape(const Tensor& x) {
-  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
-}
-
-BroadcastPlan make_plan(TensorList inputs) {
-  BroadcastPlan plan;
-  for (const auto& x : inputs) {
-    plan.lead = at::infer_size(plan.lead, leading_shape(x));
-  }
-  for (auto size : plan.lead) plan.rows *= size;
-  const auto rank = plan.lead.size();
-  int64_t offset = 0;
-  for (const auto& x : inputs) {
-    plan.column_offset.push_back(offset);
-    offset += x.size(-1);
-    auto own = leading_shape(x);
-    std::vector<int64_t> padded(rank - own.size(), 1);
-    padded.insert(padded.end(), own.begin(), own.end());
-    if (padded == plan.lead) {
-      plan.group.push_back(-1);
-      continue;
-    }
-    auto found = std::find(plan.group_lead.begin(), plan.group_lead.end(), padded);
-    plan.group.push_back(static_cast<int>(found - plan.group_lead.begin()));
-    if (found == plan.group_lead.end()) {
-      plan.group_lead.push_back(padded);
-      int64_t group_rows = 1;
-      for (auto size : padded) group_rows *= size;
-      plan.group_rows.push_back(group_rows);
-    }
-  }
-  return plan;
-}
+using namespace cpu;
 
 at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // x as (rows, d) in the accumulation dtype; a view whenever the leading dims collapse.
-Tensor as_matrix(const Tensor& x, at::ScalarType dtype) {
-  int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
-  return x.reshape({rows, x.size(-1)}).to(dtype);
-}
-
-// One segment's column slice of the weight, for a GEMM with `rows` rows. MKL runs up to 20% slower
-// (4096x768x768, AVX2) when the slice keeps the full weight's row stride; the copy costs N*d moves
-// against rows*N*d multiply-adds, so it pays off once the GEMM has a few dozen rows.
-Tensor weight_columns(const Tensor& weight, int64_t offset, int64_t width, int64_t rows) {
-  const Tensor slice = weight.narrow(1, offset, width);
-  return rows >= 64 ? slice.contiguous() : slice;
-}
-
-// z[m, :] = bias + sum_g partials[g][row of m in group g, :], rows in parallel.
-template <typename scalar_t>
-void write_bias_and_broadcast_terms(Tensor& z, const Tensor& bias, const std::vector<Tensor>& partials,
-                                    const BroadcastPlan& plan) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  const int64_t cols = z.size(1);
-  const int64_t rank = static_cast<int64_t>(plan.lead.size());
-  const int64_t groups = static_cast<int64_t>(partials.size());
-  // A broadcast dim contributes nothing to the group's row index: its stride is 0.
-  std::vector<std::vector<int64_t>> group_dim_stride(groups, std::vector<int64_t>(rank, 0));
-  for (int64_t g = 0; g < groups; ++g) {
-    int64_t stride = 1;
-    for (int64_t d = rank - 1; d >= 0; --d) {
-      if (plan.group_lead[g][d] != 1) group_dim_stride[g][d] = stride;
-      stride *= plan.group_lead[g][d];
-    }
-  }
-  const scalar_t* bias_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-  std::vector<const scalar_t*> partial_data;
-  for (const auto& p : partials) partial_data.push_back(p.const_data_ptr<scalar_t>());
-  scalar_t* z_data = z.data_ptr<scalar_t>();
-
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, plan.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> terms(groups);
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t g = 0; g < groups; ++g) {
-        int64_t rest = m, row = 0;
-        for (int64_t d = rank - 1; d >= 0; --d) {
-          row += (rest % plan.lead[d]) * group_dim_stride[g][d];
-          rest /= plan.lead[d];
-        }
-        terms[g] = partial_data[g] + row * cols;
-      }
-      scalar_t* out = z_data + m * cols;
-      int64_t n = 0;
-      for (; n + Vec::size() <= cols; n += Vec::size()) {
-        Vec acc = bias_data ? Vec::loadu(bias_data + n) : Vec(scalar_t(0));
-        for (const scalar_t* term : terms) acc = acc + Vec::loadu(term + n);
-        acc.store(out + n);
-      }
-      for (; n < cols; ++n) {
-        scalar_t acc = bias_data ? bias_data[n] : scalar_t(0);
-        for (const scalar_t* term : terms) acc += term[n];
-        out[n] = acc;
-      }
-    }
-  });
-}
-
-void check_activation(c10::string_view activation) {
-  TORCH_CHECK(activation == "none" || activation == "relu" || activation == "gelu" || activation == "gelu_tanh" ||
-                  activation == "silu",
-              "mmkern::concat_linear: unknown activation '", activation, "'");
-}
-
-// Only for the activations whose backward needs the pre-activation; relu runs in place.
-Tensor apply_smooth_activation(const Tensor& z, c10::string_view activation) {
-  if (activation == "gelu") return at::gelu(z, "none");
-  if (activation == "gelu_tanh") return at::gelu(z, "tanh");
-  return at::silu(z);
-}
-
-bool saves_preactivation(c10::string_view activation) {
-  return activation == "gelu" || activation == "gelu_tanh" || activation == "silu";
-}
+Tensor as_matrix(const Tensor& x, at::ScalarType dtype) { return cpu::as_matrix(x).to(dtype); }
 
 std::tuple<Tensor, Tensor> concat_linear_cpu(TensorList inputs, const Tensor& weight,
                                              const std::optional<Tensor>& bias,
                                              c10::string_view activation) {
   TORCH_CHECK(!inputs.empty(), "mmkern::concat_linear: inputs must not be empty");
-  check_activation(activation);
+  check_activation(activation, "concat_linear");
   const auto plan = make_plan(inputs);
   const auto dtype = weight.scalar_type();
   const auto acc = accumulate_type(dtype);
@@ -180,7 +55,7 @@ std::tuple<Tensor, Tensor> concat_linear_cpu(TensorList inputs, const Tensor& we
   bool z_written = bias_acc.defined() || !partials.empty();
   if (z_written) {
     AT_DISPATCH_FLOATING_TYPES(acc, "concat_linear_cpu", [&] {
-      write_bias_and_broadcast_terms<scalar_t>(z, bias_acc, partials, plan);
+      combine_rows<scalar_t>(z, /*accumulate=*/false, partials, plan, /*column_scale=*/Tensor(), bias_acc);
     });
   }
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -198,12 +73,7 @@ std::tuple<Tensor, Tensor> concat_linear_cpu(TensorList inputs, const Tensor& we
 
   std::vector<int64_t> out_shape = plan.lead;
   out_shape.push_back(out_features);
-  if (saves_preactivation(activation)) {
-    Tensor out = apply_smooth_activation(z, activation).to(dtype).view(out_shape);
-    return {out, z.to(dtype).view(out_shape)};
-  }
-  if (activation == "relu") z.relu_();
-  return {z.to(dtype).view(out_shape), at::empty({0}, weight.options())};
+  return finish_activation(z, activation, dtype, out_shape);
 }
 
 Tensor activation_backward(const Tensor& grad, const Tensor& saved, c10::string_view activation) {
@@ -220,7 +90,7 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor> concat_linear_backward_cpu(
     bool bias_needs_grad) {
   TORCH_CHECK(input_needs_grad.size() == inputs.size(),
               "mmkern::concat_linear_backward: input_needs_grad must have one entry per input");
-  check_activation(activation);
+  check_activation(activation, "concat_linear_backward");
   const auto plan = make_plan(inputs);
   const auto dtype = weight.scalar_type();
   const auto acc = accumulate_type(dtype);

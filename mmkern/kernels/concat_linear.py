@@ -1,5 +1,5 @@
-"""concat_linear's forward and backward built from segmented_matmul (the CUDA implementation, and
-the CPU one under the interpreter switch).
+"""concat_linear's forward and backward, and quantized_concat_linear's forward, built from
+segmented_matmul (the CUDA implementation, and the CPU one under the interpreter switch).
 
 Forward: the segments whose leading shape is the output's ("per-token") go through one fused GEMM;
 the others ("broadcast", e.g. a pooled (B, 1, d) vector) are first projected at their own, smaller
@@ -14,9 +14,9 @@ import math
 
 import torch
 
+from mmkern.activations import SMOOTH_ACTIVATIONS, activation_backward
 from mmkern.kernels.segmented_matmul import MAX_SEGMENTS, accumulate_dtype, segmented_matmul
 
-SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 IDENTITY_ROW_MAP = ((1, 2**62, 1), (1, 1, 0))
 
 
@@ -51,39 +51,46 @@ def broadcast_row_map(lead: tuple, sub_lead: tuple):
     return tuple(tuple(t) for t in terms) + ((1, 1, 0),) * (2 - len(terms))
 
 
-def _fused_gemm(segments, out, addend, row_map, bias, activation, saved):
-    """out = act(sum over segments x @ W[:, cols].T + addend[row_map] + bias), for segments whose
-    leading shape is out's; launches past MAX_SEGMENTS chain through fp32 partial sums."""
+def _gemm_operands(x, offset, weight, token_scale):
+    operands = (as_matrix(x), weight[:, offset:offset + x.shape[-1]].t())
+    return operands if token_scale is None else (*operands, token_scale.reshape(-1))
+
+
+def _fused_gemm(segments, out, addend, row_map, bias, activation, saved, column_scale):
+    """out = act(sum over segments (token_scale *) x @ W[:, cols].T, times column_scale, + addend[row_map]
+    + bias), for (x, offset, weight, token_scale or None) segments whose leading shape is out's;
+    launches past MAX_SEGMENTS chain through fp32 partial sums (each already column-scaled)."""
     chunks = [segments[i:i + MAX_SEGMENTS] for i in range(0, len(segments), MAX_SEGMENTS)] or [[]]
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
         target = out if last else out.new_empty(out.shape, dtype=accumulate_dtype(out.dtype))
-        pairs = [(as_matrix(x), weight[:, offset:offset + x.shape[-1]].t()) for x, offset, weight in chunk]
         segmented_matmul(
-            target, pairs, addend=addend, row_map=row_map,
+            target, [_gemm_operands(*segment) for segment in chunk], addend=addend, row_map=row_map,
             bias=bias if last else None,
             activation=activation if last else "none",
             saved=saved if last else None,
+            column_scale=column_scale,
         )
         addend, row_map = target, IDENTITY_ROW_MAP
 
 
-def _project(segments, lead, weight, out, bias, activation, saved):
+def _project(segments, lead, weight, out, bias, activation, saved, column_scale):
     """out (prod(lead), N) = act(sum over segments x @ W[:, cols].T + bias); see the module docstring.
-    ``segments`` holds (x, column offset) pairs whose leading shapes broadcast to ``lead``."""
+    ``segments`` holds (x, column offset, token scale or None) triples whose leading shapes
+    broadcast to ``lead``."""
     rank = len(lead)
     rows, out_features = out.shape
     per_token, groups = [], {}
-    for x, offset in segments:
+    for x, offset, token_scale in segments:
         own = padded_lead(x, rank)
-        (per_token if own == lead else groups.setdefault(own, [])).append((x, offset, weight))
+        (per_token if own == lead else groups.setdefault(own, [])).append((x, offset, weight, token_scale))
 
     addend, row_map = None, IDENTITY_ROW_MAP
     if groups:
         partials = []
         for own, group in groups.items():
             partial = out.new_empty((math.prod(own), out_features), dtype=accumulate_dtype(out.dtype))
-            _fused_gemm(group, partial, None, IDENTITY_ROW_MAP, None, "none", None)
+            _fused_gemm(group, partial, None, IDENTITY_ROW_MAP, None, "none", None, column_scale)
             partials.append(partial.view(*own, out_features))
         # Several broadcast patterns at once are rare: their sum is materialised at its broadcast shape.
         addend = functools.reduce(torch.add, partials)
@@ -92,7 +99,7 @@ def _project(segments, lead, weight, out, bias, activation, saved):
         if row_map is None:
             addend, row_map = addend.expand(*lead, out_features), IDENTITY_ROW_MAP
         addend = addend.reshape(math.prod(addend.shape[:-1]), out_features)
-    _fused_gemm(per_token, out, addend, row_map, bias, activation, saved)
+    _fused_gemm(per_token, out, addend, row_map, bias, activation, saved, column_scale)
     return out
 
 
@@ -104,27 +111,21 @@ def _column_offsets(inputs):
     return offsets
 
 
-def concat_linear_forward(inputs, weight, bias, activation):
+def concat_linear_forward(inputs, weight, bias, activation, *, scales=None, weight_scale=None, out_dtype=None):
+    """concat_linear, or with ``scales`` (one (*lead_i, 1) float32 per int8 input) and ``weight_scale``
+    (N,) quantized_concat_linear into ``out_dtype``. Returns (out, activation_saved)."""
     lead = tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
     rows, out_features = math.prod(lead), weight.shape[0]
-    out = weight.new_empty((*lead, out_features))
-    saved = weight.new_empty((*lead, out_features) if activation in SMOOTH_ACTIVATIONS else (0,))
-    segments = list(zip(inputs, _column_offsets(inputs)))
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    out = weight.new_empty((*lead, out_features), dtype=out_dtype)
+    saved = weight.new_empty((*lead, out_features) if activation in SMOOTH_ACTIVATIONS else (0,), dtype=out_dtype)
+    segments = list(zip(inputs, _column_offsets(inputs), scales if scales is not None else [None] * len(inputs)))
     _project(
         segments, lead, weight, out.view(rows, out_features), bias, activation,
         saved.view(rows, out_features) if activation in SMOOTH_ACTIVATIONS else None,
+        weight_scale,
     )
     return out, saved
-
-
-def activation_backward(grad, saved, activation):
-    if activation == "none":
-        return grad
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, saved, 0)
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, saved)
-    return torch.ops.aten.gelu_backward(grad, saved, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 def concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,

@@ -1,7 +1,11 @@
 """A GEMM over up to four (A_s, B_s) segment pairs with a fused epilogue, the building block of
-concat_linear's forward and backward on GPU:
+concat_linear's forward and backward, and of quantized_concat_linear, on GPU:
 
-    out[m, n] = act( sum_s A_s[m, :] @ B_s[:, n]  +  addend[row(m), n]  +  bias[n] )
+    out[m, n] = act( (sum_s A_s[m, :] @ B_s[:, n]) * column_scale[n]  +  addend[row(m), n]  +  bias[n] )
+
+Quantized segments are int8 with a token scale each, ``(A_s, B_s, token_scale_s)``: their products
+sum in int32 on the integer tensor cores and are scaled by ``token_scale_s[m]`` before the segments
+are added, so every segment keeps its own scales and the integer sums stay exact.
 
 Every operand is addressed through its own strides, so weight column slices, transposed views and
 sliced inputs are read in place. ``addend`` is an accumulation-dtype matrix whose row for output row
@@ -38,6 +42,9 @@ def _configs():
         (64, 64, 64, 4, 4),
         (32, 64, 32, 5, 2),
         (16, 64, 64, 4, 2),
+        # Deeper K tiles for int8 operands, which take half the shared memory of bf16 per element.
+        (128, 256, 128, 3, 8),
+        (128, 128, 128, 3, 4),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
@@ -63,6 +70,23 @@ def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stri
 
 
 @triton.jit
+def _add_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, scale_ptr, stride_scale,
+                 offs_m, offs_n, mask_m, mask_n,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
+    if QUANTIZED:
+        products = _accumulate_segment(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), a_ptr, stride_am, stride_ak,
+                                       b_ptr, stride_bk, stride_bn, K, offs_m, offs_n, mask_m, mask_n,
+                                       BLOCK_K, INPUT_PRECISION)
+        token_scale = tl.load(scale_ptr + offs_m * stride_scale, mask=mask_m, other=0.0)
+        acc += products.to(acc.dtype) * token_scale[:, None]
+    else:
+        acc = _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K,
+                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         z = tl.maximum(z, 0.0)
@@ -80,7 +104,8 @@ def _activation(z, ACTIVATION: tl.constexpr):
 def _autotuned(kernel):
     if _config.TRITON_ON_CPU:
         return kernel
-    return triton.autotune(configs=_configs(), key=["M", "N", "K0", "K1", "K2", "K3", "NUM_SEGMENTS", "HAS_ADDEND"])(kernel)
+    return triton.autotune(configs=_configs(),
+                           key=["M", "N", "K0", "K1", "K2", "K3", "NUM_SEGMENTS", "HAS_ADDEND", "QUANTIZED"])(kernel)
 
 
 @_autotuned
@@ -90,12 +115,14 @@ def segmented_matmul_kernel(
     saved_ptr, stride_sm, stride_sn,
     addend_ptr, stride_pm, stride_pn, div0, mod0, mul0, div1, mod1, mul1,
     bias_ptr, stride_bias,
-    a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
-    a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
-    a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
-    a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
+    column_scale_ptr, stride_column_scale,
+    a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0, s0_ptr, stride_s0,
+    a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1, s1_ptr, stride_s1,
+    a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2, s2_ptr, stride_s2,
+    a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3, s3_ptr, stride_s3,
     M, N,
-    NUM_SEGMENTS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, QUANTIZED: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -117,19 +144,25 @@ def segmented_matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if NUM_SEGMENTS > 0:
-        acc = _accumulate_segment(acc, a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
-                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+        acc = _add_segment(acc, a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
+                           s0_ptr, stride_s0, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
     if NUM_SEGMENTS > 1:
-        acc = _accumulate_segment(acc, a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
-                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+        acc = _add_segment(acc, a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
+                           s1_ptr, stride_s1, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
     if NUM_SEGMENTS > 2:
-        acc = _accumulate_segment(acc, a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
-                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+        acc = _add_segment(acc, a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
+                           s2_ptr, stride_s2, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
     if NUM_SEGMENTS > 3:
-        acc = _accumulate_segment(acc, a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
-                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+        acc = _add_segment(acc, a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
+                           s3_ptr, stride_s3, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
 
     mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_COLUMN_SCALE:
+        acc *= tl.load(column_scale_ptr + offs_n * stride_column_scale, mask=mask_n, other=0.0)[None, :]
     if HAS_ADDEND:
         rows = ((offs_m // div0) % mod0) * mul0 + ((offs_m // div1) % mod1) * mul1
         acc += tl.load(addend_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
@@ -155,18 +188,22 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0)), bias=None,
-                     activation="none", saved=None):
-    """Writes act(sum_s a_s @ b_s + addend[row_map] + bias) into ``out`` (M, N), and the
-    pre-activation into ``saved`` when given. ``segments`` is a list of at most MAX_SEGMENTS
-    (a (M, K_s), b (K_s, N)) pairs, possibly empty (then only the epilogue runs)."""
+                     activation="none", saved=None, column_scale=None):
+    """Writes act((sum_s a_s @ b_s) * column_scale + addend[row_map] + bias) into ``out`` (M, N), and
+    the pre-activation into ``saved`` when given. ``segments`` is a list of at most MAX_SEGMENTS
+    (a (M, K_s), b (K_s, N)) pairs, or (a, b, token_scale (M,)) triples of int8 operands, possibly
+    empty (then only the epilogue runs)."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
     assert len(segments) <= MAX_SEGMENTS
-    padded = list(segments) + [(out, out.t())] * (MAX_SEGMENTS - len(segments))
+    quantized = bool(segments) and len(segments[0]) == 3
+    padded = [(*pair, out) if len(pair) == 2 else pair for pair in segments]
+    padded += [(out, out.t(), out)] * (MAX_SEGMENTS - len(segments))
     segment_args = []
-    for a, b in padded:
-        segment_args += [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), a.shape[1]]
+    for a, b, token_scale in padded:
+        segment_args += [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), a.shape[1],
+                         token_scale, token_scale.stride(0)]
     (div0, mod0, mul0), (div1, mod1, mul1) = row_map
     operand_dtype = segments[0][0].dtype if segments else out.dtype
     acc_dtype = accumulate_dtype(out.dtype)
@@ -185,9 +222,13 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
         div0, mod0, mul0, div1, mod1, mul1,
         bias if bias is not None else out,
         bias.stride(0) if bias is not None else 0,
+        column_scale if column_scale is not None else out,
+        column_scale.stride(0) if column_scale is not None else 0,
         *segment_args,
         M, N,
         NUM_SEGMENTS=len(segments),
+        QUANTIZED=quantized,
+        HAS_COLUMN_SCALE=column_scale is not None,
         HAS_ADDEND=addend is not None,
         HAS_BIAS=bias is not None,
         STORE_PREACTIVATION=saved is not None,

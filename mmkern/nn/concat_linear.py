@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mmkern import ops
-from mmkern.ops.concat_linear import ACTIVATIONS
+from mmkern.activations import ACTIVATIONS
 
 
 class ConcatLinear(nn.Module):

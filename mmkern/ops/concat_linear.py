@@ -9,13 +9,12 @@ from collections.abc import Sequence
 
 import torch
 
+from mmkern.activations import ACTIVATIONS, SMOOTH_ACTIVATIONS
 from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
+from mmkern.ops._checks import check_choice, check_concat_shapes, check_same_device, check_tensor, tensor_list
 from mmkern.ops._registration import dtype_after_autocast, register_autocast, register_triton_kernel
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-SUPPORTED_DEVICES = ("cpu", "cuda", "meta")
-SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 
 
 def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -43,64 +42,32 @@ def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
             that is not ``(N,)``, leading shapes that do not broadcast, an unknown activation.
     """
     activation = "none" if activation is None else activation
-    inputs = _check_arguments(inputs, weight, bias, activation)
-    _check_same_dtype(inputs, weight, bias)
+    inputs = check_concat_linear_arguments(inputs, weight, bias, activation)
+    check_same_dtype(inputs, weight, bias)
     out, _ = torch.ops.mmkern.concat_linear.default(inputs, weight, bias, activation)
     return out
 
 
-def _check_arguments(inputs, weight, bias, activation) -> list:
-    if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
-        raise TypeError(
-            f"inputs must be a sequence of tensors, one per segment, got {type(inputs).__name__}"
-            + ("; wrap a single tensor in a list" if isinstance(inputs, torch.Tensor) else "")
-        )
-    inputs = list(inputs)
-    if not inputs:
-        raise ValueError("inputs must hold at least one tensor")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
+def check_concat_linear_arguments(inputs, weight, bias, activation) -> list:
+    inputs = tensor_list(inputs, "inputs")
+    check_tensor(weight, "weight")
+    check_tensor(bias, "bias", optional=True)
+    check_choice(activation, "activation", ACTIVATIONS)
     named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + [("weight", weight)]
     if bias is not None:
         named.append(("bias", bias))
     for name, tensor in named:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {tensor.dtype}; concat_linear takes float16, bfloat16, float32 or float64")
         if tensor.dtype == torch.float64 and runs_on_triton(tensor.device) and not triton_has_float64_dot():
             raise TypeError(f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
                             "or CPU tensors for float64")
-        if tensor.device != weight.device:
-            raise ValueError(f"{name} is on {tensor.device} but weight is on {weight.device}; all tensors must share one device")
-    if weight.device.type not in SUPPORTED_DEVICES:
-        raise ValueError(f"concat_linear runs on cpu and cuda tensors, got tensors on {weight.device}")
-    for name, x in named[:len(inputs)]:
-        if x.dim() == 0:
-            raise ValueError(f"{name} must have a feature dimension, got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, sum of input widths), got shape {tuple(weight.shape)}")
-    widths = [x.shape[-1] for x in inputs]
-    if weight.shape[1] != sum(widths):
-        raise ValueError(
-            f"weight.shape[1] must equal the sum of the inputs' last dims {widths} = {sum(widths)}, "
-            f"got weight of shape {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    try:
-        torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
-    except RuntimeError:
-        shapes = ", ".join(f"inputs[{i}] {tuple(x.shape[:-1])}" for i, x in enumerate(inputs))
-        raise ValueError(f"the leading shapes of the inputs (all but the last dim) do not broadcast: {shapes}") from None
+    check_same_device(named, weight.device, "weight", "concat_linear")
+    check_concat_shapes(inputs, weight, bias, "inputs", "weight")
     return inputs
 
 
-def _check_same_dtype(inputs, weight, bias) -> None:
+def check_same_dtype(inputs, weight, bias) -> None:
     """All tensors share one dtype, after autocast's casts where it is on (the op's autocast kernel
     casts them)."""
     named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + ([("bias", bias)] if bias is not None else [])
@@ -112,13 +79,13 @@ def _check_same_dtype(inputs, weight, bias) -> None:
             )
 
 
-def _lead_shape(inputs) -> tuple:
+def lead_shape(inputs) -> tuple:
     return tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
 
 
 @torch.library.register_fake("mmkern::concat_linear")
 def _concat_linear_fake(inputs, weight, bias, activation):
-    out_shape = (*_lead_shape(inputs), weight.shape[0])
+    out_shape = (*lead_shape(inputs), weight.shape[0])
     return weight.new_empty(out_shape), weight.new_empty(out_shape if activation in SMOOTH_ACTIVATIONS else (0,))
 
 

@@ -1,0 +1,113 @@
+// Per-token quantization on CPU: rows in parallel, each read twice (its largest magnitude, then the
+// rounding) while it sits in cache. The rules are csrc/quantize_rules.h, shared with the CUDA kernel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+#include "../quantize_rules.h"
+
+namespace mmkern {
+namespace {
+
+using at::Tensor;
+
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// out holds the quantized row (q_t) or, for fake quantization, the row dequantized (scalar_t).
+template <typename scalar_t, typename q_t, typename out_t>
+void quantize_rows(const Tensor& x, Tensor& out, Tensor& scale) {
+  const int64_t cols = x.size(-1);
+  const int64_t rows = scale.numel();
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  out_t* out_data = out.data_ptr<out_t>();
+  float* scale_data = scale.data_ptr<float>();
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x_data + r * cols;
+      float amax = 0.0f;
+      float nonfinite = 0.0f;  // v - v is 0 for finite v and NaN otherwise, and NaN sticks
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = static_cast<float>(row[c]);
+        amax = std::max(amax, std::fabs(v));
+        nonfinite += v - v;
+      }
+      const bool finite = nonfinite == 0.0f;
+      const float s = per_token_scale(amax, finite, Quantized<q_t>::kMax);
+      scale_data[r] = s;
+      out_t* out_row = out_data + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const q_t q = finite ? Quantized<q_t>::from(static_cast<float>(row[c]) / s) : q_t(0);
+        if constexpr (std::is_same_v<out_t, q_t>) {
+          out_row[c] = q;
+        } else {
+          out_row[c] = static_cast<out_t>(static_cast<float>(q) * s);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> quantize_per_token_cpu(const Tensor& x, at::ScalarType dtype) {
+  const Tensor input = x.contiguous();
+  Tensor xq = at::empty(x.sizes(), x.options().dtype(dtype));
+  Tensor scale = at::empty(scale_shape(x), x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token", [&] {
+    dispatch_quantized(dtype, "quantize_per_token", [&](auto tag) {
+      using q_t = decltype(tag);
+      quantize_rows<scalar_t, q_t, q_t>(input, xq, scale);
+    });
+  });
+  return {xq, scale};
+}
+
+Tensor fake_quantize_per_token_cpu(const Tensor& x, at::ScalarType dtype) {
+  const Tensor input = x.contiguous();
+  Tensor out = at::empty(x.sizes(), x.options());
+  Tensor scale = at::empty(scale_shape(x), x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_per_token", [&] {
+    dispatch_quantized(dtype, "fake_quantize_per_token", [&](auto tag) {
+      using q_t = decltype(tag);
+      quantize_rows<scalar_t, q_t, scalar_t>(input, out, scale);
+    });
+  });
+  return out;
+}
+
+Tensor dequantize_per_token_cpu(const Tensor& xq, const Tensor& scale, at::ScalarType dtype) {
+  const Tensor input = xq.contiguous();
+  const Tensor scales = scale.contiguous();
+  Tensor out = at::empty(xq.sizes(), xq.options().dtype(dtype));
+  const int64_t cols = xq.size(-1);
+  const int64_t rows = scales.numel();
+  const float* scale_data = scales.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_per_token", [&] {
+    dispatch_quantized(xq.scalar_type(), "dequantize_per_token", [&](auto tag) {
+      using q_t = decltype(tag);
+      const q_t* q_data = input.const_data_ptr<q_t>();
+      scalar_t* out_data = out.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          for (int64_t c = 0; c < cols; ++c) {
+            out_data[r * cols + c] = static_cast<scalar_t>(static_cast<float>(q_data[r * cols + c]) * scale_data[r]);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkern, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token_cpu);
+  m.impl("dequantize_per_token", &dequantize_per_token_cpu);
+  m.impl("fake_quantize_per_token", &fake_quantize_per_token_cpu);
+}
+
+}  // namespace mmkern

@@ -1,0 +1,79 @@
+"""Argument checks shared by the ops. Each error names the argument and what was expected."""
+
+from collections.abc import Sequence
+
+import torch
+
+from mmkern import _config
+
+
+def tensor_list(value, name: str) -> list:
+    """``value`` as a non-empty list of tensors."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{name} must be a sequence of tensors, one per segment, got {type(value).__name__}"
+            + ("; wrap a single tensor in a list" if isinstance(value, torch.Tensor) else "")
+        )
+    value = list(value)
+    if not value:
+        raise ValueError(f"{name} must hold at least one tensor")
+    for i, tensor in enumerate(value):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(tensor).__name__}")
+    return value
+
+
+def check_tensor(value, name: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def check_choice(value, name: str, choices: Sequence) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_same_device(named: list, device: torch.device, device_name: str, op: str) -> None:
+    for name, tensor in named:
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {device_name} is on {device}; all tensors must share one device")
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{op} runs on cpu and cuda tensors, got tensors on {device}")
+
+
+def check_concat_shapes(inputs: list, weight: torch.Tensor, bias, inputs_name: str, weight_name: str) -> None:
+    """The shapes of a concat-projection: feature dims whose sum is the weight's width, a (N,) bias,
+    and leading shapes that broadcast."""
+    for i, x in enumerate(inputs):
+        if x.dim() == 0:
+            raise ValueError(f"{inputs_name}[{i}] must have a feature dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be 2-D (out_features, sum of input widths), got shape {tuple(weight.shape)}")
+    widths = [x.shape[-1] for x in inputs]
+    if weight.shape[1] != sum(widths):
+        raise ValueError(
+            f"{weight_name}.shape[1] must equal the sum of the {inputs_name}' last dims {widths} = {sum(widths)}, "
+            f"got {weight_name} of shape {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    try:
+        torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
+    except RuntimeError:
+        shapes = ", ".join(f"{inputs_name}[{i}] {tuple(x.shape[:-1])}" for i, x in enumerate(inputs))
+        raise ValueError(f"the leading shapes of the {inputs_name} (all but the last dim) do not broadcast: {shapes}") from None
+
+
+def check_scale_values(named_scales: list) -> None:
+    """Scales must be finite and non-negative. Reading that costs one device sync, so it is skipped
+    while torch.compile traces (a compiled graph cannot raise on data) and when MMKERN_CHECK_SCALES=0."""
+    if not _config.CHECK_SCALES or not named_scales or torch.compiler.is_compiling():
+        return
+    bad = torch.stack([~(torch.isfinite(s) & (s >= 0)).all() if s.numel() else s.new_zeros((), dtype=torch.bool)
+                       for _, s in named_scales])
+    if bad.any():
+        name, scale = named_scales[int(bad.nonzero()[0, 0])]
+        value = scale[~(torch.isfinite(scale) & (scale >= 0))][0].item()
+        raise ValueError(f"{name} holds {value}; scales must be finite and >= 0")
