@@ -2,9 +2,9 @@
 
 from mmkern import _config  # noqa: F401  (must run before anything imports triton)
 from mmkern import _extension  # noqa: F401  (registers the op schemas and C++ kernels)
-from mmkern import nn, ops, reference
+from mmkern import data, nn, ops, reference
 from mmkern._extension import build_info
 
 __version__ = _extension.build_config.VERSION
 
-__all__ = ["build_info", "nn", "ops", "reference", "__version__"]
+__all__ = ["build_info", "data", "nn", "ops", "reference", "__version__"]

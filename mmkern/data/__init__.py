@@ -1,0 +1,5 @@
+"""Data helpers for multimodal training."""
+
+from mmkern.data.feature_store import QuantizedFeatureStore
+
+__all__ = ["QuantizedFeatureStore"]
