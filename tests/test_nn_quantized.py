@@ -28,7 +28,7 @@ def relative_error(a, b):
 @pytest.mark.parametrize("device", DEVICES)
 def test_from_float_is_close_to_the_float_layer(device):
     layer = float_layer(device)
-    quantized = QuantizedConcatLinear.from_float(layer)
+    quantized = QuantizedConcatLinear.from_float(layer, out_dtype=torch.float32)
     assert quantized.weight_q.dtype == torch.int8 and quantized.weight_scale.shape == (40,)
     text, image = modalities(device)
     with torch.no_grad():
@@ -36,9 +36,9 @@ def test_from_float_is_close_to_the_float_layer(device):
         assert out.dtype == torch.float32
         assert relative_error(out, layer(text, image)) < 1e-2
         # already quantized inputs (cached features) give the same result, in out_dtype
-        cached = quantized(ops.quantize_per_token(text), ops.quantize_per_token(image))
-        assert cached.dtype == torch.bfloat16
-        torch.testing.assert_close(cached, out.to(torch.bfloat16), rtol=0, atol=0)
+        pairs = ops.quantize_per_token(text), ops.quantize_per_token(image)
+        torch.testing.assert_close(quantized(*pairs), out, rtol=0, atol=0)
+        assert QuantizedConcatLinear.from_float(layer)(*pairs).dtype == torch.bfloat16
         mixed = quantized(text, ops.quantize_per_token(image))
         torch.testing.assert_close(mixed, out, rtol=0, atol=0)
 
