@@ -108,12 +108,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(preactivation)
 
 
-def _backward(ctx, grad_out, _grad_preactivation):
-    weight, activation_saved, *xs = ctx.saved_tensors
+def gradients(ctx, grad_out, inputs, weight, activation_saved) -> tuple:
+    """The gradients of an op whose inputs are (inputs, weight, bias, activation), by
+    concat_linear_backward, for what ``ctx.needs_input_grad`` asks (None elsewhere)."""
     inputs_need_grad, weight_needs_grad, bias_needs_grad, _ = ctx.needs_input_grad
     bias_needs_grad = bias_needs_grad and ctx.has_bias
     grad_inputs, grad_weight, grad_bias = torch.ops.mmkern.concat_linear_backward.default(
-        grad_out, xs, weight, activation_saved, ctx.activation,
+        grad_out, inputs, weight, activation_saved, ctx.activation,
         list(inputs_need_grad), weight_needs_grad, bias_needs_grad,
     )
     return (
@@ -122,6 +123,11 @@ def _backward(ctx, grad_out, _grad_preactivation):
         grad_bias if bias_needs_grad else None,
         None,
     )
+
+
+def _backward(ctx, grad_out, _grad_preactivation):
+    weight, activation_saved, *xs = ctx.saved_tensors
+    return gradients(ctx, grad_out, xs, weight, activation_saved)
 
 
 torch.library.register_autograd("mmkern::concat_linear", _backward, setup_context=_setup_context)

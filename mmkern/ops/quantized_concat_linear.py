@@ -15,7 +15,7 @@ from mmkern.activations import ACTIVATIONS, SMOOTH_ACTIVATIONS, activation_backw
 from mmkern.ops._checks import (check_choice, check_concat_shapes, check_same_device, check_scale_values, check_tensor,
                                 tensor_list)
 from mmkern.ops._registration import register_autocast, register_triton_kernel
-from mmkern.ops.concat_linear import check_concat_linear_arguments, check_same_dtype, lead_shape
+from mmkern.ops.concat_linear import check_concat_linear_arguments, check_same_dtype, gradients, lead_shape
 from mmkern.ops.quantize_per_token import FLOAT_DTYPES, check_quantized_pair
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -201,18 +201,7 @@ def _straight_through_backward(ctx, grad_out, *_grads_of_non_differentiable):
     dtype = grad_out.dtype
     inputs = [torch.ops.mmkern.dequantize_per_token.default(q, s, dtype) for q, s in zip(inputs_q, scales)]
     weight = torch.ops.mmkern.dequantize_per_token.default(weight_q, weight_scale[:, None], dtype)
-    inputs_need_grad, weight_needs_grad, bias_needs_grad, _ = ctx.needs_input_grad
-    bias_needs_grad = bias_needs_grad and ctx.has_bias
-    grad_inputs, grad_weight, grad_bias = torch.ops.mmkern.concat_linear_backward.default(
-        grad_out, inputs, weight, activation_saved, ctx.activation,
-        list(inputs_need_grad), weight_needs_grad, bias_needs_grad,
-    )
-    return (
-        [g if needed else None for g, needed in zip(grad_inputs, inputs_need_grad)],
-        grad_weight if weight_needs_grad else None,
-        grad_bias if bias_needs_grad else None,
-        None,
-    )
+    return gradients(ctx, grad_out, inputs, weight, activation_saved)
 
 
 torch.library.register_autograd("mmkern::quantize_and_concat_linear", _straight_through_backward,
