@@ -2,6 +2,7 @@
 // that both produce the same bits: the scale of a row, and the rounding of a value into each dtype.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -40,6 +41,12 @@ struct Quantized<c10::Float8_e4m3fn> {
 C10_HOST_DEVICE inline float per_token_scale(float amax, bool finite, float qmax) {
   return finite ? fmaxf(amax / qmax, FLT_MIN) : NAN;
 }
+
+// The float dtypes features come in: float32, float16, bfloat16. Features are never float64 (the
+// scales are float32), so the kernels instantiate nothing for it.
+#define MMKERN_DISPATCH_FEATURE_TYPES(TYPE, NAME, ...)                                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                  \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // The shape of the scales of x: one per row, (*lead, 1).
 inline std::vector<int64_t> scale_shape(const at::Tensor& x) {

@@ -75,7 +75,7 @@ Tensor quantized_fusion_cpu(TensorList inputs, TensorList scales, const std::opt
   const Tensor weight_values = weights.has_value() ? weights->to(at::kFloat).contiguous() : Tensor();
   const Tensor gate_values = gated ? gate->to(at::kFloat).contiguous() : Tensor();
   Tensor out = at::empty(inputs[0].sizes(), inputs[0].options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quantized_fusion", [&] {
+  MMKERN_DISPATCH_FEATURE_TYPES(out_dtype, "quantized_fusion", [&] {
     dispatch_quantized(inputs[0].scalar_type(), "quantized_fusion", [&](auto tag) {
       using q_t = decltype(tag);
       fuse_rows<q_t, scalar_t>(xs, ss, weight_values, gate_values, gated, out);

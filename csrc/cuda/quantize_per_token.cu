@@ -133,7 +133,7 @@ std::tuple<Tensor, Tensor> quantize_per_token_cuda(const Tensor& x, at::ScalarTy
   const Tensor input = x.contiguous();
   Tensor xq = at::empty(x.sizes(), x.options().dtype(dtype));
   Tensor scale = at::empty(scale_shape(x), x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token", [&] {
+  MMKERN_DISPATCH_FEATURE_TYPES(x.scalar_type(), "quantize_per_token", [&] {
     dispatch_quantized(dtype, "quantize_per_token", [&](auto tag) {
       using q_t = decltype(tag);
       launch_quantize_rows<scalar_t, q_t, q_t>(input, xq, scale);
@@ -147,7 +147,7 @@ Tensor fake_quantize_per_token_cuda(const Tensor& x, at::ScalarType dtype) {
   const Tensor input = x.contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
   Tensor scale = at::empty(scale_shape(x), x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quantize_per_token", [&] {
+  MMKERN_DISPATCH_FEATURE_TYPES(x.scalar_type(), "fake_quantize_per_token", [&] {
     dispatch_quantized(dtype, "fake_quantize_per_token", [&](auto tag) {
       using q_t = decltype(tag);
       launch_quantize_rows<scalar_t, q_t, scalar_t>(input, out, scale);

@@ -51,10 +51,7 @@ def quantized_fusion_kernel(
             term = _dequantized(x_ptr, s_ptr, offs, rows, mask)
             if HAS_WEIGHTS:
                 term = tl.load(weights_ptr + first_weight + i).to(tl.float32) * term
-            if HAS_ADDEND or i > 0:
-                acc += term
-            else:
-                acc = term
+            acc += term
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -67,9 +64,8 @@ def quantized_fusion_forward(inputs, scales, weights, gate, mode, out_dtype):
         return out
     gated = mode == "gated"
     gate = gate.contiguous() if gated else None
-    chunks = [list(range(i, min(i + MAX_INPUTS, len(inputs)))) for i in range(0, len(inputs), MAX_INPUTS)]
-    if gated:
-        chunks = [[0, 1]]
+    chunks = [[0, 1]] if gated else [list(range(i, min(i + MAX_INPUTS, len(inputs))))
+                                     for i in range(0, len(inputs), MAX_INPUTS)]
     addend = None
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
