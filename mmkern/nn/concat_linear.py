@@ -6,11 +6,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmkern import ops
+from mmkern.nn.backend import UsesBackend
 from mmkern.activations import ACTIVATIONS
 
 
-class ConcatLinear(nn.Module):
+class ConcatLinear(UsesBackend, nn.Module):
     """Projects several modalities' features as ``Linear(sum(in_features), out_features)`` over their
     concat, without building it; an optional activation is fused into the kernel.
 
@@ -70,7 +70,7 @@ class ConcatLinear(nn.Module):
         for i, (x, width) in enumerate(zip(inputs, self.in_features)):
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != width:
                 raise ValueError(f"inputs[{i}] must have last dim in_features[{i}] = {width}, got shape {tuple(x.shape)}")
-        return ops.concat_linear(inputs, self.weight, self.bias, activation=self.activation)
+        return self._ops.concat_linear(inputs, self.weight, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkern import ops
+from mmkern.nn.backend import UsesBackend
 
 
-class CrossModalAttention(nn.Module):
+class CrossModalAttention(UsesBackend, nn.Module):
     """Multi-head attention of one modality's tokens over another's, as ``nn.MultiheadAttention``
     computes it, with the attention itself in ``mmkern.ops.cross_modal_attention``.
 
@@ -18,7 +18,9 @@ class CrossModalAttention(nn.Module):
     ``num_kv_heads * head_dim`` outputs.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None)`` returns
-    ``(out, None)``. A ``key_padding_mask`` (True = ignore) becomes per-sample ``kv_lens``: padded
+    ``(out, None)``. Batches whose lengths are known pass them instead of a mask: ``kv_lens`` (B,)
+    valid keys per sample, and ``q_lens`` (B,) valid queries (later query rows come out as
+    ``out_proj``'s bias); batched inputs only. A ``key_padding_mask`` (True = ignore) becomes per-sample ``kv_lens``: padded
     keys cost no work. A mask that is not right padding is made one by moving each sample's kept
     keys to the front (attention does not depend on the keys' order). ``need_weights=True`` or an
     ``attn_mask`` take an exact eager path and give ``nn.MultiheadAttention``'s answer, weights
@@ -66,6 +68,10 @@ class CrossModalAttention(nn.Module):
         self.bias_k = self.bias_v = None  # read by code written for nn.MultiheadAttention
         self.add_zero_attn = False
 
+    # nn.TransformerEncoderLayer's inference fast path calls it to build its mask; it reads only
+    # attributes this module shares with nn.MultiheadAttention.
+    merge_masks = nn.MultiheadAttention.merge_masks
+
     def reset_parameters(self) -> None:
         # nn.MultiheadAttention's initialisation.
         for weight in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
@@ -109,7 +115,11 @@ class CrossModalAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False):
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False,
+                *, kv_lens: torch.Tensor | None = None, q_lens: torch.Tensor | None = None):
+        if kv_lens is not None or q_lens is not None:
+            return self._forward_with_lengths(query, key, value, kv_lens, q_lens, key_padding_mask, need_weights,
+                                              attn_mask, is_causal)
         batched = query.dim() == 3
         if not batched:
             query, key, value = (x.unsqueeze(1 if not self.batch_first else 0) for x in (query, key, value))
@@ -121,6 +131,11 @@ class CrossModalAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         float_padding = key_padding_mask is not None and key_padding_mask.is_floating_point()
+        if float_padding and not torch.compiler.is_compiling() and _only_zero_or_minus_infinity(key_padding_mask):
+            # nn.Transformer*Layer turn boolean padding masks into additive ones (0 / -inf): read back as
+            # booleans they are the same mask, and take the kernel. Checking costs a sync, so compiled
+            # calls keep the exact path.
+            key_padding_mask, float_padding = torch.isneginf(key_padding_mask), False
         if need_weights or attn_mask is not None or is_causal or float_padding:
             out, weights = _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p,
                                             average_attn_weights if need_weights else None)
@@ -128,7 +143,7 @@ class CrossModalAttention(nn.Module):
             kv_lens = None
             if key_padding_mask is not None:
                 k, v, kv_lens = _kept_keys_first(k, v, key_padding_mask)
-            out = ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, dropout_p=dropout_p)
+            out = self._ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, dropout_p=dropout_p)
         out = self.out_proj(out.flatten(-2))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -136,6 +151,22 @@ class CrossModalAttention(nn.Module):
             out = out.squeeze(1 if not self.batch_first else 0)
             weights = None if weights is None else weights.squeeze(0)
         return out, (weights if need_weights else None)
+
+    def _forward_with_lengths(self, query, key, value, kv_lens, q_lens, key_padding_mask, need_weights, attn_mask,
+                              is_causal):
+        if key_padding_mask is not None or attn_mask is not None or need_weights or is_causal:
+            raise ValueError("kv_lens and q_lens replace key_padding_mask; they do not combine with attn_mask, "
+                             "need_weights or is_causal")
+        if query.dim() != 3:
+            raise ValueError(f"kv_lens and q_lens need batched inputs, got query of shape {tuple(query.shape)}")
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        self._check(query, key, value, None)
+        q, k, v = self._projections(query, key, value)
+        out = self._ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, q_lens=q_lens,
+                                              dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.flatten(-2))
+        return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _check(self, query, key, value, key_padding_mask):
         for name, x, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
@@ -151,6 +182,10 @@ class CrossModalAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"kdim={self.kdim}, vdim={self.vdim}, dropout={self.dropout}, batch_first={self.batch_first}")
+
+
+def _only_zero_or_minus_infinity(mask: torch.Tensor) -> bool:
+    return bool(((mask == 0) | torch.isneginf(mask)).all())
 
 
 def _kept_keys_first(k, v, key_padding_mask):

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmkern import ops
+from mmkern.nn.backend import UsesBackend
 from mmkern.nn.concat_linear import ConcatLinear
 
 
-class QuantizedConcatLinear(nn.Module):
+class QuantizedConcatLinear(UsesBackend, nn.Module):
     """``Linear(sum(in_features), out_features)`` over the concat of several modalities' features,
     with the weight stored as int8 with one scale per output channel (``weight_q``, ``weight_scale``
     buffers: a quarter of float32's memory) and the product on int8 tensor cores.
@@ -36,7 +36,7 @@ class QuantizedConcatLinear(nn.Module):
         self.in_features, self.out_features = concat_linear.in_features, concat_linear.out_features
         self.activation, self.out_dtype = concat_linear.activation, out_dtype
         weight = concat_linear.weight.detach()
-        weight_q, weight_scale = ops.quantize_per_token(weight.float() if weight.dtype == torch.float64 else weight)
+        weight_q, weight_scale = self._ops.quantize_per_token(weight.float() if weight.dtype == torch.float64 else weight)
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale.view(-1))
         bias = concat_linear.bias
@@ -53,7 +53,7 @@ class QuantizedConcatLinear(nn.Module):
         return module
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return ops.dequantize_per_token(self.weight_q, self.weight_scale[:, None], dtype)
+        return self._ops.dequantize_per_token(self.weight_q, self.weight_scale[:, None], dtype)
 
     def forward(self, *inputs) -> torch.Tensor:
         if len(inputs) != len(self.in_features):
@@ -67,12 +67,12 @@ class QuantizedConcatLinear(nn.Module):
                 raise ValueError(f"inputs[{i}] must have last dim in_features[{i}] = {width}, got shape {tuple(shape)}")
         out_dtype = floats[0].dtype if floats else self.out_dtype
         if torch.is_grad_enabled() and any(x.requires_grad for x in floats):
-            features = [x if isinstance(x, torch.Tensor) else ops.dequantize_per_token(*x, out_dtype) for x in inputs]
+            features = [x if isinstance(x, torch.Tensor) else self._ops.dequantize_per_token(*x, out_dtype) for x in inputs]
             bias = None if self.bias is None else self.bias.to(out_dtype)
-            return ops.quantize_and_concat_linear(features, self.dequantized_weight(out_dtype), bias,
+            return self._ops.quantize_and_concat_linear(features, self.dequantized_weight(out_dtype), bias,
                                                   activation=self.activation)
-        pairs = [ops.quantize_per_token(x) if isinstance(x, torch.Tensor) else tuple(x) for x in inputs]
-        return ops.quantized_concat_linear([q for q, _ in pairs], [s for _, s in pairs], self.weight_q,
+        pairs = [self._ops.quantize_per_token(x) if isinstance(x, torch.Tensor) else tuple(x) for x in inputs]
+        return self._ops.quantized_concat_linear([q for q, _ in pairs], [s for _, s in pairs], self.weight_q,
                                            self.weight_scale, self.bias, activation=self.activation,
                                            out_dtype=out_dtype)
 

@@ -4,12 +4,12 @@ or gate."""
 import torch
 from torch import nn
 
-from mmkern import ops
+from mmkern.nn.backend import UsesBackend
 from mmkern.nn.concat_linear import ConcatLinear
 from mmkern.ops.quantized_fusion import MODES
 
 
-class QuantizedFusion(nn.Module):
+class QuantizedFusion(UsesBackend, nn.Module):
     """Fuses ``num_inputs`` same-shape quantized features ``(xq, scale)`` in one pass.
 
     ``mode="sum"``: ``sum_i weights[i] * dequant(x_i)`` with learnable ``weights`` (initialised to
@@ -47,13 +47,13 @@ class QuantizedFusion(nn.Module):
         if self.mode == "sum":
             if gate_logits is not None:
                 raise ValueError('gate_logits are only taken with mode="gated"')
-            return ops.quantized_fusion(inputs_q, scales, self.weights, out_dtype=self.out_dtype)
+            return self._ops.quantized_fusion(inputs_q, scales, self.weights, out_dtype=self.out_dtype)
         if gate_logits is None:
             if self.gate is None:
                 raise ValueError("gated fusion without a gate projection (features=None) needs gate_logits")
             dtype = self.gate.weight.dtype
-            gate_logits = self.gate(*(ops.dequantize_per_token(q, s, dtype) for q, s in pairs))
-        return ops.quantized_fusion(inputs_q, scales, mode="gated", gate=gate_logits, out_dtype=self.out_dtype)
+            gate_logits = self.gate(*(self._ops.dequantize_per_token(q, s, dtype) for q, s in pairs))
+        return self._ops.quantized_fusion(inputs_q, scales, mode="gated", gate=gate_logits, out_dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"num_inputs={self.num_inputs}, mode={self.mode!r}, out_dtype={self.out_dtype}"
