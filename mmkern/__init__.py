@@ -2,9 +2,10 @@
 
 from mmkern import _config  # noqa: F401  (must run before anything imports triton)
 from mmkern import _extension  # noqa: F401  (registers the op schemas and C++ kernels)
-from mmkern import data, nn, ops, reference
+from mmkern import data, models, nn, ops, reference
 from mmkern._extension import build_info
+from mmkern.swap import SwapReport, swap
 
 __version__ = _extension.build_config.VERSION
 
-__all__ = ["build_info", "data", "nn", "ops", "reference", "__version__"]
+__all__ = ["SwapReport", "build_info", "data", "models", "nn", "ops", "reference", "swap", "__version__"]

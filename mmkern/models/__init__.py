@@ -1,0 +1,7 @@
+"""Complete multimodal models built from mmkern's modules; each takes ``backend="mmkern"`` or ``"eager"``."""
+
+from mmkern.models.fusion import FUSIONS
+from mmkern.models.trimodal import TriModalClassifier
+from mmkern.models.vision_text import IMAGE_ENCODERS, TEXT_ENCODERS, VisionTextClassifier
+
+__all__ = ["FUSIONS", "IMAGE_ENCODERS", "TEXT_ENCODERS", "TriModalClassifier", "VisionTextClassifier"]
