@@ -1,0 +1,45 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the digits task reads scikit-learn's bundled images")
+
+from mmkern import cli, train  # noqa: E402
+
+TINY = ["--dim", "16", "--questions-per-image", "1", "--batch-size", "32", "--accumulate", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("model", train.MODELS)
+def test_train_writes_metrics_and_resumes(tmp_path, model):
+    out = str(tmp_path / model)
+    assert cli.main(["train", "--model", model, "--epochs", "1", "--out", out, *TINY]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["model"] == model and len(metrics["history"]) == 1
+    for name in ("accuracy", "macro_recall", "macro_f1"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert metrics["test_samples"] > 300 and os.path.exists(os.path.join(out, "checkpoint.pt"))
+    train.main(["--model", model, "--epochs", "2", "--resume", "--out", out, *TINY])
+    history = json.load(open(os.path.join(out, "metrics.json")))["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+
+
+def test_train_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="multiple of --accumulate"):
+        train.main(["--batch-size", "10", "--accumulate", "3", "--out", str(tmp_path)])
+    assert cli.main([]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", train.MODELS)
+def test_default_run_reaches_95_percent_in_10_minutes(tmp_path, model):
+    # The command users run, as they run it: a fresh process, the default schedule.
+    out = str(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-m", "mmkern.train", "--model", model, "--out", out, "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "MMKERN_TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    print(done.stdout.splitlines()[-1])
+    assert metrics["accuracy"] >= 0.95 and metrics["seconds"] <= 600
