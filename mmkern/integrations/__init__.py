@@ -1,0 +1,1 @@
+"""Integrations of mmkern's kernels into other libraries' models."""
