@@ -160,3 +160,51 @@ def test_bad_inputs_are_named():
         CrossModalAttention.from_torch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="add_bias_kv"):
         CrossModalAttention.from_torch(nn.MultiheadAttention(32, 4, add_bias_kv=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lengths_equal_the_padding_mask_they_stand_for(device, batch_first):
+    mha = make_mha(device, kdim=24, vdim=16, batch_first=batch_first)
+    module = CrossModalAttention.from_torch(mha)
+    args = inputs(device, kdim=24, vdim=16, batch_first=batch_first)
+    kv_lens = torch.tensor([11, 4, 1], device=device)
+    expected, _ = mha(*args, key_padding_mask=right_padding(device))
+    actual, weights = module(*args, kv_lens=kv_lens)
+    assert weights is None
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    # Query rows past q_lens carry out_proj's bias alone; the valid rows are unchanged.
+    q_lens = torch.tensor([7, 2, 0], device=device)
+    with_q_lens, _ = module(*args, kv_lens=kv_lens, q_lens=q_lens)
+    rows = (torch.arange(7, device=device) < q_lens[:, None])
+    rows = rows if batch_first else rows.t()
+    torch.testing.assert_close(with_q_lens[rows], expected[rows], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(with_q_lens[~rows], mha.out_proj.bias.expand(int((~rows).sum()), -1))
+
+
+def test_additive_padding_masks_read_as_boolean(monkeypatch):
+    mha = make_mha("cpu")
+    module = CrossModalAttention.from_torch(mha)
+    args = inputs("cpu")
+    mask = right_padding("cpu")
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float("-inf"))
+    exact_calls = []
+    import mmkern.nn.cross_modal_attention as module_file
+    exact = module_file._exact_attention
+    monkeypatch.setattr(module_file, "_exact_attention", lambda *a: exact_calls.append(1) or exact(*a))
+    torch.testing.assert_close(module(*args, key_padding_mask=additive)[0], mha(*args, key_padding_mask=mask)[0],
+                               rtol=1e-10, atol=1e-10)
+    assert exact_calls == []
+    soft = additive.masked_fill(~mask, -0.5)  # a genuine additive bias still takes the exact path
+    torch.testing.assert_close(module(*args, key_padding_mask=soft)[0], mha(*args, key_padding_mask=soft)[0])
+    assert exact_calls == [1]
+
+
+def test_lengths_refuse_masks_and_unbatched_inputs():
+    module = CrossModalAttention(32, 4)
+    query, key, value = inputs("cpu")
+    kv_lens = torch.tensor([11, 4, 1])
+    with pytest.raises(ValueError, match="do not combine with attn_mask"):
+        module(query.float(), key.float(), value.float(), key_padding_mask=right_padding("cpu"), kv_lens=kv_lens)
+    with pytest.raises(ValueError, match="need batched inputs"):
+        module(query[0].float(), key[0].float(), value[0].float(), kv_lens=kv_lens)
