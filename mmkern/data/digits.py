@@ -26,8 +26,9 @@ def _answer_about_both(template: int, digit: int, tone: int) -> str:
 
 
 def question_tokenizer() -> WordTokenizer:
-    """The tokenizer of every question the task asks (numbers 0-9 included)."""
-    texts = [t.format(n=n) for t in _IMAGE_QUESTIONS for n in range(10)] + list(_TONE_QUESTIONS)
+    """The tokenizer of every question the task asks and every answer (each answer is one token, so a
+    language model answers in one step)."""
+    texts = [t.format(n=n) for t in _IMAGE_QUESTIONS for n in range(10)] + list(_TONE_QUESTIONS) + list(ANSWERS)
     return WordTokenizer.from_texts(texts)
 
 
