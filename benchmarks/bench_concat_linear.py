@@ -15,8 +15,8 @@ import sys
 import torch
 
 from mmkern import ops, reference
-from mmkern.bench import Case, describe_environment, format_table, run_cases, write_results
-from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype
+from mmkern.bench import Case, describe_environment
+from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype, run_and_report
 
 # name: (segment shapes, out_features, activation). The first two are the CPU targets.
 CPU_CASES = {
@@ -75,14 +75,8 @@ def main(argv=None):
 
     environment = describe_environment(device)
     print(f"concat_linear on {environment['device']}, {dtype}, torch {environment['torch']}", file=sys.stderr)
-    records = run_cases("concat_linear", cases, lambda case: make_providers(case, not args.no_compile),
-                        device=device, dtype=dtype, modes=args.modes.split(","), repeats=args.repeats,
-                        budget_s=args.budget)
-    csv_path, json_path = write_results(records, environment, args.out, "concat_linear")
-    print(f"\nconcat_linear: {environment['device']} | {dtype} | torch {environment['torch']} | {environment['timestamp']}")
-    print(format_table(records))
-    print(f"\nrows appended to {csv_path}; this run in {json_path}")
-
+    run_and_report("concat_linear", cases, lambda case: make_providers(case, not args.no_compile), args, device,
+                   dtype, environment)
 
 if __name__ == "__main__":
     main()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mmkern import ops, reference
-from mmkern.bench import Case, describe_environment, format_table, run_cases, write_results
-from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype
+from mmkern.bench import Case, describe_environment
+from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype, run_and_report
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, fraction of valid keys). The first three are the CPU targets.
 CPU_CASES = {
@@ -170,17 +170,8 @@ def main(argv=None):
     environment = describe_environment(device)
     print(f"cross_modal_attention on {environment['device']}, {dtype}, torch {environment['torch']}", file=sys.stderr)
     notes = set()
-    records = run_cases("cross_modal_attention", cases, lambda case: make_providers(case, device, not args.no_compile, notes),
-                        device=device, dtype=dtype, modes=args.modes.split(","), reference="sdpa",
-                        repeats=args.repeats, budget_s=args.budget)
-    csv_path, json_path = write_results(records, environment, args.out, "cross_modal_attention")
-    print(f"\ncross_modal_attention: {environment['device']} | {dtype} | torch {environment['torch']} | "
-          f"{environment['timestamp']}")
-    print(format_table(records))
-    for note in sorted(notes):
-        print(f"note: {note}")
-    print(f"\nrows appended to {csv_path}; this run in {json_path}")
-
+    run_and_report("cross_modal_attention", cases, lambda case: make_providers(case, device, not args.no_compile, notes),
+                   args, device, dtype, environment, notes, reference="sdpa")
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,8 @@ import sys
 import torch
 
 from mmkern import ops, reference
-from mmkern.bench import Case, describe_environment, format_table, run_cases, write_results
-from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype
+from mmkern.bench import Case, describe_environment
+from mmkern.bench.cli import benchmark_parser, chosen_cases, device_and_dtype, run_and_report
 
 # name: (segment shapes, out_features). The first two are the CPU target's shapes.
 CONCAT_CPU_CASES = {
@@ -158,12 +158,7 @@ def main(argv=None):
             parser.error(f"unknown op {op!r}; known: {', '.join(SUBSETS)}")
         if not cases:
             continue
-        records = run_cases(op, cases, make, device=device, dtype=dtype, modes=["forward"], repeats=args.repeats,
-                            budget_s=args.budget)
-        csv_path, json_path = write_results(records, environment, args.out, op)
-        print(f"\n{op}: {environment['device']} | {dtype} | torch {environment['torch']} | {environment['timestamp']}")
-        print(format_table(records))
-        print(f"rows appended to {csv_path}; this run in {json_path}")
+        run_and_report(op, cases, make, args, device, dtype, environment, modes=["forward"])
     print("\n" + stored_feature_memory())
 
 

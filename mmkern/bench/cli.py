@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from mmkern.bench.runner import MODES
+from mmkern.bench.records import format_table, write_results
+from mmkern.bench.runner import MODES, run_cases
 
 
 def benchmark_parser(description: str, results_dir: str, default_modes=MODES) -> argparse.ArgumentParser:
@@ -34,3 +35,18 @@ def chosen_cases(parser, args, known: dict, default: dict) -> list:
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(known)}")
     return names
+
+
+def run_and_report(op: str, cases: list, make_providers, args, device: torch.device, dtype: torch.dtype,
+                   environment: dict, notes=(), **run_options) -> list:
+    """Times ``cases`` (``run_cases`` with the command line's modes, repeats and budget unless
+    ``run_options`` say otherwise), appends the figures to ``args.out`` and prints the table."""
+    options = dict(modes=args.modes.split(","), repeats=args.repeats, budget_s=args.budget)
+    records = run_cases(op, cases, make_providers, device=device, dtype=dtype, **{**options, **run_options})
+    csv_path, json_path = write_results(records, environment, args.out, op)
+    print(f"\n{op}: {environment['device']} | {dtype} | torch {environment['torch']} | {environment['timestamp']}")
+    print(format_table(records))
+    for note in sorted(notes):
+        print(f"note: {note}")
+    print(f"\nrows appended to {csv_path}; this run in {json_path}")
+    return records
