@@ -125,3 +125,16 @@ def test_compiles_whole_for_forward_and_backward(name, backend):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     for a, e in zip(gradients, expected_gradients):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiles_with_inductor():
+    # aot_eager above proves every model traces whole; inductor, the default backend, also generates code for it.
+    torch._dynamo.reset()
+    model = COMPILED_MODELS["vit_transformer_attention"]()
+    inputs = vision_text_batch("cpu", torch.Generator().manual_seed(1))
+    expected, expected_gradients = outputs_and_gradients(model, inputs)
+    logits, gradients = outputs_and_gradients(torch.compile(model, fullgraph=True), inputs)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    for a, e in zip(gradients, expected_gradients):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5)

@@ -43,3 +43,13 @@ def test_default_run_reaches_95_percent_in_10_minutes(tmp_path, model):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     print(done.stdout.splitlines()[-1])
     assert metrics["accuracy"] >= 0.95 and metrics["seconds"] <= 600
+
+
+def test_torchrun_trains_data_parallel(tmp_path):
+    out = str(tmp_path / "ddp")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmkern.train",
+                           "--epochs", "1", "--out", out, *TINY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["processes"] == 2 and len(metrics["history"]) == 1
+    assert done.stdout.count("held-out accuracy") == 2  # one epoch line and one summary, from rank 0 alone
