@@ -167,6 +167,9 @@ def opcheck_samples(device):
             for t in (q, k, v):
                 t.requires_grad_(requires_grad)
             samples.append((q, k, v, lengths["kv_lens"], lengths["q_lens"], 0.3, 0.0 if seed is None else 0.25, seed))
+    # Every row valid (the CPU kernel's one-call path), q, k, v as views of one fused projection.
+    qkv = torch.randn(2, 4, 3, 2, 8, device=device).unbind(2)
+    samples.append((*qkv, None, None, 0.3, 0.0, None))
     return samples
 
 

@@ -196,7 +196,7 @@ Tensor fold_heads(const Tensor& grad, int64_t kv_heads, int64_t group, int64_t w
 }
 
 // Whether a padded batch has every row of every sample valid (and some work): then ATen's kernel
-// takes it in one call, and its outputs are returned as they are, without a copy.
+// takes it in one call.
 bool whole_batch(const Layout& l) {
   const auto full = [](const std::vector<int64_t>& rows, int64_t len) {
     return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
@@ -340,8 +340,9 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
   const Layout l = padded_layout(q, k, kv_lens, q_lens);
   const Dropout dropout(dropout_p, dropout_seed);
   if (!dropout.active && whole_batch(l)) {
+    // ATen's lse is (B, H, L) over (B, L, H) storage: contiguous, as the fake kernel promises.
     auto [out, lse] = flash_forward_chunk(l, q, k, v, scale);
-    return {out.contiguous(), lse};
+    return {out.contiguous(), lse.contiguous()};
   }
   Tensor out = at::zeros({l.batch, l.q_len, l.q_heads, v.size(3)}, q.options());
   Tensor lse = empty_lse(q, {l.batch, l.q_heads, l.q_len});
