@@ -8,7 +8,7 @@ BUILT := $(VENV)/.mmkern-built
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 BENCH_ARGS ?=
 
-.PHONY: setup test test-cpu test-interpreter bench wheel test-wheel clean
+.PHONY: setup test test-cpu test-interpreter bench bench-models wheel test-wheel clean
 
 setup: $(BUILT)
 
@@ -32,10 +32,16 @@ test-cpu: $(BUILT)
 test-interpreter: $(BUILT)
 	MMKERN_TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
 
+# The ops' benchmarks; the complete models' training steps (minutes even on CPU) are bench-models.
+OP_BENCHMARKS := $(filter-out benchmarks/bench_models.py,$(wildcard benchmarks/bench_*.py))
+
 bench: $(BUILT)
-	@for script in benchmarks/bench_*.py; do \
+	@for script in $(OP_BENCHMARKS); do \
 		echo "== $$script"; $(PY) $$script $(BENCH_ARGS) || exit 1; \
 	done
+
+bench-models: $(BUILT)
+	$(PY) benchmarks/bench_models.py $(BENCH_ARGS)
 
 # A wheel for this machine's torch and CUDA toolkit, in dist/ (knobs: MMKERN_CUDA_ARCH_LIST, MAX_JOBS, ...).
 wheel: $(BUILT)
