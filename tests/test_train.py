@@ -12,6 +12,8 @@ from mmkern import cli, train  # noqa: E402
 TINY = ["--dim", "16", "--questions-per-image", "1", "--batch-size", "32", "--accumulate", "2", "--no-progress"]
 
 
+# Whole epochs of the digits task: through Triton's interpreter they would take most of CI's time.
+@pytest.mark.slow
 @pytest.mark.parametrize("model", train.MODELS)
 def test_train_writes_metrics_and_resumes(tmp_path, model):
     out = str(tmp_path / model)
@@ -45,6 +47,7 @@ def test_default_run_reaches_95_percent_in_10_minutes(tmp_path, model):
     assert metrics["accuracy"] >= 0.95 and metrics["seconds"] <= 600
 
 
+@pytest.mark.slow
 def test_torchrun_trains_data_parallel(tmp_path):
     out = str(tmp_path / "ddp")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmkern.train",
