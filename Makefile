@@ -32,16 +32,16 @@ test-cpu: $(BUILT)
 test-interpreter: $(BUILT)
 	MMKERN_TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
 
-# The ops' benchmarks; the complete models' training steps (minutes even on CPU) are bench-models.
-OP_BENCHMARKS := $(filter-out benchmarks/bench_models.py,$(wildcard benchmarks/bench_*.py))
+# mmkern bench's quick preset (a few minutes on a 2-core CPU): a folder per run under $(BENCH_OUT).
+# A GPU run to keep: make bench BENCH_OUT=benchmarks/results, then mmkern bench --update-readme.
+BENCH_OUT ?= mmkern-bench
 
 bench: $(BUILT)
-	@for script in $(OP_BENCHMARKS); do \
-		echo "== $$script"; $(PY) $$script $(BENCH_ARGS) || exit 1; \
-	done
+	$(PY) -m mmkern.bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
+# Training steps of the complete models (minutes even on CPU).
 bench-models: $(BUILT)
-	$(PY) benchmarks/bench_models.py $(BENCH_ARGS)
+	$(PY) -m mmkern.bench --preset models --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # A wheel for this machine's torch and CUDA toolkit, in dist/ (knobs: MMKERN_CUDA_ARCH_LIST, MAX_JOBS, ...).
 wheel: $(BUILT)

@@ -1,8 +1,9 @@
-"""The ``mmkern`` console command: ``mmkern train ...`` (``python -m mmkern.train``)."""
+"""The ``mmkern`` console command: ``mmkern train ...`` (``python -m mmkern.train``) and ``mmkern bench ...``
+(``python -m mmkern.bench``)."""
 
 import sys
 
-COMMANDS = {"train": "mmkern.train"}
+COMMANDS = {"train": "mmkern.train", "bench": "mmkern.bench.command"}
 
 
 def main(argv=None) -> int:

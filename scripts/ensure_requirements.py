@@ -48,9 +48,11 @@ def main() -> int:
     return 0
 
 
-# The digits task (scikit-learn's bundled images) and the Hugging Face backend's tests. Best effort: an
-# offline GPU machine without them still builds and runs every other test.
-OPTIONAL = (("sklearn", "scikit-learn"), ("transformers", "transformers"))
+# The digits task (scikit-learn's bundled images), the Hugging Face backend's tests, the benchmark
+# report's plots and pytest-benchmark. Best effort: an offline GPU machine without them still builds
+# and runs every other test.
+OPTIONAL = (("sklearn", "scikit-learn"), ("transformers", "transformers"), ("matplotlib", "matplotlib"),
+            ("pytest_benchmark", "pytest-benchmark"))
 
 
 def _install_optional(specs: list) -> None:

@@ -1,10 +1,8 @@
-"""What a benchmark ran on, and where its figures go: rows appended to one CSV, plus one JSON file
-per run, under benchmarks/results/."""
+"""What a benchmark ran on, and its figures: one folder per run, with every record as CSV and JSON."""
 
 import csv
 import datetime
 import json
-import os
 import platform
 import re
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cuda_driver() -> str | None:
+    try:
+        version = torch._C._cuda_getDriverVersion()  # e.g. 13000 for 13.0
+    except (AttributeError, RuntimeError):
+        return None
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
 def describe_environment(device: torch.device) -> dict:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -41,6 +47,7 @@ def describe_environment(device: torch.device) -> dict:
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "driver": _cuda_driver() if device.type == "cuda" else None,
         "triton": triton_version,
         "mmkern": mmkern.__version__,
         "python": platform.python_version(),
@@ -65,6 +72,10 @@ class Record:
     peak_memory_mb: float
     speedup: float | None = None  # the baseline provider's median time over this one's
     baseline: str | None = None
+    graphed: bool = False  # timed as CUDA-graph replays
+    input_copies: int = 1  # copies of the inputs the timed calls took in turn
+    flops_fraction: float | None = None  # of the device's measured matrix-product ceiling
+    bandwidth_fraction: float | None = None  # of the device's measured copy bandwidth
     params: dict = field(default_factory=dict)
 
 
@@ -72,34 +83,55 @@ def device_slug(environment: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", environment["device"].lower()).strip("-")[:60]
 
 
-def write_results(records: list, environment: dict, out_dir: str, op: str) -> tuple:
-    """Appends the rows to out_dir/<op>.csv and writes out_dir/<op>-<device>-<time>.json."""
-    os.makedirs(out_dir, exist_ok=True)
+def run_folder_name(environment: dict) -> str:
+    stamp = environment["timestamp"].replace(":", "").replace("+0000", "Z")
+    return f"{stamp}-{device_slug(environment)}"
+
+
+def write_records(records: list, path_stem: str, extra: dict) -> tuple:
+    """``path_stem``.csv (a row per record, with ``extra["environment"]`` on every row) and
+    ``path_stem``.json (``extra`` and the records)."""
+    environment = extra.get("environment", {})
     rows = [{**environment, **{k: v for k, v in asdict(r).items() if k != "params"}, "params": json.dumps(r.params)}
             for r in records]
-    csv_path = os.path.join(out_dir, f"{op}.csv")
-    new_file = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
+    csv_path, json_path = path_stem + ".csv", path_stem + ".json"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["op"])
+        writer.writeheader()
         writer.writerows(rows)
-    stamp = environment["timestamp"].replace(":", "").replace("+0000", "Z")
-    json_path = os.path.join(out_dir, f"{op}-{device_slug(environment)}-{stamp}.json")
     with open(json_path, "w") as handle:
-        json.dump({"environment": environment, "records": [asdict(r) for r in records]}, handle, indent=1)
+        json.dump({**extra, "records": [asdict(r) for r in records]}, handle, indent=1)
     return csv_path, json_path
 
 
+def load_records(path: str) -> tuple:
+    """(the run's JSON without its records, the records as dicts) of a results.json, or of the
+    per-op JSON files earlier runs wrote (environment and records)."""
+    with open(path) as handle:
+        saved = json.load(handle)
+    records = saved.pop("records")
+    return saved, records
+
+
+def _percent(fraction) -> str:
+    return "" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def format_table(records: list) -> str:
+    """One line per record; 'of peak' is the larger of its fractions of the device's measured
+    matrix-product and copy ceilings, and (g) marks CUDA-graph timing."""
     baseline = next((r.baseline for r in records if r.baseline), "baseline")
-    header = ["case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "peak MB", f"vs {baseline}"]
+    header = ["case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "of peak", "peak MB",
+              f"vs {baseline}"]
     lines = [header]
     for r in records:
+        fractions = [f for f in (r.flops_fraction, r.bandwidth_fraction) if f is not None]
         lines.append([
-            r.case, r.mode, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+            r.case, r.mode, r.provider + (" (g)" if r.graphed else ""), f"{r.median_ms:.3f}",
+            f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
             "" if r.tflops is None else f"{r.tflops:.3f}",
             "" if r.gbps is None else f"{r.gbps:.1f}",
+            _percent(max(fractions, default=None)),
             f"{r.peak_memory_mb:.1f}",
             "" if r.speedup is None else f"{r.speedup:.2f}x",
         ])

@@ -18,11 +18,54 @@ class TimingStats:
     p80_ms: float
     min_ms: float
     repeats: int
+    graphed: bool = False  # timed as CUDA-graph replays (a call too short for launch overhead to hide)
 
     @classmethod
-    def of(cls, samples_ms: list) -> "TimingStats":
+    def of(cls, samples_ms: list, graphed: bool = False) -> "TimingStats":
         quantiles = statistics.quantiles(samples_ms, n=5, method="inclusive") if len(samples_ms) > 1 else samples_ms * 4
-        return cls(statistics.median(samples_ms), quantiles[0], quantiles[3], min(samples_ms), len(samples_ms))
+        return cls(statistics.median(samples_ms), quantiles[0], quantiles[3], min(samples_ms), len(samples_ms),
+                   graphed)
+
+
+# Calls shorter than this on a GPU are timed as CUDA-graph replays: at a few microseconds, the host's
+# launch overhead, not the kernel, would be what events measure.
+GRAPH_BELOW_MS = 0.05
+# Calls captured in one graph, so that one replay's own launch is spread thin.
+GRAPH_CALLS = 20
+
+
+class _Rotation:
+    """One call a sample: each takes the next of the steps (the same work on separate copies of the
+    inputs), so that no call finds its inputs still in cache from the one before."""
+
+    def __init__(self, steps: list):
+        self.steps, self.next = steps, 0
+        self.calls_per_sample = 1
+
+    def __call__(self):
+        step = self.steps[self.next]
+        self.next = (self.next + 1) % len(self.steps)
+        return step()
+
+
+class _GraphReplay:
+    """GRAPH_CALLS rotated calls captured in one CUDA graph; a sample is one replay."""
+
+    def __init__(self, rotation: _Rotation, device: torch.device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # capture needs its warm-up (cuBLAS handles, autograd) off the default stream
+            for _ in range(len(rotation.steps)):
+                rotation()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for _ in range(GRAPH_CALLS):
+                rotation()
+        self.calls_per_sample = GRAPH_CALLS
+
+    def __call__(self):
+        self.graph.replay()
 
 
 def _time_one(fn, device: torch.device) -> float:
@@ -32,30 +75,49 @@ def _time_one(fn, device: torch.device) -> float:
         fn()
         end.record()
         end.synchronize()
-        return begin.elapsed_time(end)
+        return begin.elapsed_time(end) / fn.calls_per_sample
     begin = time.perf_counter()
     fn()
     return (time.perf_counter() - begin) * 1e3
 
 
-def time_calls(calls: dict, device: torch.device, *, warmup: int, repeats: int, budget_s: float) -> dict:
-    """Times each of ``calls`` (name: fn) ``repeats`` times after ``warmup`` calls, in interleaved
-    rounds, so that drift in the machine's speed (clocks, neighbours, thermals) lands on every
-    call alike instead of on whichever ran last. Stops early, after 3 rounds, once ``budget_s`` per
-    call is spent. CUDA calls are timed with events on the current stream."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
+def _graphed_if_short(name: str, rotation: _Rotation, device: torch.device, graphable: bool):
+    if device.type != "cuda" or not graphable:
+        return rotation
+    if statistics.median(_time_one(rotation, device) for _ in range(5)) >= GRAPH_BELOW_MS:
+        return rotation
+    try:
+        return _GraphReplay(rotation, device)
+    except RuntimeError as refusal:  # a host sync or a CPU-side check in the call: events it is
+        torch.cuda.synchronize(device)
+        print(f"\n{name}: short, but cannot be captured in a CUDA graph ({str(refusal).splitlines()[0][:120]}); "
+              "timed with events", file=sys.stderr)
+        return rotation
+
+
+def time_calls(calls: dict, device: torch.device, *, warmup: int, repeats: int, budget_s: float,
+               graphable: bool = True) -> dict:
+    """Times each of ``calls`` (name: list of steps, the same work on separate copies of the inputs;
+    each sample runs the next step) ``repeats`` times after ``warmup`` rounds, in interleaved rounds,
+    so that drift in the machine's speed (clocks, neighbours, thermals) lands on every call alike
+    instead of on whichever ran last. Stops early, after 3 rounds, once ``budget_s`` per call is
+    spent. CUDA calls are timed with events on the current stream, and those under GRAPH_BELOW_MS as
+    CUDA-graph replays where ``graphable`` and the call can be captured."""
+    rotations = {name: _Rotation(steps) for name, steps in calls.items()}
+    for rotation in rotations.values():
+        for _ in range(warmup * len(rotation.steps)):
+            rotation()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    timed = {name: _graphed_if_short(name, rotation, device, graphable) for name, rotation in rotations.items()}
     samples = {name: [] for name in calls}
     start = time.perf_counter()
     for round_index in range(repeats):
-        for name, fn in calls.items():
+        for name, fn in timed.items():
             samples[name].append(_time_one(fn, device))
         if round_index >= 2 and time.perf_counter() - start > budget_s * len(calls):
             break
-    return {name: TimingStats.of(times) for name, times in samples.items()}
+    return {name: TimingStats.of(times, isinstance(timed[name], _GraphReplay)) for name, times in samples.items()}
 
 
 @contextlib.contextmanager

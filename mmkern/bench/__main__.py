@@ -1,0 +1,5 @@
+import sys
+
+from mmkern.bench.command import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""cross_modal_attention against PyTorch's SDPA as users call it (a boolean key-padding mask; on CUDA
+also each SDPA backend that accepts the case), flex_attention with a block mask, flash-attn's and
+xFormers' varlen attention (CUDA, where installed) and the eager reference.
+
+Speedups are over SDPA. FLOPs count the valid keys only (the work a padding-aware kernel does):
+forward 2 * Hq * Lq * kv_len * (D + Dv) per sample, backward 2.5 times that, as flash-attention counts.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from mmkern import ops, reference
+from mmkern.bench.runner import Case
+from mmkern.bench.suite import Suite
+
+# name: (B, Lq, Lk, Hq, Hkv, D, Dv, fraction of valid keys)
+CPU = {
+    "dense": (4, 512, 1024, 8, 8, 64, 64, 1.0),
+    "padded_50": (4, 512, 1024, 8, 8, 64, 64, 0.5),
+    "few_queries_padded_50": (8, 32, 4096, 8, 8, 64, 64, 0.5),
+    "text_over_image_gqa": (8, 64, 576, 16, 4, 64, 64, 0.7),
+}
+CUDA = {
+    **{f"equal_{n // 1024}k_d{d}": (16384 // n, n, n, 2048 // d, 2048 // d, d, d, 1.0)
+       for n in (1024, 4096, 16384) for d in (64, 128)},
+    **{f"text_over_image_q{lq}_k{lk}_{round(100 * f)}": (32, lq, lk, 16, 16, 128, 128, f)
+       for lq, lk in ((32, 256), (128, 1024), (512, 4096)) for f in (0.3, 0.5, 1.0)},
+    **{f"few_queries_q{lq}_k{lk // 1024}k": (4, lq, lk, 16, 16, 128, 128, 1.0)
+       for lq in (32, 64) for lk in (4096, 32768)},
+    "few_queries_q32_k32k_gqa_d64": (4, 32, 32768, 32, 8, 64, 64, 1.0),
+}
+QUICK_CPU = {"small_padded_50": (2, 128, 256, 4, 4, 64, 64, 0.5), "padded_50": CPU["padded_50"]}
+QUICK_CUDA = ("equal_4k_d128", "text_over_image_q128_k1024_50", "few_queries_q32_k32k")
+# The eager reference stores the (B, Hq, Lq, Lk) scores several times over; above this it is left out.
+EAGER_SCORE_LIMIT_BYTES = 2 * 2**30
+
+
+def cases(preset: str, device_type: str) -> dict:
+    if device_type == "cuda":
+        return CUDA if preset == "full" else {n: CUDA[n] for n in QUICK_CUDA}
+    return CPU if preset == "full" else QUICK_CPU
+
+
+def key_lengths(batch, k_len, fraction):
+    """Per-sample valid keys spread from 0.5x to 1.5x of fraction * Lk (clamped), so samples differ."""
+    if fraction >= 1.0:
+        return [k_len] * batch
+    spread = [0.5 + i / max(batch - 1, 1) for i in range(batch)] if batch > 1 else [1.0]
+    return [max(1, min(k_len, round(fraction * k_len * s))) for s in spread]
+
+
+def make_case(name, spec, dtype) -> Case:
+    batch, q_len, k_len, q_heads, kv_heads, head_dim, v_dim, fraction = spec
+    element_size = torch.empty((), dtype=dtype).element_size()
+    lengths = key_lengths(batch, k_len, fraction)
+    valid = sum(lengths)
+    forward_flops = 2 * q_heads * q_len * valid * (head_dim + v_dim)
+    moved = element_size * (batch * q_len * q_heads * (head_dim + v_dim) + valid * kv_heads * (head_dim + v_dim))
+
+    def make_args(device, dtype, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+
+        kv_lens = torch.tensor(lengths, device=device) if fraction < 1.0 else None
+        # SDPA's mask: True where a key takes part, (B, 1, 1, Lk).
+        mask = None if kv_lens is None else (torch.arange(k_len, device=device) < kv_lens[:, None])[:, None, None, :]
+        return (randn(batch, q_len, q_heads, head_dim), randn(batch, k_len, kv_heads, head_dim),
+                randn(batch, k_len, kv_heads, v_dim), kv_lens, mask)
+
+    params = {"batch": batch, "q_len": q_len, "k_len": k_len, "q_heads": q_heads, "kv_heads": kv_heads,
+              "head_dim": head_dim, "v_dim": v_dim, "kv_lens": lengths}
+    return Case(name, make_args, forward_flops, moved, 2.5 * forward_flops, 2 * moved, params)
+
+
+def _heads_first(*tensors):
+    return [t.transpose(1, 2) for t in tensors]
+
+
+def sdpa(q, k, v, kv_lens, mask):
+    q, k, v = _heads_first(q, k, v)
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa).transpose(1, 2)
+
+
+def sdpa_with_backend(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(*args):
+        with sdpa_kernel(backend):
+            return sdpa(*args)
+
+    return call
+
+
+def flex_attention_provider(case):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    p = case.params
+    lengths = torch.tensor(p["kv_lens"], device="cuda")
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], p["batch"], None, p["q_len"],
+                                   p["k_len"], device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def call(q, k, v, kv_lens, mask):
+        q, k, v = _heads_first(q, k, v)
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        return compiled(q, k, v, block_mask=block_mask, **gqa).transpose(1, 2)
+
+    return call
+
+
+def _unpadding(case):
+    """The varlen libraries' inputs as their users build them from a padded batch: the valid keys
+    gathered into one sequence (the gather is part of the cost), and cumulative lengths."""
+    p = case.params
+    lengths = torch.tensor(p["kv_lens"], device="cuda")
+    keep = (torch.arange(p["k_len"], device="cuda") < lengths[:, None]).flatten().nonzero().squeeze(1)
+    cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+    cu_q = torch.arange(0, (p["batch"] + 1) * p["q_len"], p["q_len"], device="cuda", dtype=torch.int32)
+    return (lambda x: x.flatten(0, 1).index_select(0, keep)), cu_q, cu_k
+
+
+def flash_attn_varlen_provider(case):
+    from flash_attn import flash_attn_varlen_func
+
+    p = case.params
+    unpad, cu_q, cu_k = _unpadding(case)
+
+    def call(q, k, v, kv_lens, mask):
+        out = flash_attn_varlen_func(q.flatten(0, 1), unpad(k), unpad(v), cu_q, cu_k, p["q_len"], p["k_len"])
+        return out.view(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+
+    return call
+
+
+def xformers_provider(case):
+    from xformers.ops import fmha
+
+    p = case.params
+    unpad, _, _ = _unpadding(case)
+    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens([p["q_len"]] * p["batch"], p["kv_lens"])
+
+    def call(q, k, v, kv_lens, mask):
+        group = q.shape[2] // k.shape[2]
+        # xFormers takes (1, tokens, heads, dim), each query head with its own key head.
+        k, v = (unpad(x).repeat_interleave(group, dim=1).unsqueeze(0) for x in (k, v))
+        out = fmha.memory_efficient_attention(q.flatten(0, 1).unsqueeze(0), k, v, attn_bias=bias)
+        return out.view(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+
+    return call
+
+
+def make_providers(case, options) -> dict:
+    p = case.params
+    providers = {
+        "mmkern": lambda q, k, v, kv_lens, mask: ops.cross_modal_attention(q, k, v, kv_lens=kv_lens),
+        "sdpa": sdpa,
+    }
+    if options.device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+            if hasattr(SDPBackend, backend):
+                providers[f"sdpa[{backend.lower()}]"] = sdpa_with_backend(getattr(SDPBackend, backend))
+        if not options.with_compile:
+            options.notes.add("flex_attention: compiled, so --no-compile leaves it out")
+        else:
+            try:
+                providers["flex_attention"] = flex_attention_provider(case)
+            except ImportError:
+                options.notes.add("flex_attention: not in this torch; left out")
+        for name, make in (("flash_attn_varlen", flash_attn_varlen_provider), ("xformers", xformers_provider)):
+            try:
+                providers[name] = make(case)
+            except ImportError:
+                options.notes.add(f"{name}: not installed; left out")
+    else:
+        options.notes.add("flex_attention, flash_attn_varlen and xformers: CUDA only; left out on CPU")
+    score_bytes = 4 * p["batch"] * p["q_heads"] * p["q_len"] * p["k_len"]
+    if score_bytes <= EAGER_SCORE_LIMIT_BYTES:
+        providers["eager"] = lambda q, k, v, kv_lens, mask: reference.cross_modal_attention(q, k, v, kv_lens=kv_lens)[0]
+    else:
+        options.notes.add(f"eager attention: left out where its score matrix passes "
+                          f"{EAGER_SCORE_LIMIT_BYTES / 2**30:.0f} GiB")
+    return providers
+
+
+SUITES = [Suite("cross_modal_attention", "sdpa", ("forward", "forward+backward"), ("quick", "full"), cases,
+                make_case, make_providers)]
