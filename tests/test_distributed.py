@@ -2,7 +2,6 @@
 equal one process's on the same global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -33,15 +32,11 @@ def loss_of(model, images, text_ids, text_lens, labels):
     return torch.nn.functional.cross_entropy(model(images, text_ids, text_lens), labels)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, wrapper, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, wrapper, out_dir):
+    # A file store, not rank 0's TCP store: a rank that tears down after rank 0 has exited then finds
+    # no server gone from under it (which aborted the process, once in a while, in CI).
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model = build_model()
@@ -58,6 +53,7 @@ def _worker(rank, port, wrapper, out_dir):
                      for name, p in model.named_parameters()}
         if rank == 0:
             torch.save(gradients, os.path.join(out_dir, "gradients.pt"))
+        dist.barrier()  # no rank tears down while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
 
@@ -75,7 +71,7 @@ def _has_fully_shard() -> bool:
 def test_data_parallel_gradients_equal_one_process(tmp_path, wrapper):
     if wrapper == "fsdp2" and not _has_fully_shard():
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-    mp.start_processes(_worker, args=(_free_port(), wrapper, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(wrapper, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     gradients = torch.load(tmp_path / "gradients.pt")
     model = build_model()
     loss_of(model, *global_batch()).backward()
