@@ -20,9 +20,8 @@ esac
 
 echo "== installing $(basename "$wheel") into a fresh virtualenv"
 "$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet "$wheel" pytest numpy tqdm matplotlib pytest-benchmark
-# The tests and their pytest settings, the README and the benchmarks they check; no package.
-cp -r "$root/tests" "$root/pyproject.toml" "$root/README.md" "$root/benchmarks" "$work/"
+"$work/venv/bin/python" -m pip install --quiet "$wheel" pytest numpy tqdm
+cp -r "$root/tests" "$root/pyproject.toml" "$work/"  # the tests and their pytest settings, no package
 cd "$work"
 "$work/venv/bin/python" -m mmkern.env
 "$work/venv/bin/python" - <<'PY'

@@ -13,6 +13,9 @@ from mmkern.bench import write_records
 from mmkern.bench.ceilings import attach_fractions, measure_ceilings
 from mmkern.bench.runner import input_copies, last_level_cache_bytes
 
+# Timing loops: through Triton's interpreter they would time the interpreter, for most of CI's time.
+pytestmark = pytest.mark.slow
+
 CPU = torch.device("cpu")
 FAST = dict(warmup=1, repeats=3, budget_s=0.2)
 
