@@ -34,6 +34,18 @@ class Suite:
     compute: str | None = None  # the dtype its FLOPs run in where not the run's ("int8": an int8 GEMM)
 
 
+def cases_by_preset(quick_cpu: dict, cpu: dict, cuda: dict, quick_cuda: tuple):
+    """A Suite's ``cases``: ``full`` takes every case of the device, ``quick`` a few (on CUDA, the named
+    ones of ``cuda``)."""
+
+    def cases(preset: str, device_type: str) -> dict:
+        if device_type == "cuda":
+            return cuda if preset == "full" else {n: cuda[n] for n in quick_cuda}
+        return cpu if preset == "full" else quick_cpu
+
+    return cases
+
+
 def suites() -> list:
     suites = []
     for module in _SUITE_MODULES:

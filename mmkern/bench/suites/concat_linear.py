@@ -11,7 +11,7 @@ import torch
 
 from mmkern import ops, reference
 from mmkern.bench.runner import MODES, Case
-from mmkern.bench.suite import Suite
+from mmkern.bench.suite import Suite, cases_by_preset
 
 # name: (segment shapes, out_features, activation)
 CPU = {
@@ -28,12 +28,6 @@ CUDA = {
 
 
 QUICK_CPU = {"small_broadcast": ([(4, 256, 256), (4, 1, 384)], 256, "gelu"), "broadcast": CPU["broadcast"]}
-
-
-def cases(preset: str, device_type: str) -> dict:
-    if device_type == "cuda":
-        return CUDA if preset == "full" else {n: CUDA[n] for n in ("broadcast", "memory_bound")}
-    return CPU if preset == "full" else QUICK_CPU
 
 
 def make_case(name, spec, dtype) -> Case:
@@ -73,4 +67,5 @@ def make_providers(case, options) -> dict:
     return providers
 
 
-SUITES = [Suite("concat_linear", "eager", MODES, ("quick", "full"), cases, make_case, make_providers)]
+SUITES = [Suite("concat_linear", "eager", MODES, ("quick", "full"),
+                cases_by_preset(QUICK_CPU, CPU, CUDA, ("broadcast", "memory_bound")), make_case, make_providers)]

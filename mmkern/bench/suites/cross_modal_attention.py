@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmkern import ops, reference
 from mmkern.bench.runner import Case
-from mmkern.bench.suite import Suite
+from mmkern.bench.suite import Suite, cases_by_preset
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, fraction of valid keys)
 CPU = {
@@ -33,12 +33,6 @@ QUICK_CPU = {"small_padded_50": (2, 128, 256, 4, 4, 64, 64, 0.5), "padded_50": C
 QUICK_CUDA = ("equal_4k_d128", "text_over_image_q128_k1024_50", "few_queries_q32_k32k")
 # The eager reference stores the (B, Hq, Lq, Lk) scores several times over; above this it is left out.
 EAGER_SCORE_LIMIT_BYTES = 2 * 2**30
-
-
-def cases(preset: str, device_type: str) -> dict:
-    if device_type == "cuda":
-        return CUDA if preset == "full" else {n: CUDA[n] for n in QUICK_CUDA}
-    return CPU if preset == "full" else QUICK_CPU
 
 
 def key_lengths(batch, k_len, fraction):
@@ -187,5 +181,5 @@ def make_providers(case, options) -> dict:
     return providers
 
 
-SUITES = [Suite("cross_modal_attention", "sdpa", ("forward", "forward+backward"), ("quick", "full"), cases,
-                make_case, make_providers)]
+SUITES = [Suite("cross_modal_attention", "sdpa", ("forward", "forward+backward"), ("quick", "full"),
+                cases_by_preset(QUICK_CPU, CPU, CUDA, QUICK_CUDA), make_case, make_providers)]

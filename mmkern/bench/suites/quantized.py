@@ -15,7 +15,7 @@ import torch
 
 from mmkern import ops, reference
 from mmkern.bench.runner import Case
-from mmkern.bench.suite import Suite
+from mmkern.bench.suite import Suite, cases_by_preset
 
 # name: (segment shapes, out_features)
 CONCAT_CPU = {
@@ -37,15 +37,6 @@ QUANTIZE_QUICK_CPU = {"small_tokens": (8, 256, 512), "image_tokens": QUANTIZE["i
 # name: (inputs, shape)
 FUSION = {"three_modalities": (3, (32, 576, 1024))}
 FUSION_QUICK_CPU = {"small_three_modalities": (3, (4, 256, 512)), "three_modalities": FUSION["three_modalities"]}
-
-
-def _by_preset(quick_cpu: dict, cpu: dict, cuda: dict, quick_cuda: tuple):
-    def cases(preset: str, device_type: str) -> dict:
-        if device_type == "cuda":
-            return cuda if preset == "full" else {n: cuda[n] for n in quick_cuda}
-        return cpu if preset == "full" else quick_cpu
-
-    return cases
 
 
 def _quantized(shape, generator, device):
@@ -124,7 +115,8 @@ def quantize_case(name, shape, dtype) -> Case:
 
 
 def quantize_providers(case, options) -> dict:
-    providers = {"mmkern": lambda x: ops.quantize_per_token(x)[0], "eager": lambda x: reference.quantize_per_token(x)[0]}
+    providers = {"mmkern": lambda x: ops.quantize_per_token(x)[0],
+                 "eager": lambda x: reference.quantize_per_token(x)[0]}
     if options.with_compile:
         compiled = torch.compile(reference.quantize_per_token, dynamic=False)
         providers["torch.compile"] = lambda x: compiled(x)[0]
@@ -158,10 +150,11 @@ def fusion_providers(case, options) -> dict:
 FORWARD = ("forward",)
 SUITES = [
     Suite("quantized_concat_linear", "eager", FORWARD, ("quick", "full"),
-          _by_preset(CONCAT_QUICK_CPU, CONCAT_CPU, CONCAT_CUDA, ("all_tokens", "compute_bound")), concat_case,
+          cases_by_preset(CONCAT_QUICK_CPU, CONCAT_CPU, CONCAT_CUDA, ("all_tokens", "compute_bound")), concat_case,
           concat_providers, compute="int8"),
     Suite("quantize_per_token", "eager", FORWARD, ("quick", "full"),
-          _by_preset(QUANTIZE_QUICK_CPU, QUANTIZE, QUANTIZE, ("image_tokens",)), quantize_case, quantize_providers),
+          cases_by_preset(QUANTIZE_QUICK_CPU, QUANTIZE, QUANTIZE, ("image_tokens",)), quantize_case,
+          quantize_providers),
     Suite("quantized_fusion", "eager", FORWARD, ("quick", "full"),
-          _by_preset(FUSION_QUICK_CPU, FUSION, FUSION, ("three_modalities",)), fusion_case, fusion_providers),
+          cases_by_preset(FUSION_QUICK_CPU, FUSION, FUSION, ("three_modalities",)), fusion_case, fusion_providers),
 ]
