@@ -126,7 +126,10 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tupl
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) if x.shape[-1] else xf.new_zeros((*x.shape[:-1], 1))
     finite = torch.isfinite(xf).all(-1, keepdim=True)
-    scale = (amax / qmax).clamp(min=torch.finfo(torch.float32).tiny).masked_fill(~finite, float("nan"))
+    # A tensor divisor: CUDA divides by a Python scalar as a product with its reciprocal, which can
+    # be one ulp off the true quotient that the kernels compute.
+    scale = (amax / torch.full_like(amax, qmax)).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = scale.masked_fill(~finite, float("nan"))
     q = (xf / scale).clamp(-qmax, qmax)
     q = torch.round(q) if dtype == torch.int8 else q
     return q.masked_fill(~finite, 0).to(dtype), scale

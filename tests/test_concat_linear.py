@@ -7,6 +7,7 @@ import torch
 import mmkern
 from mmkern import _config, ops, reference
 from mmkern.kernels.launch import runs_on_triton
+from tests.tracing import needs_fake_cuda_tracing, traced_calls
 from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for, skip_unless_float64_runs_on
 
 # (input shapes, out_features, bias, activation): per-token and broadcast segments, 1 to 6 segments,
@@ -194,43 +195,7 @@ def test_autocast_runs_in_the_autocast_dtype(device):
     assert_close_to_reference(actual, exact, eager, "autocast out")
 
 
-@pytest.fixture
-def sm90_compile_target(monkeypatch):
-    """Lets Triton build TTIR for an sm_90 target with no GPU present: torch reads each kernel's TTIR
-    to learn which arguments it writes. Nothing is compiled to machine code or run."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
-    class CompileOnlyDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_benchmarker(self):  # Triton before 3.3 asks for it when an autotuner is made
-            def refuse(*args, **kwargs):
-                raise AssertionError("tracing must not benchmark kernels")
-
-            return refuse
-
-    # Set the slot directly: reset_active() would build the real driver, which needs a GPU. Triton
-    # 3.3 and newer keep it in `_active` behind a property; older ones in a plain `active`.
-    slot = "_active" if hasattr(triton.runtime.driver, "_active") else "active"
-    monkeypatch.setattr(triton.runtime.driver, slot, CompileOnlyDriver())
-
-
-def traced_calls(fn, *args):
-    from torch._functorch.aot_autograd import aot_export_joint_simple
-
-    graph = aot_export_joint_simple(fn, list(args), trace_joint=False)
-    return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-
-
-@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="interpreted kernels are not traceable")
-@pytest.mark.skipif(not torch.version.cuda, reason="needs a CUDA build of torch (fake CUDA tensors)")
-@pytest.mark.skipif(torch.__version__ < "2.7" and not torch.cuda.is_available(),
-                    reason="before torch 2.7, slicing a fake CUDA tensor initialises CUDA, which needs a driver")
+@needs_fake_cuda_tracing
 def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
     """Under AOTDispatcher both ops decompose into their Triton launches for CUDA tensors (as a
     triton_op would), so the compiler calls the kernels from its own code. Traced with fake CUDA

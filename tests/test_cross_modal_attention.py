@@ -16,6 +16,11 @@ CASES = {
     "head_dim_256": (1, 5, 9, 2, 2, 256, 16, [9], None),
     "head_dim_128_more_queries_than_keys": (2, 97, 17, 2, 2, 128, 64, [17, 1], [97, 50]),
     "no_keys": (2, 3, 0, 2, 1, 16, 16, None, None),
+    # Split-KV over several query rows, one sample's keys ending before the second split starts.
+    # (One query row hid a swap of the partial lse's row and head strides.)
+    "split_keys_several_rows": (2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]),
+    # Head dim 40 beside Dv 24: wrong on an H100 with Triton 3.6 (see the README's limits).
+    "head_dim_40_dv_24": (2, 33, 70, 4, 1, 40, 24, [70, 31], None),
 }
 
 
@@ -349,7 +354,8 @@ def test_packed_torch_compile_fullgraph(device):
 def test_few_queries_over_long_keys_split_the_keys():
     # The plan the GPU (and the interpreter) uses: 16 (sample, head) programs cannot fill 132
     # multiprocessors, so the 1000 keys are split; 2048 query rows can, so they are not.
-    from mmkern.kernels.cross_modal_attention import INTERPRETER_MULTIPROCESSORS, Problem
+    from mmkern.kernels.cross_modal_attention import Problem
+    from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS
 
     def plan(batch, q_len, k_len):
         q, k, v = torch.empty(batch, q_len, 8, 64), torch.empty(batch, k_len, 1, 64), torch.empty(batch, k_len, 1, 64)

@@ -51,6 +51,12 @@ def broadcast_row_map(lead: tuple, sub_lead: tuple):
     return tuple(tuple(t) for t in terms) + ((1, 1, 0),) * (2 - len(terms))
 
 
+def _lookup(pairs: list, shape: tuple):
+    """The value stored under ``shape`` in a list of (shape, value) pairs, or None. A list, not a
+    dict: under dynamic shapes the shapes hold SymInts, which cannot be hashed."""
+    return next((value for key, value in pairs if key == shape), None)
+
+
 def _gemm_operands(x, offset, weight, token_scale):
     operands = (as_matrix(x), weight[:, offset:offset + x.shape[-1]].t())
     return operands if token_scale is None else (*operands, token_scale.reshape(-1))
@@ -80,15 +86,22 @@ def _project(segments, lead, weight, out, bias, activation, saved, column_scale)
     broadcast to ``lead``."""
     rank = len(lead)
     rows, out_features = out.shape
-    per_token, groups = [], {}
+    per_token, groups = [], []
     for x, offset, token_scale in segments:
         own = padded_lead(x, rank)
-        (per_token if own == lead else groups.setdefault(own, [])).append((x, offset, weight, token_scale))
+        if own == lead:
+            per_token.append((x, offset, weight, token_scale))
+            continue
+        group = _lookup(groups, own)
+        if group is None:
+            group = []
+            groups.append((own, group))
+        group.append((x, offset, weight, token_scale))
 
     addend, row_map = None, IDENTITY_ROW_MAP
     if groups:
         partials = []
-        for own, group in groups.items():
+        for own, group in groups:
             partial = out.new_empty((math.prod(own), out_features), dtype=accumulate_dtype(out.dtype))
             _fused_gemm(group, partial, None, IDENTITY_ROW_MAP, None, "none", None, column_scale)
             partials.append(partial.view(*own, out_features))
@@ -138,18 +151,19 @@ def concat_linear_backward(grad_out, inputs, weight, activation_saved, activatio
     dz = activation_backward(grad_out.reshape(rows, out_features), saved, activation)
 
     # Broadcast dims of a leading shape are summed out of dz once per distinct shape.
-    reduced = {}
+    reduced = []
     for x in inputs:
         own = padded_lead(x, rank)
-        if own != lead and own not in reduced:
+        if own != lead and _lookup(reduced, own) is None:
             dims = [d for d in range(rank) if own[d] == 1 and lead[d] != 1]
             summed = dz.reshape(*lead, out_features).sum(dims, keepdim=True, dtype=acc)
-            reduced[own] = summed.to(weight.dtype).reshape(math.prod(own), out_features)
+            reduced.append((own, summed.to(weight.dtype).reshape(math.prod(own), out_features)))
 
     grad_inputs = []
     grad_weight = weight.new_empty(weight.shape) if weight_needs_grad else empty
     for x, offset, needs_grad in zip(inputs, _column_offsets(inputs), input_needs_grad):
-        a = reduced.get(padded_lead(x, rank), dz)
+        a = _lookup(reduced, padded_lead(x, rank))
+        a = dz if a is None else a
         columns = slice(offset, offset + x.shape[-1])
         if needs_grad:
             grad_x = x.new_empty((math.prod(x.shape[:-1]), x.shape[-1]))

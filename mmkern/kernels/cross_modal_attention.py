@@ -23,23 +23,42 @@ Tile sizes are per head dim and have not been tuned on a GPU yet.
 """
 
 import math
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from mmkern import _config
-from mmkern.kernels.launch import traceable
+from mmkern.kernels.launch import multiprocessors, power_of_2_at_least, traceable
 from mmkern.kernels.segmented_matmul import accumulate_dtype, input_precision
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Split-KV is worth it only while programs are few; each split keeps at least this many keys.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
-# The interpreter plans splits as for an H100, so the CPU tests take the GPU's split-KV paths.
-INTERPRETER_MULTIPROCESSORS = 132
+
+
+@triton.jit
+def _ln2(ACC_DTYPE: tl.constexpr):
+    """ln 2 in the accumulation dtype: a float literal in a kernel is a float32 constant, a few
+    ulps of float64 off."""
+    return tl.log(tl.full((), 2.0, ACC_DTYPE))
+
+
+@triton.jit
+def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
+    """A host float passed as two float32 halves (see float_halves), rejoined in the accumulation dtype."""
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
+def _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE: tl.constexpr):
+    """(ln 2, scale, scale / ln 2, dropout scale) in the accumulation dtype: float64 kernels keep
+    float64's precision in every constant."""
+    ln2 = _ln2(ACC_DTYPE)
+    scale = _wide(scale_hi, scale_lo, ACC_DTYPE)
+    return ln2, scale, scale / ln2, _wide(dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
 
 
 @triton.jit
@@ -88,8 +107,8 @@ def _forward_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od, stride_os,
     stride_lb, stride_lh, stride_ll, stride_ls,
-    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM, V_DIM, KEYS_PER_SPLIT,
-    scale_log2, dropout_threshold, dropout_scale,
+    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
+    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -118,6 +137,7 @@ def _forward_kernel(
     q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
                 mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
 
+    ln2, _, scale_log2, dropout_scale = _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, DV_PAD), ACC_DTYPE)
@@ -146,7 +166,7 @@ def _forward_kernel(
     # Stored in base 2 for the combine kernel; in natural log for the caller.
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     if not SPLIT:
-        lse = lse * LN2
+        lse = lse * ln2
     # Split partials are indexed by the sample's own rows; outputs by the (packed) tensor's rows.
     out_start = 0 if SPLIT else q_start
     out_base = out_ptr + b * stride_ob + out_start * stride_ol + h * stride_oh + split * stride_os
@@ -160,10 +180,10 @@ def _forward_kernel(
 def _combine_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, q_starts_ptr, q_lens_ptr,
     stride_pb, stride_pl, stride_ph, stride_pd, stride_ps,
-    stride_qb, stride_ql, stride_qh, stride_qs,
+    stride_qb, stride_qh, stride_ql, stride_qs,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ll,
-    Q_LEN, Q_HEADS, V_DIM, SPLITS,
+    Q_LEN, Q_HEADS, V_DIM: tl.constexpr, SPLITS,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -194,7 +214,7 @@ def _combine_splits_kernel(
         total += weight
         acc += weight[:, None] * tl.load(out_base + s * stride_ps, mask=tile_mask, other=0.0)
     out = acc / tl.where(has_keys, total, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_safe + tl.log2(tl.where(has_keys, total, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(has_keys, (m_safe + tl.log2(tl.where(has_keys, total, 1.0))) * _ln2(ACC_DTYPE), float("-inf"))
     _store_rows(out_ptr + b * stride_ob + q_start * stride_ol + h * stride_oh, out, rows, v_dims,
                 stride_ol, stride_od, q_len, write_limit, V_DIM)
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll, lse, mask=row_mask)
@@ -206,7 +226,7 @@ def _delta_kernel(
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_db, stride_dh, stride_dl,
-    Q_LEN, Q_HEADS, V_DIM,
+    Q_LEN, Q_HEADS, V_DIM: tl.constexpr,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -249,13 +269,14 @@ def _grad_kv_kernel(
     stride_lb, stride_lh, stride_ll,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
-    Q_LEN, K_LEN, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM, V_DIM,
-    scale, scale_log2, dropout_threshold, dropout_scale,
+    Q_LEN, K_LEN, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
+    ln2, scale, scale_log2, dropout_scale = _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // KV_HEADS
     kv_h = bh % KV_HEADS
@@ -292,7 +313,7 @@ def _grad_kv_kernel(
                         mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
             grad = tl.load(g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
                            mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
-            lse_log2 = tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) * LOG2E
+            lse_log2 = tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2
             delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
             p = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE,
                                INPUT_PRECISION)
@@ -322,13 +343,14 @@ def _grad_q_kernel(
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ll,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
-    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM, V_DIM,
-    scale, scale_log2, dropout_threshold, dropout_scale,
+    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    ln2, scale, scale_log2, dropout_scale = _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
@@ -348,7 +370,7 @@ def _grad_q_kernel(
     grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
                    + v_dims[None, :] * stride_gd, mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
     row_offsets = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll  # lse and delta share a layout
-    lse_log2 = tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) * LOG2E
+    lse_log2 = tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) / ln2
     delta = tl.load(delta_ptr + row_offsets, mask=row_valid, other=0.0)
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + k_start * stride_kl
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
@@ -373,6 +395,12 @@ def _grad_q_kernel(
                 stride_dql, stride_dqd, q_len, write_limit, HEAD_DIM)
 
 
+def float_halves(x: float) -> tuple:
+    """(hi, lo), float32 values whose sum is x to within float64's precision (2^-48 relative)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
 class Problem:
     """What the kernels are told about one call: shapes, per-sample spans, dropout, tiles.
 
@@ -390,19 +418,29 @@ class Problem:
             self.batch, self.q_len = q.shape[0], q.shape[1]
             self.k_len = k.shape[1]
         self.q, self.k, self.v = q, k, v
-        self.q_heads, self.head_dim = q.shape[2], q.shape[3]
-        self.kv_heads, self.v_dim = k.shape[2], v.shape[3]
+        # Head dims are kernel constants (int() specialises a symbolic one under torch.compile).
+        self.q_heads, self.head_dim = q.shape[2], int(q.shape[3])
+        self.kv_heads, self.v_dim = k.shape[2], int(v.shape[3])
         self.group = self.q_heads // self.kv_heads
         self.spans = (cu_seqlens_q, cu_seqlens_k, q_lens, kv_lens)
         self.scale = scale
         self.dropout = dropout_p > 0
-        self.dropout_seed = dropout_seed.to(q.device) if self.dropout else q
+        # Stands in for absent pointer arguments (no lengths, no dropout seed). Not q itself: torch's
+        # analysis of which arguments a kernel writes counts the span pointers of the combine kernel
+        # as written, and an input written under torch.compile is copied and written back.
+        self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
+        self.dropout_seed = dropout_seed.to(q.device) if self.dropout else self.placeholder
         self.dropout_threshold = math.ceil(dropout_p * 2**24)
         self.dropout_scale = 1.0 / (1.0 - dropout_p)
         self.acc_dtype = accumulate_dtype(q.dtype)
         self.acc_tl_dtype = tl.float64 if self.acc_dtype == torch.float64 else tl.float32
-        self.d_pad = max(16, triton.next_power_of_2(self.head_dim))
-        self.dv_pad = max(16, triton.next_power_of_2(self.v_dim))
+        self.d_pad = power_of_2_at_least(self.head_dim, 16, 256)
+        self.dv_pad = power_of_2_at_least(self.v_dim, 16, 256)
+
+    def scalars(self):
+        """(scale as float32 halves, dropout threshold, dropout scale as float32 halves): Triton
+        passes a Python float as float32, which float64 kernels cannot afford."""
+        return (*float_halves(self.scale), self.dropout_threshold, *float_halves(self.dropout_scale))
 
     def batch_stride(self, t):
         return 0 if self.packed else t.stride(0)
@@ -416,7 +454,7 @@ class Problem:
         return (0, *lse.stride()) if self.packed else lse.stride()
 
     def span_args(self):
-        cu_q, cu_k, q_lens, kv_lens = (self.q if t is None else t for t in self.spans)
+        cu_q, cu_k, q_lens, kv_lens = (self.placeholder if t is None else t for t in self.spans)
         return cu_q, cu_k, q_lens, kv_lens
 
     def span_flags(self, with_keys=True):
@@ -440,7 +478,7 @@ class Problem:
         block_m, block_n, warps = (128, 64, 4) if widest <= 64 else (128, 64, 8) if widest <= 128 else (64, 32, 8)
         if self.acc_dtype == torch.float64 or self.q.dtype == torch.float32:
             block_m, block_n = block_m // 2, block_n // 2
-        block_m = min(block_m, max(16, triton.next_power_of_2(self.q_len)))
+        block_m = power_of_2_at_least(self.q_len, 16, block_m)
         return block_m, block_n, warps, 2 if widest > 128 else 3
 
     def backward_tile(self):
@@ -451,11 +489,6 @@ class Problem:
         if self.acc_dtype == torch.float64 or self.q.dtype == torch.float32:
             block //= 2
         return block, block, 4 if widest <= 64 else 8, 2
-
-    def multiprocessors(self):
-        if _config.TRITON_ON_CPU:
-            return INTERPRETER_MULTIPROCESSORS
-        return torch.cuda.get_device_properties(self.q.device).multi_processor_count
 
     def splits(self, block_m, block_n, multiprocessors):
         """How many key splits: enough programs to fill the GPU twice over, each split with at
@@ -472,7 +505,7 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
     """Writes out (B, Lq, Hq, Dv) or packed (total_q, Hq, Dv), and lse (B, Hq, Lq) or (Hq, total_q)."""
     p = problem
     block_m, block_n, warps, stages = p.forward_tile()
-    splits, keys_per_split = p.splits(block_m, block_n, p.multiprocessors())
+    splits, keys_per_split = p.splits(block_m, block_n, multiprocessors(p.q.device))
     out4 = out.unsqueeze(0) if p.packed else out
     if splits > 1:
         # Partials (B, Lq, Hq, splits, Dv) and base-2 lse (B, Hq, Lq, splits) in the accumulation
@@ -493,7 +526,7 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
         p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(),
         *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides,
         p.q_len, p.k_len, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
-        p.scale * LOG2E, p.dropout_threshold, p.dropout_scale,
+        *p.scalars(),
         SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         **p.common_flags(),
     )
@@ -526,7 +559,7 @@ def backward(problem: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
             BLOCK_M=block_m,
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
-    scalars = (p.scale, p.scale * LOG2E, p.dropout_threshold, p.dropout_scale)
+    scalars = p.scalars()
     tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, **p.common_flags()}
     operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out),
                        *p.lse_strides(lse))

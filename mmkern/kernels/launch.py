@@ -1,6 +1,7 @@
 """How mmkern's Triton kernels are launched, and what the installed Triton can run. Imports no Triton
 itself, so the ops can ask before a kernel module is loaded."""
 
+import functools
 import importlib.metadata
 
 import torch
@@ -19,15 +20,50 @@ def traceable(kernel):
     return wrap_triton(kernel)
 
 
+# Without a GPU to ask (the interpreter, or tracing with fake CUDA tensors) launches are planned as
+# for an H100, so the CPU tests take the GPU's paths (split-KV).
+INTERPRETER_MULTIPROCESSORS = 132
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessor count launches are planned for."""
+    if _config.TRITON_ON_CPU or not torch.cuda.is_available():
+        return INTERPRETER_MULTIPROCESSORS
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def power_of_2_at_least(n, smallest: int, largest: int) -> int:
+    """The smallest power of 2 in [smallest, largest] that is >= n, else largest. Decided by
+    comparisons, so that a symbolic size under torch.compile's dynamic shapes gives a plain int (a
+    tile size must be one) and guards on a range of sizes rather than on one size."""
+    size = smallest
+    while size < largest and n > size:
+        size *= 2
+    return size
+
+
 def runs_on_triton(device: torch.device) -> bool:
     """Whether mmkern's ops run their Triton kernels for tensors on ``device``."""
     return device.type == "cuda" or (device.type == "cpu" and _config.TRITON_ON_CPU)
 
 
-def triton_has_float64_dot() -> bool:
-    # tl.dot takes float64 operands from Triton 3.5 (torch 2.9) on.
+def _triton_version() -> tuple:
     try:
         version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
-        return False
-    return tuple(int(part) for part in version.split(".")[:2]) >= (3, 5)
+        return (0, 0)
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+# Read once at import: torch.compile cannot trace importlib.metadata inside an op's argument checks.
+# tl.dot takes float64 operands from Triton 3.5 (torch 2.9) on.
+_FLOAT64_DOT = _triton_version() >= (3, 5)
+
+
+def triton_has_float64_dot() -> bool:
+    return _FLOAT64_DOT
