@@ -8,7 +8,7 @@ BUILT := $(VENV)/.mmkern-built
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 BENCH_ARGS ?=
 
-.PHONY: setup test test-cpu test-interpreter bench bench-models wheel test-wheel clean
+.PHONY: setup test test-cpu test-interpreter bench bench-models sanitize wheel test-wheel clean
 
 setup: $(BUILT)
 
@@ -42,6 +42,13 @@ bench: $(BUILT)
 # Training steps of the complete models (minutes even on CPU).
 bench-models: $(BUILT)
 	$(PY) -m mmkern.bench --preset models --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# compute-sanitizer's memcheck, racecheck and initcheck over every GPU kernel (needs a GPU); the run's
+# logs and summary.md go to $(SANITIZE_OUT), by default benchmarks/sanitizer/<time>-<GPU>/.
+SANITIZE_OUT ?=
+
+sanitize: $(BUILT)
+	PYTHON=$(PY) scripts/sanitize.sh $(SANITIZE_OUT)
 
 # A wheel for this machine's torch and CUDA toolkit, in dist/ (knobs: MMKERN_CUDA_ARCH_LIST, MAX_JOBS, ...).
 wheel: $(BUILT)
