@@ -8,7 +8,7 @@ BUILT := $(VENV)/.mmkern-built
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 BENCH_ARGS ?=
 
-.PHONY: setup test test-cpu test-interpreter bench bench-models sanitize wheel test-wheel clean
+.PHONY: setup test test-cpu test-interpreter fuzz bench bench-models sanitize wheel test-wheel clean
 
 setup: $(BUILT)
 
@@ -31,6 +31,12 @@ test-cpu: $(BUILT)
 # The Triton kernels' logic on CPU tensors, in Triton's interpreter; larger shapes are left out.
 test-interpreter: $(BUILT)
 	MMKERN_TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
+
+# The property tests' long run: 1000 draws per op on the C++ kernels, then through the interpreter
+# (hours there). A failing draw is kept in .hypothesis/ and replayed first next time.
+fuzz: $(BUILT)
+	MMKERN_HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_properties.py --hypothesis-show-statistics
+	MMKERN_HYPOTHESIS_PROFILE=long MMKERN_TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_properties.py
 
 # mmkern bench's quick preset (a few minutes on a 2-core CPU): a folder per run under $(BENCH_OUT).
 # A GPU run to keep: make bench BENCH_OUT=benchmarks/results, then mmkern bench --update-readme.

@@ -31,7 +31,8 @@ def main() -> int:
         _install([f"torch>={'.'.join(map(str, MIN_TORCH))}"])
 
     missing = [spec for module, spec in (("setuptools", "setuptools>=64"), ("wheel", "wheel"),
-                                         ("pytest", "pytest>=7"), ("tqdm", "tqdm"))
+                                         ("pytest", "pytest>=7"), ("hypothesis", "hypothesis"),
+                                         ("tqdm", "tqdm"))
                if importlib.util.find_spec(module) is None]
     if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
         missing.append("ninja")

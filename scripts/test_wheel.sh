@@ -20,7 +20,7 @@ esac
 
 echo "== installing $(basename "$wheel") into a fresh virtualenv"
 "$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet "$wheel" pytest numpy tqdm scikit-learn  # the digits tests
+"$work/venv/bin/python" -m pip install --quiet "$wheel" pytest hypothesis numpy tqdm scikit-learn  # digits, properties
 cp -r "$root/tests" "$root/pyproject.toml" "$work/"  # the tests and their pytest settings, no package
 cd "$work"
 "$work/venv/bin/python" -m mmkern.env

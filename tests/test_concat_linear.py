@@ -50,8 +50,8 @@ def forward_and_grads(fn, tensors, num_inputs, has_bias, activation, grad_out):
     return out, grads
 
 
-def check_against_reference(shapes, out_features, with_bias, activation, dtype, device):
-    inputs, weight, bias = make_case(shapes, out_features, with_bias, dtype, device)
+def check_against_reference(shapes, out_features, with_bias, activation, dtype, device, seed=0):
+    inputs, weight, bias = make_case(shapes, out_features, with_bias, dtype, device, seed=seed)
     exact_leaves = [t.double() for t in leaves(inputs, weight, bias)]
     exact_leaves = [t.detach().requires_grad_() for t in exact_leaves]
     exact, exact_grads = forward_and_grads(reference.concat_linear, exact_leaves, len(shapes), with_bias, activation,

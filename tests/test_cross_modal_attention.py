@@ -65,8 +65,9 @@ def assert_gradients_close(actual, exact, eager, device, label=""):
                                   terms=terms)
 
 
-def check_against_reference(case, dtype, device):
-    q, k, v, lengths = make_case(*CASES[case], dtype, device)
+def check_against_reference(params, dtype, device, seed=0):
+    """``params``: a CASES entry."""
+    q, k, v, lengths = make_case(*params, dtype, device, seed=seed)
     grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
     exact = forward_and_grads(reference.cross_modal_attention, q.double(), k.double(), v.double(), grad_out, **lengths)
     eager = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, **lengths)
@@ -83,7 +84,7 @@ def check_against_reference(case, dtype, device):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, device):
     for dtype in dtypes_for(device):
-        check_against_reference(case, dtype, device)
+        check_against_reference(CASES[case], dtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

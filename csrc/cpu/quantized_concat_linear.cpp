@@ -60,7 +60,10 @@ std::tuple<Tensor, Tensor> quantized_concat_linear_cpu(TensorList inputs, Tensor
   Tensor products;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor x = as_matrix(inputs[i]);
-    const Tensor w = weight_columns(weight, plan.column_offset[i], inputs[i].size(-1), x.size(0)).t();
+    Tensor w = weight_columns(weight, plan.column_offset[i], inputs[i].size(-1), x.size(0)).t();
+    // A one-column slice transposes to a (1, N) view with strides (1, 1), which _int_mm reads wrongly
+    // (garbage products); a fresh (1, N) tensor has strides (N, 1).
+    if (w.size(0) == 1) w = at::empty(w.sizes(), w.options()).copy_(w);
     products = at::_int_mm(x, w);
     const Tensor token_scale = scales[i].reshape({x.size(0)}).contiguous();
     const int g = plan.group[i];
