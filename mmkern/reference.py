@@ -79,6 +79,9 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     if dropout_p > 0:
         keep = dropout_keep_mask(dropout_seed, tuple(probs.shape), dropout_p, q.device)
         probs = probs * keep / (1 - dropout_p)
+    # Keys and values past kv_lens are padding, never read: NaN or inf there must not reach the output
+    # (0 * NaN would).
+    vh = vh.masked_fill(~valid[:, :, 0, :, None], 0)
     out = (probs.to(v.dtype) @ vh).transpose(1, 2)
     if q_lens is not None:
         rows = torch.arange(q_len, device=q.device) < q_lens[:, None]

@@ -210,7 +210,16 @@ std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q,
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, false, std::nullopt,
       scale);
-  return {out.transpose(1, 2).narrow(3, 0, v.size(-1)), lse};
+  out = out.transpose(1, 2).narrow(3, 0, v.size(-1));
+  // ATen's kernel drops a NaN score from its running maximum and returns a finite row for a query
+  // holding NaN or inf, a silently wrong answer; eager attention (and the GPU kernels) give NaN.
+  const Tensor poisoned_rows = at::isfinite(q).logical_not().any(-1);  // (B, L, H)
+  if (poisoned_rows.any().item<bool>()) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    out.masked_fill_(poisoned_rows.unsqueeze(-1), nan);
+    lse.masked_fill_(poisoned_rows.transpose(1, 2), nan);
+  }
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_backward_chunk(const Layout& l, const Tensor& grad_out, const Tensor& q,
