@@ -126,10 +126,10 @@ def _forward_kernel(
     if pid_m * BLOCK_M >= write_limit:
         return
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dims = tl.arange(0, D_PAD)
     v_dims = tl.arange(0, DV_PAD)
-    cols0 = tl.arange(0, BLOCK_N)
+    cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     q_base = q_ptr + b * stride_qb + q_start * stride_ql + h * stride_qh
     k_base = k_ptr + b * stride_kb + k_start * stride_kl + (h // GROUP) * stride_kh
     v_base = v_ptr + b * stride_vb + k_start * stride_vl + (h // GROUP) * stride_vh
@@ -195,7 +195,7 @@ def _combine_splits_kernel(
     write_limit = q_len if PACKED else Q_LEN
     if pid_m * BLOCK_M >= write_limit:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     v_dims = tl.arange(0, DV_PAD)
     lse_base = part_lse_ptr + b * stride_qb + h * stride_qh + rows * stride_ql
     out_base = part_out_ptr + b * stride_pb + h * stride_ph + rows[:, None] * stride_pl + v_dims[None, :] * stride_pd
@@ -237,7 +237,7 @@ def _delta_kernel(
     h = bh % Q_HEADS
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
     write_limit = q_len if PACKED else Q_LEN
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     v_dims = tl.arange(0, DV_PAD)
     mask = (rows < q_len)[:, None] & (v_dims < V_DIM)[None, :]
     grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
@@ -286,10 +286,10 @@ def _grad_kv_kernel(
     if pid_n * BLOCK_N >= write_limit:
         return
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     dims = tl.arange(0, D_PAD)
     v_dims = tl.arange(0, DV_PAD)
-    rows0 = tl.arange(0, BLOCK_M)
+    rows0 = tl.arange(0, BLOCK_M).to(tl.int64)
     col_valid = cols < kv_len
     # K^T (D, BLOCK_N) and V^T (Dv, BLOCK_N), read once for every query of every head in the group.
     k_t = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[None, :] * stride_kl
@@ -360,10 +360,10 @@ def _grad_q_kernel(
     if pid_m * BLOCK_M >= write_limit:
         return
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dims = tl.arange(0, D_PAD)
     v_dims = tl.arange(0, DV_PAD)
-    cols0 = tl.arange(0, BLOCK_N)
+    cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     row_valid = rows < q_len
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + (q_start + rows)[:, None] * stride_ql
                 + dims[None, :] * stride_qd, mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
