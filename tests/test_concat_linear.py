@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import mmkern
 from mmkern import _config, ops, reference
 from mmkern.kernels.launch import runs_on_triton
 from tests.tracing import needs_fake_cuda_tracing, traced_calls
