@@ -41,7 +41,7 @@ def gemm_tile(M: int, N: int, operand_dtype: torch.dtype, multiprocessors: int) 
         return dict(INTERPRETER_TILE)
     if operand_dtype == torch.float64:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-    block_k = 128 // torch.empty((), dtype=operand_dtype).element_size()
+    block_k = 128 // operand_dtype.itemsize
     block_m = power_of_2_at_least(M, 16, 128)
     block_n = power_of_2_at_least(N, 32, 128)
     while block_n > 64 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < multiprocessors:
