@@ -16,6 +16,10 @@ CASES = {
     "head_dim_256": (1, 5, 9, 2, 2, 256, 16, [9], None),
     "head_dim_128_more_queries_than_keys": (2, 97, 17, 2, 2, 128, 64, [17, 1], [97, 50]),
     "no_keys": (2, 3, 0, 2, 1, 16, 16, None, None),
+    "no_samples": (0, 4, 9, 2, 1, 8, 8, None, None),
+    "no_queries": (2, 0, 9, 2, 1, 8, 8, [9, 0], [0, 0]),
+    "every_query_past_q_lens": (2, 6, 9, 4, 2, 8, 4, [9, 3], [0, 0]),
+    "no_sample_has_keys": (2, 5, 9, 2, 2, 8, 8, [0, 0], [5, 2]),
     # Split-KV over several query rows, one sample's keys ending before the second split starts.
     # (One query row hid a swap of the partial lse's row and head strides.)
     "split_keys_several_rows": (2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]),
@@ -265,14 +269,24 @@ def pack(x, lengths):
     return torch.cat([x[b, :n] for b, n in enumerate(lengths)])
 
 
-def packed_case(device, dtype=torch.float64):
-    # Sample 1 has no keys and sample 2 no queries; lengths 1 and the max occur too.
+def packed_case(device, dtype=torch.float64, unowned_rows=0):
+    """Sample 1 has no keys and sample 2 no queries; lengths 1 and the max occur too. With
+    ``unowned_rows``, that many rows of random values before the first sample and after the last
+    belong to no sample."""
     q_lens, kv_lens = [5, 3, 0, 1], [21, 0, 4, 1]
     q, k, v, _ = make_case(4, 5, 21, 4, 2, 16, 8, None, None, dtype, device)
-    offsets = {name: torch.tensor([0, *itertools.accumulate(lens)], device=device, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(1)
+
+    def rows(x, lens):
+        def unowned():
+            return torch.randn(unowned_rows, *x.shape[2:], generator=generator, dtype=torch.float64).to(x)
+        return torch.cat([unowned(), pack(x, lens), unowned()])
+
+    offsets = {name: torch.tensor([unowned_rows, *(unowned_rows + n for n in itertools.accumulate(lens))],
+                                  device=device, dtype=torch.int32)
                for name, lens in (("q", q_lens), ("k", kv_lens))}
     padded_lengths = {"q_lens": torch.tensor(q_lens, device=device), "kv_lens": torch.tensor(kv_lens, device=device)}
-    packed = (pack(q, q_lens), pack(k, kv_lens), pack(v, kv_lens), offsets["q"], offsets["k"], 5, 21)
+    packed = (rows(q, q_lens), rows(k, kv_lens), rows(v, kv_lens), offsets["q"], offsets["k"], 5, 21)
     return (q, k, v, padded_lengths), packed, q_lens
 
 
@@ -295,9 +309,10 @@ def test_packed_equals_padded(device, dropout_p):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_packed_matches_reference_in_every_dtype(device):
+@pytest.mark.parametrize("unowned_rows", [0, 2])  # rows no sample owns: zero, with zero gradients
+def test_packed_matches_reference_in_every_dtype(device, unowned_rows):
     for dtype in dtypes_for(device):
-        _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, dtype)
+        _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, dtype, unowned_rows)
         grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64, device=device)
 
         def packed_reference(*t):

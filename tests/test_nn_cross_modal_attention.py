@@ -182,6 +182,26 @@ def test_lengths_equal_the_padding_mask_they_stand_for(device, batch_first):
     torch.testing.assert_close(with_q_lens[~rows], mha.out_proj.bias.expand(int((~rows).sum()), -1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["key_padding_mask", "kv_lens"])
+def test_a_sample_with_every_key_masked_gets_the_bias_alone(device, how):
+    """nn.MultiheadAttention gives NaN there; the module gives out_proj's bias, and its keys and values
+    get zero gradient. The other samples are nn.MultiheadAttention's."""
+    mha = make_mha(device)
+    module = CrossModalAttention.from_torch(mha)
+    query, key, value = (x.requires_grad_() for x in inputs(device))
+    lengths = (11, 0, 4)
+    masking = {"key_padding_mask": right_padding(device, lengths)} if how == "key_padding_mask" else \
+        {"kv_lens": torch.tensor(lengths, device=device)}
+    out, _ = module(query, key, value, **masking)
+    expected, _ = mha(query, key, value, key_padding_mask=right_padding(device, lengths))
+    torch.testing.assert_close(out[[0, 2]], expected[[0, 2]])
+    torch.testing.assert_close(out[1], mha.out_proj.bias.expand(7, -1))
+    grads = torch.autograd.grad(out.square().sum(), (query, key, value, *module.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[1][1] == 0) and torch.all(grads[2][1] == 0)
+
+
 def test_additive_padding_masks_read_as_boolean(monkeypatch):
     mha = make_mha("cpu")
     module = CrossModalAttention.from_torch(mha)
