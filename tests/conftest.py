@@ -10,6 +10,27 @@ def seeded_global_generator():
 
 
 @pytest.fixture
+def poisoned_memory():
+    """Every tensor that ``empty`` allocates comes back filled with NaN (the largest value for integer
+    dtypes): torch.empty and new_empty in Python, at::empty inside the C++ kernels and the buffers the
+    Triton launchers allocate, on CPU and CUDA alike. An element that some path leaves unwritten then
+    reads NaN on every run, instead of whatever the allocator last held (zeros from a fresh page, which
+    pass; stale values from a reused one, which fail now and then, and more often on a loaded machine).
+
+    torch does the filling under deterministic algorithms (torch.utils.deterministic.fill_uninitialized_memory);
+    warn_only, because the point here is the filling, not refusing ops that lack a deterministic form."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all() and torch.ops.aten.empty.memory_format([4]).isnan().all(), \
+        "this torch does not fill uninitialised memory: the test would prove nothing"
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+@pytest.fixture
 def sm90_compile_target(monkeypatch):
     """Lets Triton build TTIR for an sm_90 target with no GPU present: torch reads each kernel's TTIR
     to learn which arguments it writes. Nothing is compiled to machine code or run."""

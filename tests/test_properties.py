@@ -6,6 +6,9 @@ How many draws: the `ci` profile (the default) runs a few hundred per op on the 
 a few dozen through Triton's interpreter; `make fuzz` runs the `long` profile, 1000 per op. A failing
 draw is saved in .hypothesis/ and replayed first on the next run; hypothesis also prints a
 `@reproduce_failure` line that replays it anywhere.
+
+Every draw runs with poisoned memory (the ``poisoned_memory`` fixture: buffers from ``empty`` start as
+NaN), so a shape or length that leaves an output or gradient element unwritten fails on every run.
 """
 
 import os
@@ -25,7 +28,9 @@ from tests.test_quantized_concat_linear import check_case as check_quantized_con
 EXAMPLES = {"ci": 40 if _config.TRITON_ON_CPU else 300, "long": 1000}
 for name, examples in EXAMPLES.items():
     settings.register_profile(name, max_examples=examples, deadline=None, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                     # poisoned_memory is a mode that holds for every draw
+                                                     HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("MMKERN_HYPOTHESIS_PROFILE", "ci"))
 
 ACTIVATIONS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
@@ -49,7 +54,7 @@ def concat_linear_cases(draw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=concat_linear_cases(), dtype_index=st.integers(0, 3), seed=seeds)
-def test_concat_linear(device, case, dtype_index, seed):
+def test_concat_linear(device, case, dtype_index, seed, poisoned_memory):
     dtypes = dtypes_for(device)
     check_concat_linear(*case, dtypes[dtype_index % len(dtypes)], device, seed=seed)
 
@@ -69,7 +74,7 @@ def attention_cases(draw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=attention_cases(), dtype_index=st.integers(0, 3), seed=seeds)
-def test_cross_modal_attention(device, case, dtype_index, seed):
+def test_cross_modal_attention(device, case, dtype_index, seed, poisoned_memory):
     dtypes = dtypes_for(device)
     check_attention(case, dtypes[dtype_index % len(dtypes)], device, seed=seed)
 
@@ -78,7 +83,7 @@ def test_cross_modal_attention(device, case, dtype_index, seed):
 @given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=2).map(tuple), width=st.integers(0, 300),
        qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]), dtype_index=st.integers(0, 2),
        scale_exponent=st.integers(-20, 10), seed=seeds)
-def test_quantize_per_token(device, shape, width, qdtype, dtype_index, scale_exponent, seed):
+def test_quantize_per_token(device, shape, width, qdtype, dtype_index, scale_exponent, seed, poisoned_memory):
     dtype = (torch.float32, torch.float16, torch.bfloat16)[dtype_index]
     generator = torch.Generator().manual_seed(seed)
     x = (torch.randn((*shape, width), generator=generator) * 2.0**scale_exponent).to(device, dtype)
@@ -87,7 +92,7 @@ def test_quantize_per_token(device, shape, width, qdtype, dtype_index, scale_exp
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=concat_linear_cases(), seed=seeds)
-def test_quantized_concat_linear(device, case, seed):
+def test_quantized_concat_linear(device, case, seed, poisoned_memory):
     shapes, out_features, with_bias, activation = case
     check_quantized_concat_linear(shapes, out_features, with_bias, activation, device, seed=seed)
 
@@ -96,7 +101,7 @@ def test_quantized_concat_linear(device, case, seed):
 @given(shape=st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple), count=st.integers(1, 6),
        gated=st.booleans(), qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]),
        out_dtype=st.sampled_from(INTERPRETER_DTYPES[1:]), seed=seeds)
-def test_quantized_fusion(device, shape, count, gated, qdtype, out_dtype, seed):
+def test_quantized_fusion(device, shape, count, gated, qdtype, out_dtype, seed, poisoned_memory):
     generator = torch.Generator().manual_seed(seed)
     count = 2 if gated else count
     pairs = [reference.quantize_per_token(torch.randn(shape, generator=generator).to(device), qdtype)
