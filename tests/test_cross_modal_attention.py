@@ -82,7 +82,9 @@ def check_against_reference(params, dtype, device, seed=0):
     lse, exact_lse = actual[1], exact[1].detach()
     assert torch.equal(lse.isneginf(), exact_lse.isneginf())
     finite = exact_lse.isfinite()
-    assert_close_to_reference(lse[finite], exact_lse[finite], eager[1][finite], "lse")
+    # lse is the log of a float32 sum over the valid keys, each term an exp that ATen's CPU kernel
+    # takes from a vectorised polynomial (a few ulp): its roundoff grows with the key count.
+    assert_close_to_reference(lse[finite], exact_lse[finite], eager[1][finite], "lse", terms=max(k.shape[1], 1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
