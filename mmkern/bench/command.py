@@ -4,6 +4,7 @@ run, against every baseline installed, reported against the device's own ceiling
     mmkern bench                              the quick preset (a few minutes on a 2-core CPU)
     mmkern bench --preset full                every op, case, dtype and mode
     mmkern bench --preset models              training steps of the complete models
+    mmkern bench --preset host                host time per call of every op's GPU path (on a CPU too)
     mmkern bench --compare OLD.json [NEW.json] [--fail-if-regression PCT]
     mmkern bench --update-readme              the README's performance section from benchmarks/results
 
@@ -36,7 +37,7 @@ def _comma_list(text):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmkern bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="quick")
+    parser.add_argument("--preset", choices=(*PRESETS, "host"), default="quick")
     parser.add_argument("--ops", type=_comma_list, help="comma-separated ops (default: the preset's); see --list")
     parser.add_argument("--dtype", type=_comma_list,
                         help="comma-separated, e.g. bfloat16,float16 (default: bfloat16 on cuda, float32 on cpu; "
@@ -161,6 +162,22 @@ def _write_run(args, environment, ceilings, records, refused, notes) -> str:
     return json_path
 
 
+def _run_host(args, argv) -> int:
+    from mmkern import _config
+    from mmkern.bench import host
+
+    device = torch.device(args.device)
+    if device.type == "cpu" and not _config.TRITON_ON_CPU:
+        host.reexec_with_interpreter(argv)  # the GPU path on a CPU: the switch must precede the import
+    dtype = getattr(torch, args.dtype[0]) if args.dtype else torch.bfloat16
+    environment = {**describe_environment(device), "preset": "host"}
+    records, method = host.run(device, dtype)
+    print(f"\n{method}\n\n{host.format_table(records)}")
+    json_path = host.write_run(records, method, environment, os.path.join(args.out, run_folder_name(environment)))
+    print(f"\nresults: {json_path} (and results.csv, report.md)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -177,5 +194,7 @@ def main(argv=None) -> int:
         return 0
     if args.compare and len(args.compare) == 2:
         return _compare(*args.compare, args.fail_if_regression)
+    if args.preset == "host":
+        return _run_host(args, sys.argv[1:] if argv is None else argv)
     new_path = run(args, parser)
     return _compare(args.compare[0], new_path, args.fail_if_regression) if args.compare else 0
