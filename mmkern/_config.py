@@ -6,16 +6,34 @@ GPU. It sets TRITON_INTERPRET, which Triton reads when a kernel is defined: set 
 environment before mmkern is imported. The interpreter is slow and its bf16 tl.dot is wrong; test
 bf16 on a GPU.
 
-MMKERN_CHECK_SCALES=0 skips the quantized ops' check of their scales' values (see CHECK_SCALES).
+MMKERN_CHECK_VALUES=1 turns on the ops' checks of their arguments' values on the GPU path (see
+value_checks); mmkern.set_value_checks changes it at run time.
 """
 
 import os
 
 TRITON_ON_CPU = os.environ.get("MMKERN_TRITON_INTERPRET", "0") == "1"
 
-# The quantized ops check that their scales are finite and non-negative, which costs a device sync
-# per call; MMKERN_CHECK_SCALES=0 skips it in hot loops whose scales are known to be good.
-CHECK_SCALES = os.environ.get("MMKERN_CHECK_SCALES", "1") != "0"
+# Whether the ops check the values of lengths, offsets and scales, and quantization's input for NaN
+# and inf, on the GPU path too: each such check reads the device (a sync), so by default only the C++
+# CPU kernels' callers, whose values are on the host already, get them (mmkern.ops._checks.checks_values).
+_value_checks = os.environ.get("MMKERN_CHECK_VALUES", "0") == "1"
+
+
+def value_checks() -> bool:
+    return _value_checks
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turns the ops' value checks on the GPU path on or off (the MMKERN_CHECK_VALUES switch, at run
+    time); returns the previous setting. Checked, a bad length, offset or scale raises a ValueError
+    naming it, at the cost of a device sync per check; unchecked, the kernels clamp lengths and
+    offsets into the tensors (see the README) and never read outside them."""
+    global _value_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _value_checks = _value_checks, enabled
+    return previous
 
 if TRITON_ON_CPU:
     os.environ["TRITON_INTERPRET"] = "1"

@@ -96,9 +96,9 @@ def attention_paths():
     dtype = torch.float16
     tensors = [randn(2, 24, 2, 32, dtype=dtype, requires_grad=True) for _ in range(3)]
     kv = torch.tensor([24, 9], device=DEVICE)
-    # The op draws its dropout seed from torch's CPU generator: reseeding replays the same draw.
+    # The op draws its dropout seed from the device's generator: reseeding replays the same draw.
     torch.manual_seed(1234)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device=DEVICE))
 
     def dropout_attention(q, k, v):
         torch.manual_seed(1234)

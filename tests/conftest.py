@@ -10,6 +10,17 @@ def seeded_global_generator():
 
 
 @pytest.fixture
+def value_checks():
+    """The ops' value checks on for the GPU path too (mmkern.set_value_checks): a test of what a bad
+    length, offset or scale raises holds on every device."""
+    import mmkern
+
+    previous = mmkern.set_value_checks(True)
+    yield
+    mmkern.set_value_checks(previous)
+
+
+@pytest.fixture
 def poisoned_memory():
     """Every tensor that ``empty`` allocates comes back filled with NaN (the largest value for integer
     dtypes): torch.empty and new_empty in Python, at::empty inside the C++ kernels and the buffers the

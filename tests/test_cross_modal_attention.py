@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkern import _config, ops, reference
+from mmkern.kernels.launch import runs_on_triton
 from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, kv_lens, q_lens)
@@ -128,7 +129,7 @@ def test_dropout_is_the_reference_mask_for_the_generators_seed(device):
     torch.manual_seed(123)
     actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, dropout_p=0.3, **lengths)
     torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device=device))  # the op draws it so
     expected = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, dropout_p=0.3,
                                  dropout_seed=seed, **lengths)
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-12)
@@ -258,7 +259,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_named(case):
+def test_bad_input_is_named(case, value_checks):
     changes, error, message = BAD_INPUTS[case]
     arguments = _arguments(**changes)
     q, k, v = arguments.pop("q"), arguments.pop("k"), arguments.pop("v")
@@ -402,7 +403,7 @@ PACKED_BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(PACKED_BAD_INPUTS))
-def test_packed_bad_input_is_named(case):
+def test_packed_bad_input_is_named(case, value_checks):
     changes, error, message = PACKED_BAD_INPUTS[case]
     arguments = dict(q=torch.randn(6, 4, 8), k=torch.randn(5, 2, 8), v=torch.randn(5, 2, 6),
                      cu_seqlens_q=torch.tensor([0, 6]), cu_seqlens_k=torch.tensor([0, 5]), max_seqlen_q=6,
@@ -410,3 +411,52 @@ def test_packed_bad_input_is_named(case):
     arguments.update(changes)
     with pytest.raises(error, match=message):
         ops.cross_modal_attention_packed(**arguments)
+
+
+def _skip_unless_gpu_path(device):
+    if not runs_on_triton(torch.device(device)):
+        pytest.skip("the C++ CPU kernels always check lengths and offsets (on the host, no sync)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_lengths_are_clamped(device):
+    """Without value checks (the GPU path's default: checking reads the device) lengths outside their
+    range are clamped into it: a defined result, and no read outside the tensors."""
+    _skip_unless_gpu_path(device)
+    q, k, v, _ = make_case(3, 5, 9, 4, 2, 8, 8, None, None, torch.float32, device)
+    grad_out = torch.randn(3, 5, 4, 8, device=device)
+    lengths = lambda kv, ql: dict(kv_lens=torch.tensor(kv, device=device), q_lens=torch.tensor(ql, device=device))  # noqa: E731
+    unchecked = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths([12, -3, 4], [-1, 99, 2]))
+    clamped = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths([9, 0, 4], [0, 5, 2]))
+    for a, e in zip(unchecked[:2] + tuple(unchecked[2]), clamped[:2] + tuple(clamped[2])):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_offsets_read_as_their_clamped_running_maximum(device):
+    """Unchecked cu_seqlens are read as their running maximum clamped into [0, total] (decreasing
+    offsets give empty samples, none past the rows, never two samples on one row), and a sample
+    keeps at most max_seqlen rows."""
+    _skip_unless_gpu_path(device)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=generator).to(device) for shape in ((10, 4, 8), (12, 2, 8), (12, 2, 8)))
+    grad_out = torch.randn(10, 4, 8, generator=generator).to(device)
+    offsets = lambda values: torch.tensor(values, device=device, dtype=torch.int32)  # noqa: E731
+
+    def run(cu_q, cu_k, max_q, max_k, rows_q=10, rows_k=12):
+        return forward_and_grads(lambda *t: ops.cross_modal_attention_packed(
+            *t, offsets(cu_q), offsets(cu_k), max_q, max_k, return_lse=True),
+            q[:rows_q], k[:rows_k], v[:rows_k], grad_out[:rows_q])
+
+    unchecked = run([-4, 3, 2, 12], [0, 9, 4, 30], 7, 9)
+    well_formed = run([0, 3, 3, 10], [0, 9, 9, 12], 7, 9)
+    for a, e in zip(unchecked[:2] + tuple(unchecked[2]), well_formed[:2] + tuple(well_formed[2])):
+        assert torch.equal(a, e)
+    # One sample of 10 queries over 12 keys, read with max_seqlen 6 and 5: its first 6 queries over
+    # its first 5 keys; the rows past them are zero, with zero gradients.
+    out, lse, grads = run([0, 10], [0, 12], 6, 5)
+    first_out, first_lse, first_grads = run([0, 6], [0, 5], 6, 5, rows_q=6, rows_k=5)
+    assert torch.equal(out[:6], first_out) and torch.all(out[6:] == 0)
+    assert torch.equal(lse[:, :6], first_lse) and torch.all(lse[:, 6:] == float("-inf"))
+    for grad, first, rows in zip(grads, first_grads, (6, 5, 5)):
+        assert torch.equal(grad[:rows], first) and torch.all(grad[rows:] == 0)

@@ -116,7 +116,7 @@ def test_nan_in_attention_reaches_exactly_the_rows_it_reaches_in_eager(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_features_are_rejected_by_quantization(device):
+def test_nan_features_are_rejected_by_quantization(device, value_checks):
     x = poisoned((3, 16), (1, 4), float("nan"), device, torch.float32)
     with pytest.raises(ValueError, match="NaN or inf"):
         ops.quantize_per_token(x)

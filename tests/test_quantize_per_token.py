@@ -80,7 +80,7 @@ def test_strided_and_offset_inputs(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_input_is_refused_by_row(bad, device):
+def test_nonfinite_input_is_refused_by_row(bad, device, value_checks):
     x = torch.randn(2, 3, 8, device=device)
     x[1, 2, 5] = bad
     with pytest.raises(ValueError, match=r"x holds NaN or inf in row \(1, 2\)"):
@@ -170,7 +170,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_named(case):
+def test_bad_input_is_named(case, value_checks):
     call, error, message = BAD_INPUTS[case]
     with pytest.raises(error, match=message):
         call()

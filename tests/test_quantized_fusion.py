@@ -154,7 +154,7 @@ BAD_INPUTS = bad_input_cases()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_named(case):
+def test_bad_input_is_named(case, value_checks):
     call, error, message = BAD_INPUTS[case]
     with pytest.raises(error, match=message):
         call()

@@ -6,7 +6,7 @@ import re
 import torch
 
 from mmkern import ops
-from mmkern.ops.quantize_per_token import QUANTIZED_DTYPES
+from mmkern.ops.quantize_per_token import QUANTIZED_DTYPES, raise_on_nonfinite_rows
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -38,9 +38,11 @@ class QuantizedFeatureStore:
     def put(self, key: str, features: torch.Tensor) -> None:
         """Quantizes ``features (*lead, d)`` (float16, bfloat16 or float32) per token and stores them;
         an existing key is replaced. Raises ValueError for NaN or inf features."""
+        path = self._path(key)
         xq, scale = ops.quantize_per_token(features.detach(), self.dtype)
         record = {"xq": xq.cpu(), "scale": scale.cpu(), "dtype": str(features.dtype).removeprefix("torch.")}
-        path = self._path(key)
+        # On the host by now, so checked on every device: NaN on disk would outlive the run.
+        raise_on_nonfinite_rows(record["scale"], "features")
         temporary = path + ".partial"
         torch.save(record, temporary)
         os.replace(temporary, path)  # readers never see a half-written file

@@ -37,6 +37,8 @@ from mmkern.kernels.segmented_matmul import accumulate_dtype, input_precision
 # Split-KV is worth it only while programs are few; each split keeps at least this many keys.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
+# Offsets a program reads at once to take their running maximum (one load for batches up to it).
+OFFSETS_BLOCK: tl.constexpr = tl.constexpr(256)
 
 
 @triton.jit
@@ -62,12 +64,26 @@ def _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE: 
 
 
 @triton.jit
-def _span(b, starts_ptr, lens_ptr, full_len, PACKED: tl.constexpr, HAS_LENS: tl.constexpr):
-    """(first row, number of rows) of sample b; lengths are clamped into [0, full_len] so that no
-    value, checked or not, makes a kernel read outside its tensor."""
+def _running_max_offset(starts_ptr, i, rows):
+    """max(starts[0], ..., starts[i]) clamped into [0, rows]: the offsets made non-decreasing, and inside
+    the tensor, whatever values they hold."""
+    offset = tl.zeros((), tl.int64)
+    for chunk in range(0, i + 1, OFFSETS_BLOCK):
+        index = chunk + tl.arange(0, OFFSETS_BLOCK)
+        offset = tl.maximum(offset, tl.max(tl.load(starts_ptr + index, mask=index <= i, other=0).to(tl.int64), 0))
+    return tl.minimum(offset, rows)
+
+
+@triton.jit
+def _span(b, starts_ptr, lens_ptr, full_len, rows, PACKED: tl.constexpr, HAS_LENS: tl.constexpr):
+    """(first row, number of rows) of sample b, such that no value of the lengths or offsets, checked
+    or not, makes a kernel read outside its tensor (of ``rows`` rows when packed) or two samples
+    share a row: lengths are clamped into [0, full_len]; offsets are read as their running maximum
+    clamped into [0, rows] (so well-formed ones are read as they are), a sample keeping at most
+    full_len rows."""
     if PACKED:
-        start = tl.load(starts_ptr + b).to(tl.int64)
-        length = tl.load(starts_ptr + b + 1).to(tl.int64) - start
+        start = _running_max_offset(starts_ptr, b, rows)
+        length = _running_max_offset(starts_ptr, b + 1, rows) - start
     else:
         start = tl.zeros((), tl.int64)
         length = tl.zeros((), tl.int64) + full_len
@@ -107,7 +123,7 @@ def _forward_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od, stride_os,
     stride_lb, stride_lh, stride_ll, stride_ls,
-    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
+    Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -118,8 +134,8 @@ def _forward_kernel(
     split = tl.program_id(2)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
-    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
-    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, PACKED, HAS_KV_LENS)
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
+    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     # Split partials are written over every row (the combine kernel reads them); outputs over the
     # padded rows, or only the sample's own rows when packed.
     write_limit = q_len if PACKED and not SPLIT else Q_LEN
@@ -183,7 +199,7 @@ def _combine_splits_kernel(
     stride_qb, stride_qh, stride_ql, stride_qs,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ll,
-    Q_LEN, Q_HEADS, V_DIM: tl.constexpr, SPLITS,
+    Q_LEN, Q_ROWS, Q_HEADS, V_DIM: tl.constexpr, SPLITS,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -191,7 +207,7 @@ def _combine_splits_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
-    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     write_limit = q_len if PACKED else Q_LEN
     if pid_m * BLOCK_M >= write_limit:
         return
@@ -226,7 +242,7 @@ def _delta_kernel(
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_db, stride_dh, stride_dl,
-    Q_LEN, Q_HEADS, V_DIM: tl.constexpr,
+    Q_LEN, Q_ROWS, Q_HEADS, V_DIM: tl.constexpr,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -235,7 +251,7 @@ def _delta_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
-    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     write_limit = q_len if PACKED else Q_LEN
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     v_dims = tl.arange(0, DV_PAD)
@@ -269,7 +285,7 @@ def _grad_kv_kernel(
     stride_lb, stride_lh, stride_ll,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
-    Q_LEN, K_LEN, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -280,8 +296,8 @@ def _grad_kv_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // KV_HEADS
     kv_h = bh % KV_HEADS
-    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
-    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, PACKED, HAS_KV_LENS)
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
+    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     write_limit = kv_len if PACKED else K_LEN
     if pid_n * BLOCK_N >= write_limit:
         return
@@ -343,7 +359,7 @@ def _grad_q_kernel(
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ll,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
-    Q_LEN, K_LEN, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+    Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -354,8 +370,8 @@ def _grad_q_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
-    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, PACKED, HAS_Q_LENS)
-    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, PACKED, HAS_KV_LENS)
+    q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
+    k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     write_limit = q_len if PACKED else Q_LEN
     if pid_m * BLOCK_M >= write_limit:
         return
@@ -418,6 +434,8 @@ class Problem:
             self.batch, self.q_len = q.shape[0], q.shape[1]
             self.k_len = k.shape[1]
         self.q, self.k, self.v = q, k, v
+        # The rows of q's and k's storage (the packed total), which no span may pass.
+        self.q_rows, self.k_rows = q.shape[1], k.shape[1]
         # Head dims are kernel constants (int() specialises a symbolic one under torch.compile).
         self.q_heads, self.head_dim = q.shape[2], int(q.shape[3])
         self.kv_heads, self.v_dim = k.shape[2], int(v.shape[3])
@@ -525,7 +543,7 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
     traceable(_forward_kernel)[grid](
         p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(),
         *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides,
-        p.q_len, p.k_len, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
+        p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
         *p.scalars(),
         SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
         **p.common_flags(),
@@ -538,7 +556,7 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(4), part_out.stride(3),
             *part_lse.stride(),
             *p.strides(out4), *p.lse_strides(lse),
-            p.q_len, p.q_heads, p.v_dim, splits,
+            p.q_len, p.q_rows, p.q_heads, p.v_dim, splits,
             **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad, BLOCK_M=combine_block,
         )
 
@@ -554,7 +572,7 @@ def backward(problem: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
     if p.batch * p.q_heads and p.q_len:
         traceable(_delta_kernel)[(triton.cdiv(p.q_len, block_m), p.batch * p.q_heads)](
             grad_out, out, delta, cu_q, q_lens, *p.strides(grad_out), *p.strides(out), *p.lse_strides(delta),
-            p.q_len, p.q_heads, p.v_dim,
+            p.q_len, p.q_rows, p.q_heads, p.v_dim,
             **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad,
             BLOCK_M=block_m,
         )
@@ -567,11 +585,12 @@ def backward(problem: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
         traceable(_grad_kv_kernel)[(triton.cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
             *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
             *operand_strides, *p.strides(grad_k), *p.strides(grad_v),
-            p.q_len, p.k_len, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
+            p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars,
+            **tiles,
         )
     if p.batch * p.q_heads and p.q_len:
         traceable(_grad_q_kernel)[(triton.cdiv(p.q_len, block_m), p.batch * p.q_heads)](
             *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
             *operand_strides, *p.strides(grad_q),
-            p.q_len, p.k_len, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
+            p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
         )

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from mmkern import _config
+from mmkern.kernels.launch import runs_on_triton
 
 
 def tensor_list(value, name: str) -> list:
@@ -66,10 +67,20 @@ def check_concat_shapes(inputs: list, weight: torch.Tensor, bias, inputs_name: s
         raise ValueError(f"the leading shapes of the {inputs_name} (all but the last dim) do not broadcast: {shapes}") from None
 
 
+def checks_values(device: torch.device) -> bool:
+    """Whether an op checks the values of its arguments on ``device``: always where it runs its C++ CPU
+    kernel (the values are on the host already), on the GPU path (CUDA, and CPU tensors under the
+    interpreter switch, which stand for CUDA ones) only with mmkern.set_value_checks(True) or
+    MMKERN_CHECK_VALUES=1, since each check reads the device. Never while torch.compile traces: a
+    compiled graph cannot raise on data."""
+    if torch.compiler.is_compiling():
+        return False
+    return _config.value_checks() or not runs_on_triton(device)
+
+
 def check_scale_values(named_scales: list) -> None:
-    """Scales must be finite and non-negative. Reading that costs one device sync, so it is skipped
-    while torch.compile traces (a compiled graph cannot raise on data) and when MMKERN_CHECK_SCALES=0."""
-    if not _config.CHECK_SCALES or not named_scales or torch.compiler.is_compiling():
+    """Scales must be finite and non-negative (where checks_values; one read of the device for all)."""
+    if not named_scales or not checks_values(named_scales[0][1].device):
         return
     bad = torch.stack([~(torch.isfinite(s) & (s >= 0)).all() if s.numel() else s.new_zeros((), dtype=torch.bool)
                        for _, s in named_scales])

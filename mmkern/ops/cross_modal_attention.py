@@ -9,6 +9,7 @@ functions, their argument checks, the fake kernels and the autograd registration
 import torch
 
 from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
+from mmkern.ops._checks import checks_values
 from mmkern.ops._registration import dtype_after_autocast, register_autocast, register_triton_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,10 +33,11 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         kv_lens: optional integer ``(B,)``, valid keys per sample, in ``[0, Lk]``. Keys past it are
             ignored and cost no work; a sample with no valid key gets zeros and zero gradients.
         q_lens: optional integer ``(B,)``, valid queries per sample, in ``[0, Lq]``; later rows are
-            zero and get zero gradient.
+            zero and get zero gradient. Lengths outside their range raise on CPU, and on CUDA with
+            ``mmkern.set_value_checks(True)`` (a device sync); unchecked, the kernels clamp them.
         scale: the score scale, ``D ** -0.5`` by default.
         dropout_p: dropout on the attention probabilities, drawn in the kernel from a seed taken from
-            torch's default generator (so ``torch.manual_seed`` makes it reproducible).
+            the device's default generator (so ``torch.manual_seed`` makes it reproducible).
         return_lse: also return the log-sum-exp of each row's scaled scores, ``(B, Hq, Lq)``, float32
             (float64 for float64 inputs), ``-inf`` for rows with no valid key; it carries no gradient.
 
@@ -45,14 +47,15 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     Raises:
         TypeError: a non-tensor, non-floating or mismatched q/k/v dtypes, non-integer lengths.
         ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, head dims over 256, mismatched
-            devices, lengths of the wrong shape or outside their range, a bad scale or dropout_p.
+            devices, lengths of the wrong shape or (where checked) outside their range, a bad scale
+            or dropout_p.
     """
     q, k, v = _check_qkv(q, k, v, packed=False)
     batch, q_len, _, head_dim = q.shape
     kv_lens = _check_lengths(kv_lens, "kv_lens", batch, k.shape[1], q.device)
     q_lens = _check_lengths(q_lens, "q_lens", batch, q_len, q.device)
     scale = _check_scale(scale, head_dim)
-    dropout_p, seed = _dropout(dropout_p)
+    dropout_p, seed = _dropout(dropout_p, q.device)
     out, lse = torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
     return (out, lse) if return_lse else out
 
@@ -68,7 +71,10 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         k: ``(total_k, Hkv, D)``, ``Hq`` a multiple of ``Hkv``.
         v: ``(total_k, Hkv, Dv)``.
         cu_seqlens_q, cu_seqlens_k: integer ``(B + 1,)`` row offsets on q's device, non-decreasing,
-            starting at 0 or more and ending at most at ``total``.
+            starting at 0 or more and ending at most at ``total``. Checked as lengths are; unchecked,
+            the kernels read them as their running maximum clamped into ``[0, total]``, and keep at
+            most ``max_seqlen`` rows of a sample (a bad offset can give an empty or short sample,
+            never a read outside the tensors or two samples on one row).
         max_seqlen_q, max_seqlen_k: the longest sample of each side (sizes the launch grid).
         scale, dropout_p: as in ``cross_modal_attention``. Dropout draws the mask of the same batch
             padded to ``(B, max_seqlen_q, ...)``, so packed and padded runs agree for one seed.
@@ -89,17 +95,18 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", cu_seqlens_q.shape[0], k.shape[0], max_seqlen_k,
                                      q.device)
     scale = _check_scale(scale, q.shape[2])
-    dropout_p, seed = _dropout(dropout_p)
+    dropout_p, seed = _dropout(dropout_p, q.device)
     out, lse = torch.ops.mmkern.cross_modal_attention_packed.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
-def _dropout(dropout_p) -> tuple:
+def _dropout(dropout_p, device) -> tuple:
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    # A CPU int64 scalar: the kernels read it without a device sync, and torch.compile traces it.
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    # Drawn on the device, from its generator: no copy to the device (a sync), capturable in a CUDA
+    # graph, and torch.compile traces it.
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if dropout_p > 0 else None
     return float(dropout_p), seed
 
 
@@ -151,8 +158,8 @@ def _check_lengths(lengths, name, batch, limit, device):
         raise ValueError(f"{name} must have shape ({batch},), one length per sample, got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"{name} is on {lengths.device} but q is on {device}")
-    # Reading the values costs a device sync on GPU; under torch.compile the kernels check them.
-    if batch and not torch.compiler.is_compiling():
+    # Unchecked, the kernels clamp each length into [0, limit].
+    if batch and checks_values(device):
         low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one device sync, not two
         if low < 0 or high > limit:
             raise ValueError(f"{name} must lie in [0, {limit}], got values from {low} to {high}")
@@ -170,8 +177,9 @@ def _check_cu_seqlens(cu_seqlens, name, entries, total, max_len, device):
         raise ValueError(f"{name} must have as many offsets as cu_seqlens_q ({entries}), got {cu_seqlens.shape[0]}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
-    # Reading the values costs a device sync on GPU; under torch.compile they are trusted.
-    if not torch.compiler.is_compiling():
+    # Unchecked, the kernels read the offsets as their running maximum clamped into [0, total] and
+    # keep at most max_len rows of a sample.
+    if checks_values(device):
         # first, last, shortest and longest step in one device sync
         steps = torch.cat([cu_seqlens.diff(), cu_seqlens.new_zeros(1)])
         first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], *torch.aminmax(steps)]).tolist()

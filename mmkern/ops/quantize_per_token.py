@@ -8,7 +8,7 @@ the public functions, their argument checks, the fake kernels and the autograd r
 
 import torch
 
-from mmkern.ops._checks import check_scale_values, check_tensor
+from mmkern.ops._checks import check_scale_values, check_tensor, checks_values
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -32,13 +32,15 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tupl
 
     Raises:
         TypeError: x not a float16/bfloat16/float32 tensor, dtype not int8 or float8_e4m3fn.
-        ValueError: x is 0-d, or holds NaN or inf (checked with one device sync; under torch.compile
-            the check is skipped and such a row's scale is NaN).
+        ValueError: x is 0-d, or holds NaN or inf (checked on CPU, and on CUDA with
+            ``mmkern.set_value_checks(True)``, a device sync; unchecked, and under torch.compile,
+            such a row gets a NaN scale and zeros).
     """
     _check_float_input(x, "x")
     _check_quantized_dtype(dtype, "dtype")
     xq, scale = torch.ops.mmkern.quantize_per_token.default(x, dtype)
-    _raise_on_nonfinite_rows(scale, "x")
+    if checks_values(scale.device):
+        raise_on_nonfinite_rows(scale, "x")
     return xq, scale
 
 
@@ -52,7 +54,8 @@ def dequantize_per_token(xq: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
     Raises:
         TypeError: xq not quantized, scale not float32, dtype not a float dtype.
-        ValueError: scale of the wrong shape or device, a negative or non-finite scale.
+        ValueError: scale of the wrong shape or device, a negative or non-finite scale (checked on
+            CPU, and on CUDA with ``mmkern.set_value_checks(True)``).
     """
     check_quantized_pair(xq, scale, "xq", "scale")
     if dtype not in OUT_DTYPES:
@@ -111,9 +114,9 @@ def check_quantized_pair(xq, scale, xq_name: str, scale_name: str) -> None:
 
 
 
-def _raise_on_nonfinite_rows(scale: torch.Tensor, name: str) -> None:
-    if torch.compiler.is_compiling():
-        return
+def raise_on_nonfinite_rows(scale: torch.Tensor, name: str) -> None:
+    """A ValueError naming the first row of ``name`` that held NaN or inf, read off the NaN its scale
+    came out with."""
     bad = torch.isnan(scale)
     if bad.any():
         row = tuple(bad.nonzero()[0, :-1].tolist())

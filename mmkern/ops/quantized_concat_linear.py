@@ -47,9 +47,10 @@ def quantized_concat_linear(inputs_q: Sequence[torch.Tensor], scales: Sequence[t
     Raises:
         TypeError: float features where int8 is expected (or the reverse for bias), scales not
             float32, an unsupported out_dtype.
-        ValueError: a scale of the wrong shape, negative or non-finite scales (one device sync;
-            MMKERN_CHECK_SCALES=0 skips it), scales that require grad, width or bias mismatches,
-            leading shapes that do not broadcast, mismatched devices, an unknown activation.
+        ValueError: a scale of the wrong shape, negative or non-finite scales (checked on CPU, and on
+            CUDA with ``mmkern.set_value_checks(True)``, a device sync), scales that require grad,
+            width or bias mismatches, leading shapes that do not broadcast, mismatched devices, an
+            unknown activation.
     """
     activation = "none" if activation is None else activation
     inputs_q, scales = _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype)

@@ -41,8 +41,8 @@ def quantized_fusion(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Te
             not float32, non-float weights or gate, an unsupported out_dtype.
         ValueError: an unknown mode, inputs of different shapes, scales, weights or gate of the wrong
             shape or device, gated with other than two inputs or without a gate, weights given with
-            "gated" or a gate with "sum", negative or non-finite scales (one device sync;
-            MMKERN_CHECK_SCALES=0 skips it).
+            "gated" or a gate with "sum", negative or non-finite scales (checked on CPU, and on
+            CUDA with ``mmkern.set_value_checks(True)``, a device sync).
     """
     inputs_q, scales = _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype)
     return torch.ops.mmkern.quantized_fusion.default(inputs_q, scales, weights, gate, mode, out_dtype)
