@@ -371,23 +371,6 @@ def test_packed_torch_compile_fullgraph(device):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-def test_few_queries_over_long_keys_split_the_keys():
-    # The plan the GPU (and the interpreter) uses: 16 (sample, head) programs cannot fill 132
-    # multiprocessors, so the 1000 keys are split; 2048 query rows can, so they are not.
-    from mmkern.kernels.cross_modal_attention import Problem
-    from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS
-
-    def plan(batch, q_len, k_len):
-        q, k, v = torch.empty(batch, q_len, 8, 64), torch.empty(batch, k_len, 1, 64), torch.empty(batch, k_len, 1, 64)
-        problem = Problem(q, k, v, scale=1.0, dropout_p=0.0, dropout_seed=None)
-        return problem.splits(16, 64, INTERPRETER_MULTIPROCESSORS)
-
-    assert plan(2, 1, 1000) == (3, 384)
-    assert plan(2, 32, 32768)[0] > 8
-    assert plan(16, 2048, 4096) == (1, 4096)
-    assert plan(2, 1, 300) == (1, 300)
-
-
 PACKED_BAD_INPUTS = {
     "q not 3-D": (dict(q=torch.randn(1, 6, 4, 8)), ValueError, "q must be 3-D"),
     "cu_seqlens float": (dict(cu_seqlens_q=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens_q must have dtype int32"),

@@ -6,8 +6,10 @@ import torch
 
 from mmkern import _config
 from mmkern.kernels.cross_modal_attention import float_halves
-from mmkern.kernels.launch import power_of_2_at_least
-from mmkern.kernels.segmented_matmul import gemm_tile
+from mmkern import ops
+from mmkern.kernels import tiles
+from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS, power_of_2_at_least
+from mmkern.kernels.tiles import GemmTile, cdiv, gemm_tile, key_splits
 
 H100_MULTIPROCESSORS = 132
 
@@ -29,17 +31,52 @@ def test_float_halves_keep_float64_precision(x):
 @pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter always takes its one small tile")
 def test_gemm_tiles_follow_the_shape_alone():
     big = gemm_tile(8192, 8192, torch.bfloat16, H100_MULTIPROCESSORS)
-    assert (big["BLOCK_M"], big["BLOCK_N"], big["BLOCK_K"], big["num_warps"]) == (128, 128, 64, 8)
+    assert (big.block_m, big.block_n, big.block_k, big.num_warps) == (128, 128, 64, 8)
     # Each K step reads 128 bytes of a row, whatever the dtype.
-    assert gemm_tile(8192, 8192, torch.float32, H100_MULTIPROCESSORS)["BLOCK_K"] == 32
-    assert gemm_tile(8192, 8192, torch.int8, H100_MULTIPROCESSORS)["BLOCK_K"] == 128
+    assert gemm_tile(8192, 8192, torch.float32, H100_MULTIPROCESSORS).block_k == 32
+    assert gemm_tile(8192, 8192, torch.int8, H100_MULTIPROCESSORS).block_k == 128
     # A per-sample projection (8 rows) takes a short tile rather than wasting 120 of 128 rows.
-    assert gemm_tile(8, 4096, torch.float16, H100_MULTIPROCESSORS)["BLOCK_M"] == 16
+    assert gemm_tile(8, 4096, torch.float16, H100_MULTIPROCESSORS).block_m == 16
     # An output of few 128-wide tiles is cut into more, smaller ones to reach every multiprocessor.
     small = gemm_tile(512, 1024, torch.float16, H100_MULTIPROCESSORS)
-    assert (small["BLOCK_M"], small["BLOCK_N"]) == (64, 64)
+    assert (small.block_m, small.block_n) == (64, 64)
     # The same shape gives the same tile every time: no timing decides it.
     assert all(gemm_tile(1000, 777, torch.float16, H100_MULTIPROCESSORS) == gemm_tile(1000, 777, torch.float16,
                                                                                      H100_MULTIPROCESSORS)
                for _ in range(3))
-    assert gemm_tile(64, 64, torch.float64, H100_MULTIPROCESSORS)["BLOCK_K"] == 16
+    assert gemm_tile(64, 64, torch.float64, H100_MULTIPROCESSORS).block_k == 16
+
+
+def test_few_queries_over_long_keys_split_the_keys():
+    # 16 (sample, head) programs cannot fill 132 multiprocessors, so 1000 keys are split; 2048 query
+    # rows can, so they are not.
+    def plan(batch, q_len, k_len):
+        return key_splits(batch * 8 * cdiv(q_len, 16), k_len, 64, INTERPRETER_MULTIPROCESSORS)
+
+    assert plan(2, 1, 1000) == (3, 384)
+    assert plan(2, 32, 32768)[0] > 8
+    assert plan(16, 2048, 4096) == (1, 4096)
+    assert plan(2, 1, 300) == (1, 300)
+
+
+def test_an_override_picks_the_tiles_and_the_result_stays_right():
+    """What a tuning sweep does: every GEMM launch of a call takes the overriding tile (here one of
+    another shape than the default), and the answer is the same to roundoff."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 20, 40, generator=generator), torch.randn(3, 1, 24, generator=generator)]
+    weight, bias = torch.randn(36, 64, generator=generator), torch.randn(36, generator=generator)
+    expected = ops.concat_linear(inputs, weight, bias, activation="gelu")
+    chosen = []
+    tile = GemmTile(32, 16, 16, 2, 2, 1)
+    with tiles.override("gemm", lambda *shape: chosen.append(shape) or tile):
+        actual = ops.concat_linear(inputs, weight, bias, activation="gelu")
+    torch.testing.assert_close(actual, expected)
+    if _config.TRITON_ON_CPU:  # the C++ kernels take no tiles
+        assert [shape[:2] for shape in chosen] == [(3, 36), (60, 36)]  # the image vector, then the tokens
+    assert gemm_tile(60, 36, torch.float32, 132) != tile  # and ends with the block
+
+
+def test_override_refuses_an_unknown_family():
+    with pytest.raises(ValueError, match="family must be one of"):
+        with tiles.override("gemmm", lambda *args: None):
+            pass

@@ -15,7 +15,8 @@ import math
 import torch
 
 from mmkern.activations import SMOOTH_ACTIVATIONS, activation_backward
-from mmkern.kernels.segmented_matmul import MAX_SEGMENTS, accumulate_dtype, segmented_matmul
+from mmkern.kernels.launch import accumulate_dtype
+from mmkern.kernels.segmented_matmul import MAX_SEGMENTS, segmented_matmul
 
 IDENTITY_ROW_MAP = ((1, 2**62, 1), (1, 1, 0))
 
@@ -139,6 +140,13 @@ def concat_linear_forward(inputs, weight, bias, activation, *, scales=None, weig
         weight_scale,
     )
     return out, saved
+
+
+def quantized_concat_linear_forward(inputs, scales, weight, weight_scale, bias, activation, out_dtype):
+    """mmkern::quantized_concat_linear: int8 inputs with per-token scales, an int8 weight with
+    per-channel scales. Returns (out, activation_saved)."""
+    return concat_linear_forward(inputs, weight, bias, activation, scales=scales, weight_scale=weight_scale,
+                                 out_dtype=out_dtype)
 
 
 def concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,

@@ -29,14 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkern import _config
-from mmkern.kernels.launch import multiprocessors, power_of_2_at_least, traceable
-from mmkern.kernels.segmented_matmul import accumulate_dtype, input_precision
+from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, power_of_2_at_least, traceable
+from mmkern.kernels.tiles import (attention_backward_tile, attention_forward_tile, cdiv, combine_block_m,
+                                  key_splits)
 
-
-# Split-KV is worth it only while programs are few; each split keeps at least this many keys.
-MIN_KEYS_PER_SPLIT = 256
-MAX_SPLITS = 64
 # Offsets a program reads at once to take their running maximum (one load for batches up to it).
 OFFSETS_BLOCK: tl.constexpr = tl.constexpr(256)
 
@@ -489,41 +485,18 @@ class Problem:
         }
 
     def forward_tile(self):
-        """(BLOCK_M, BLOCK_N, num_warps, num_stages); a short query side takes a short tile."""
-        if _config.TRITON_ON_CPU:
-            return 16, 16, 1, 1
-        widest = max(self.d_pad, self.dv_pad)
-        block_m, block_n, warps = (128, 64, 4) if widest <= 64 else (128, 64, 8) if widest <= 128 else (64, 32, 8)
-        if self.acc_dtype == torch.float64 or self.q.dtype == torch.float32:
-            block_m, block_n = block_m // 2, block_n // 2
-        block_m = power_of_2_at_least(self.q_len, 16, block_m)
-        return block_m, block_n, warps, 2 if widest > 128 else 3
+        return attention_forward_tile(self.q_len, self.d_pad, self.dv_pad, self.q.dtype)
 
     def backward_tile(self):
-        if _config.TRITON_ON_CPU:
-            return 16, 16, 1, 1
-        widest = max(self.d_pad, self.dv_pad)
-        block = 64 if widest <= 128 else 32
-        if self.acc_dtype == torch.float64 or self.q.dtype == torch.float32:
-            block //= 2
-        return block, block, 4 if widest <= 64 else 8, 2
-
-    def splits(self, block_m, block_n, multiprocessors):
-        """How many key splits: enough programs to fill the GPU twice over, each split with at
-        least MIN_KEYS_PER_SPLIT keys, a whole number of key blocks. Returns (splits, keys per split)."""
-        programs = self.batch * self.q_heads * triton.cdiv(self.q_len, block_m)
-        splits = min(triton.cdiv(2 * multiprocessors, max(programs, 1)), self.k_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
-        if splits < 2:
-            return 1, max(self.k_len, 1)
-        keys_per_split = triton.cdiv(triton.cdiv(self.k_len, splits), block_n) * block_n
-        return triton.cdiv(self.k_len, keys_per_split), keys_per_split
+        return attention_backward_tile(self.d_pad, self.dv_pad, self.q.dtype)
 
 
-def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
+def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     """Writes out (B, Lq, Hq, Dv) or packed (total_q, Hq, Dv), and lse (B, Hq, Lq) or (Hq, total_q)."""
-    p = problem
-    block_m, block_n, warps, stages = p.forward_tile()
-    splits, keys_per_split = p.splits(block_m, block_n, multiprocessors(p.q.device))
+    tile = p.forward_tile()
+    block_m, block_n = tile.block_m, tile.block_n
+    splits, keys_per_split = key_splits(p.batch * p.q_heads * cdiv(p.q_len, block_m), p.k_len, block_n,
+                                        multiprocessors(p.q.device))
     out4 = out.unsqueeze(0) if p.packed else out
     if splits > 1:
         # Partials (B, Lq, Hq, splits, Dv) and base-2 lse (B, Hq, Lq, splits) in the accumulation
@@ -537,7 +510,7 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
         target, target_lse = out4, lse
         out_strides = (*p.strides(out4), 0)
         lse_strides = (*p.lse_strides(lse), 0)
-    grid = (triton.cdiv(p.q_len, block_m), p.batch * p.q_heads, splits)
+    grid = (cdiv(p.q_len, block_m), p.batch * p.q_heads, splits)
     if grid[0] == 0 or grid[1] == 0:
         return
     traceable(_forward_kernel)[grid](
@@ -545,13 +518,13 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
         *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides,
         p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
         *p.scalars(),
-        SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
         **p.common_flags(),
     )
     if splits > 1:
         cu_q, _, q_lens, _ = p.span_args()
-        combine_block = 16 if _config.TRITON_ON_CPU else 32
-        traceable(_combine_splits_kernel)[(triton.cdiv(p.q_len, combine_block), p.batch * p.q_heads)](
+        combine_block = combine_block_m()
+        traceable(_combine_splits_kernel)[(cdiv(p.q_len, combine_block), p.batch * p.q_heads)](
             part_out, part_lse, out4, lse, cu_q, q_lens,
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(4), part_out.stride(3),
             *part_lse.stride(),
@@ -561,16 +534,16 @@ def forward(problem: Problem, out: torch.Tensor, lse: torch.Tensor):
         )
 
 
-def backward(problem: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
+def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
     """Writes grad_q, grad_k, grad_v (shaped as q, k, v; packed ones (total, H, D))."""
-    p = problem
     unsqueeze = (lambda t: t.unsqueeze(0)) if p.packed else (lambda t: t)
     grad_out, out, grad_q, grad_k, grad_v = (unsqueeze(t) for t in (grad_out, out, grad_q, grad_k, grad_v))
-    block_m, block_n, warps, stages = p.backward_tile()
+    tile = p.backward_tile()
+    block_m, block_n = tile.block_m, tile.block_n
     delta = torch.empty(lse.shape, dtype=p.acc_dtype, device=lse.device)  # lse is contiguous too
     cu_q, cu_k, q_lens, kv_lens = p.span_args()
     if p.batch * p.q_heads and p.q_len:
-        traceable(_delta_kernel)[(triton.cdiv(p.q_len, block_m), p.batch * p.q_heads)](
+        traceable(_delta_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
             grad_out, out, delta, cu_q, q_lens, *p.strides(grad_out), *p.strides(out), *p.lse_strides(delta),
             p.q_len, p.q_rows, p.q_heads, p.v_dim,
             **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad,
@@ -578,19 +551,62 @@ def backward(problem: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
-    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, **p.common_flags()}
+    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": tile.num_warps, "num_stages": tile.num_stages,
+             **p.common_flags()}
     operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out),
                        *p.lse_strides(lse))
     if p.batch * p.kv_heads and p.k_len:
-        traceable(_grad_kv_kernel)[(triton.cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
+        traceable(_grad_kv_kernel)[(cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
             *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
             *operand_strides, *p.strides(grad_k), *p.strides(grad_v),
             p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars,
             **tiles,
         )
     if p.batch * p.q_heads and p.q_len:
-        traceable(_grad_q_kernel)[(triton.cdiv(p.q_len, block_m), p.batch * p.q_heads)](
+        traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
             *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
             *operand_strides, *p.strides(grad_q),
             p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
         )
+
+
+def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed) -> tuple:
+    """mmkern::cross_modal_attention: (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)); every row is written."""
+    batch, q_len, q_heads, _ = q.shape
+    out = q.new_empty((batch, q_len, q_heads, v.shape[3]))
+    lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
+    _launch_forward(Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
+                            dropout_seed=dropout_seed), out, lse)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed) -> tuple:
+    """mmkern::cross_modal_attention_backward: (grad q, grad k, grad v); every row is written."""
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    problem = Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
+                      dropout_seed=dropout_seed)
+    _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
+    return tuple(grads)
+
+
+def packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
+                   dropout_seed) -> tuple:
+    """mmkern::cross_modal_attention_packed: (out (total_q, Hq, Dv), lse (Hq, total_q))."""
+    total, q_heads, _ = q.shape
+    # Rows no sample owns are never visited: they start as zeros and -inf.
+    out = q.new_zeros((total, q_heads, v.shape[2]))
+    lse = q.new_full((q_heads, total), float("-inf"), dtype=accumulate_dtype(q.dtype))
+    _launch_forward(Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed),
+                    out, lse)
+    return out, lse
+
+
+def packed_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                    dropout_p, dropout_seed) -> tuple:
+    """mmkern::cross_modal_attention_packed_backward: (grad q, grad k, grad v), zero on unowned rows."""
+    grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    problem = Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                      max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed)
+    _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
+    return tuple(grads)

@@ -47,6 +47,19 @@ def power_of_2_at_least(n, smallest: int, largest: int) -> int:
     return size
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels sum in: float64 for float64, float32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision. fp32 follows torch's matmul setting, as F.linear would: TF32 only
+    when the user allowed it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def runs_on_triton(device: torch.device) -> bool:
     """Whether mmkern's ops run their Triton kernels for tensors on ``device``."""
     return device.type == "cuda" or (device.type == "cpu" and _config.TRITON_ON_CPU)

@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 
 from mmkern.kernels.launch import traceable
+from mmkern.kernels.tiles import FUSION_BLOCK, cdiv
 
 MAX_INPUTS = 4
-BLOCK = 1024
 
 
 @triton.jit
@@ -73,12 +73,12 @@ def quantized_fusion_forward(inputs, scales, weights, gate, mode, out_dtype):
         pointers = []
         for i in chunk + [chunk[0]] * (MAX_INPUTS - len(chunk)):
             pointers += [inputs[i], scales[i]]
-        traceable(quantized_fusion_kernel)[(triton.cdiv(numel, BLOCK),)](
+        traceable(quantized_fusion_kernel)[(cdiv(numel, FUSION_BLOCK),)](
             target, addend if addend is not None else target, gate if gated else target,
             weights if weights is not None else target, chunk[0],
             *pointers, numel, cols,
             NUM_INPUTS=len(chunk), GATED=gated, HAS_WEIGHTS=weights is not None, HAS_ADDEND=addend is not None,
-            BLOCK=BLOCK,
+            BLOCK=FUSION_BLOCK,
         )
         addend = target
     return out

@@ -18,39 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkern import _config
-from mmkern.kernels.launch import multiprocessors, power_of_2_at_least, traceable
+from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, traceable
+from mmkern.kernels.tiles import cdiv, gemm_tile
 
 MAX_SEGMENTS = 4
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-
-
-# The interpreter runs one small tile, which keeps tests quick.
-INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 1, "num_stages": 1}
-
-
-def gemm_tile(M: int, N: int, operand_dtype: torch.dtype, multiprocessors: int) -> dict:
-    """The tile for an (M, N) output, chosen from the shape alone rather than autotuned: the same
-    inputs then take the same tile in every process, so results are bitwise reproducible (the tile's
-    K step fixes the summation order), and a new batch size costs no benchmarking pass. Each K step
-    reads 128 bytes of a row (64 fp16/bf16, 32 fp32, 128 int8 elements); the rows and columns shrink
-    while the output has fewer tiles than the GPU has multiprocessors, so small outputs still fill
-    it. float64 takes a small tile: its operands are 8 bytes and its dot has no wide tensor-core form."""
-    if _config.TRITON_ON_CPU:
-        return dict(INTERPRETER_TILE)
-    if operand_dtype == torch.float64:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-    block_k = 128 // operand_dtype.itemsize
-    block_m = power_of_2_at_least(M, 16, 128)
-    block_n = power_of_2_at_least(N, 32, 128)
-    while block_n > 64 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < multiprocessors:
-        block_n //= 2
-    while block_m > 64 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < multiprocessors:
-        block_m //= 2
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
-            "num_warps": warps, "num_stages": 3 if block_m * block_n >= 128 * 128 else 4}
 
 
 @triton.jit
@@ -169,17 +142,6 @@ def segmented_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's matmul setting, as F.linear would: TF32 only when the user allowed it.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0)), bias=None,
                      activation="none", saved=None, column_scale=None):
     """Writes act((sum_s a_s @ b_s) * column_scale + addend[row_map] + bias) into ``out`` (M, N), and
@@ -202,7 +164,7 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     acc_dtype = accumulate_dtype(out.dtype)
 
     tile = gemm_tile(M, N, operand_dtype, multiprocessors(out.device))
-    grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
+    grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
     traceable(segmented_matmul_kernel)[grid](
         out, out.stride(0), out.stride(1),
         saved if saved is not None else out,
@@ -227,6 +189,6 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
         ACTIVATION=ACTIVATION_CODES[activation],
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         INPUT_PRECISION=input_precision(operand_dtype),
-        **tile,
+        **tile.launch_options(),
     )
     return out

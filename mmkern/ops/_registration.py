@@ -12,6 +12,8 @@ C++ beside the C++ CPU kernel. So this does what triton_op does, for an existing
 It also gives ops their autocast behaviour (register_autocast).
 """
 
+import functools
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -44,8 +46,23 @@ def _export_keeps_triton_ops_whole() -> bool:
 TRITON_KERNELS: dict = {}
 
 
-def register_triton_kernel(qualname: str, implementation: Callable) -> None:
+def triton_implementation(path: str) -> Callable:
+    """The function at ``path`` ("module:function", a launcher in mmkern.kernels), imported on its first
+    call: importing a kernel module imports Triton, which a CPU-only install may lack."""
+
+    @functools.cache
+    def resolve():
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    return lambda *args, **kwargs: resolve()(*args, **kwargs)
+
+
+def register_triton_kernel(qualname: str, path: str) -> None:
+    """The launcher at ``path`` ("module:function", taking the op's arguments and returning its
+    outputs) becomes the op's CUDA kernel (and its CPU one under the interpreter switch)."""
     TRITON_KERNELS[qualname] = ("cuda", "cpu") if _config.TRITON_ON_CPU else ("cuda",)
+    implementation = triton_implementation(path)
 
     def eager_kernel(*args, **kwargs):
         with _wrap_triton_disabled():

@@ -133,21 +133,7 @@ def _backward(ctx, grad_out, _grad_preactivation):
 torch.library.register_autograd("mmkern::concat_linear", _backward, setup_context=_setup_context)
 
 
-def _triton_forward(inputs, weight, bias, activation):
-    from mmkern.kernels.concat_linear import concat_linear_forward
-
-    return concat_linear_forward(inputs, weight, bias, activation)
-
-
-def _triton_backward(grad_out, inputs, weight, activation_saved, activation,
-                     input_needs_grad, weight_needs_grad, bias_needs_grad):
-    from mmkern.kernels.concat_linear import concat_linear_backward
-
-    return concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,
-                                  input_needs_grad, weight_needs_grad, bias_needs_grad)
-
-
-register_triton_kernel("mmkern::concat_linear", _triton_forward)
-register_triton_kernel("mmkern::concat_linear_backward", _triton_backward)
+register_triton_kernel("mmkern::concat_linear", "mmkern.kernels.concat_linear:concat_linear_forward")
+register_triton_kernel("mmkern::concat_linear_backward", "mmkern.kernels.concat_linear:concat_linear_backward")
 register_autocast("mmkern::concat_linear", cast_inputs=True)
 register_autocast("mmkern::concat_linear_backward", cast_inputs=False)

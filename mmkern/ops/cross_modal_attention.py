@@ -8,7 +8,7 @@ functions, their argument checks, the fake kernels and the autograd registration
 
 import torch
 
-from mmkern.kernels.launch import runs_on_triton, triton_has_float64_dot
+from mmkern.kernels.launch import accumulate_dtype, runs_on_triton, triton_has_float64_dot
 from mmkern.ops._checks import checks_values
 from mmkern.ops._registration import dtype_after_autocast, register_autocast, register_triton_kernel
 
@@ -200,14 +200,11 @@ def _check_scale(scale, head_dim) -> float:
     return float(scale)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("mmkern::cross_modal_attention")
 def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed):
     batch, q_len, q_heads, _ = q.shape
-    return q.new_empty((batch, q_len, q_heads, v.shape[3])), q.new_empty((batch, q_heads, q_len), dtype=_lse_dtype(q))
+    lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
+    return q.new_empty((batch, q_len, q_heads, v.shape[3])), lse
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_backward")
@@ -220,7 +217,7 @@ def _cross_modal_attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, q
 def _cross_modal_attention_packed_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                        dropout_p, dropout_seed):
     total, q_heads, _ = q.shape
-    return q.new_empty((total, q_heads, v.shape[2])), q.new_empty((q_heads, total), dtype=_lse_dtype(q))
+    return q.new_empty((total, q_heads, v.shape[2])), q.new_empty((q_heads, total), dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed_backward")
@@ -250,62 +247,12 @@ def _register_autograd(qualname: str, backward_op) -> None:
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
-def _triton_problem(q, k, v, scale, dropout_p, dropout_seed, **spans):
-    from mmkern.kernels.cross_modal_attention import Problem
-
-    return Problem(q, k, v, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed, **spans)
-
-
-def _triton_forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed):
-    from mmkern.kernels.cross_modal_attention import forward
-
-    batch, q_len, q_heads, _ = q.shape
-    out = q.new_empty((batch, q_len, q_heads, v.shape[3]))  # every row is written
-    lse = q.new_empty((batch, q_heads, q_len), dtype=_lse_dtype(q))
-    forward(_triton_problem(q, k, v, scale, dropout_p, dropout_seed, kv_lens=kv_lens, q_lens=q_lens), out, lse)
-    return out, lse
-
-
-def _triton_backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed):
-    from mmkern.kernels.cross_modal_attention import backward
-
-    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]  # every row is written
-    problem = _triton_problem(q, k, v, scale, dropout_p, dropout_seed, kv_lens=kv_lens, q_lens=q_lens)
-    backward(problem, grad_out, out, lse.contiguous(), *grads)
-    return tuple(grads)
-
-
-def _triton_packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                           dropout_seed):
-    from mmkern.kernels.cross_modal_attention import forward
-
-    total, q_heads, _ = q.shape
-    # Rows no sample owns are never visited: they start as zeros and -inf.
-    out = q.new_zeros((total, q_heads, v.shape[2]))
-    lse = q.new_full((q_heads, total), float("-inf"), dtype=_lse_dtype(q))
-    problem = _triton_problem(q, k, v, scale, dropout_p, dropout_seed, cu_seqlens_q=cu_seqlens_q,
-                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    forward(problem, out, lse)
-    return out, lse
-
-
-def _triton_packed_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            scale, dropout_p, dropout_seed):
-    from mmkern.kernels.cross_modal_attention import backward
-
-    grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-    problem = _triton_problem(q, k, v, scale, dropout_p, dropout_seed, cu_seqlens_q=cu_seqlens_q,
-                              cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    backward(problem, grad_out, out, lse.contiguous(), *grads)
-    return tuple(grads)
-
-
 _register_autograd("mmkern::cross_modal_attention", torch.ops.mmkern.cross_modal_attention_backward.default)
 _register_autograd("mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default)
-register_triton_kernel("mmkern::cross_modal_attention", _triton_forward)
-register_triton_kernel("mmkern::cross_modal_attention_backward", _triton_backward)
-register_triton_kernel("mmkern::cross_modal_attention_packed", _triton_packed_forward)
-register_triton_kernel("mmkern::cross_modal_attention_packed_backward", _triton_packed_backward)
+for _op, _launcher in (("cross_modal_attention", "forward"), ("cross_modal_attention_backward", "backward"),
+                       ("cross_modal_attention_packed", "packed_forward"),
+                       ("cross_modal_attention_packed_backward", "packed_backward")):
+    register_triton_kernel(f"mmkern::{_op}", f"mmkern.kernels.cross_modal_attention:{_launcher}")
 for _name in ("cross_modal_attention", "cross_modal_attention_packed"):
     register_autocast(f"mmkern::{_name}", cast_inputs=True)
     register_autocast(f"mmkern::{_name}_backward", cast_inputs=False)

@@ -153,14 +153,7 @@ def _bias_backward(ctx, grad_out, _grad_preactivation):
 torch.library.register_autograd("mmkern::quantized_concat_linear", _bias_backward, setup_context=_bias_setup_context)
 
 
-def _triton_forward(inputs, scales, weight, weight_scale, bias, activation, out_dtype):
-    from mmkern.kernels.concat_linear import concat_linear_forward
-
-    return concat_linear_forward(inputs, weight, bias, activation, scales=scales, weight_scale=weight_scale,
-                                 out_dtype=out_dtype)
-
-
-register_triton_kernel("mmkern::quantized_concat_linear", _triton_forward)
+register_triton_kernel("mmkern::quantized_concat_linear", "mmkern.kernels.concat_linear:quantized_concat_linear_forward")
 
 
 @torch.library.register_fake("mmkern::quantize_and_concat_linear")

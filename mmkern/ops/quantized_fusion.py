@@ -122,10 +122,4 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("mmkern::quantized_fusion", _backward, setup_context=_setup_context)
 
 
-def _triton_forward(inputs, scales, weights, gate, mode, out_dtype):
-    from mmkern.kernels.quantized_fusion import quantized_fusion_forward
-
-    return quantized_fusion_forward(inputs, scales, weights, gate, mode, out_dtype)
-
-
-register_triton_kernel("mmkern::quantized_fusion", _triton_forward)
+register_triton_kernel("mmkern::quantized_fusion", "mmkern.kernels.quantized_fusion:quantized_fusion_forward")
