@@ -15,7 +15,7 @@ import math
 import torch
 
 from mmkern.activations import SMOOTH_ACTIVATIONS, activation_backward
-from mmkern.kernels.launch import accumulate_dtype
+from mmkern.kernels.launch import accumulate_dtype, leading_shape
 from mmkern.kernels.segmented_matmul import MAX_SEGMENTS, segmented_matmul
 
 IDENTITY_ROW_MAP = ((1, 2**62, 1), (1, 1, 0))
@@ -128,7 +128,7 @@ def _column_offsets(inputs):
 def concat_linear_forward(inputs, weight, bias, activation, *, scales=None, weight_scale=None, out_dtype=None):
     """concat_linear, or with ``scales`` (one (*lead_i, 1) float32 per int8 input) and ``weight_scale``
     (N,) quantized_concat_linear into ``out_dtype``. Returns (out, activation_saved)."""
-    lead = tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
+    lead = leading_shape(inputs)
     rows, out_features = math.prod(lead), weight.shape[0]
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     out = weight.new_empty((*lead, out_features), dtype=out_dtype)
@@ -151,7 +151,7 @@ def quantized_concat_linear_forward(inputs, scales, weight, weight_scale, bias, 
 
 def concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,
                            input_needs_grad, weight_needs_grad, bias_needs_grad):
-    lead = tuple(torch.broadcast_shapes(*(x.shape[:-1] for x in inputs)))
+    lead = leading_shape(inputs)
     rank, rows, out_features = len(lead), math.prod(lead), weight.shape[0]
     acc = accumulate_dtype(weight.dtype)
     empty = weight.new_empty((0,))

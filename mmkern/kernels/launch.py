@@ -60,6 +60,24 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def leading_shape(tensors) -> tuple:
+    """The shape the tensors' leading dims (all but the last) broadcast to; a RuntimeError if they do
+    not. Plain Python for plain sizes (torch.broadcast_shapes costs tens of microseconds a call);
+    torch's own for torch.compile's symbolic ones, which it guards on."""
+    shapes = [tensor.shape[:-1] for tensor in tensors]
+    if not all(type(size) is int for shape in shapes for size in shape):
+        return tuple(torch.broadcast_shapes(*shapes))
+    lead = [1] * max(len(shape) for shape in shapes)
+    for shape in shapes:
+        offset = len(lead) - len(shape)
+        for i, size in enumerate(shape):
+            if size != 1:
+                if lead[offset + i] not in (1, size):
+                    raise RuntimeError(f"leading shapes {[tuple(s) for s in shapes]} do not broadcast")
+                lead[offset + i] = size
+    return tuple(lead)
+
+
 def runs_on_triton(device: torch.device) -> bool:
     """Whether mmkern's ops run their Triton kernels for tensors on ``device``."""
     return device.type == "cuda" or (device.type == "cpu" and _config.TRITON_ON_CPU)

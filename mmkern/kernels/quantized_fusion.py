@@ -71,12 +71,11 @@ def quantized_fusion_forward(inputs, scales, weights, gate, mode, out_dtype):
         last = index == len(chunks) - 1
         target = out if last else torch.empty(out.shape, dtype=torch.float32, device=out.device)
         pointers = []
-        for i in chunk + [chunk[0]] * (MAX_INPUTS - len(chunk)):
+        for i in chunk:
             pointers += [inputs[i], scales[i]]
+        pointers += [None, None] * (MAX_INPUTS - len(chunk))  # constants the kernel never reads
         traceable(quantized_fusion_kernel)[(cdiv(numel, FUSION_BLOCK),)](
-            target, addend if addend is not None else target, gate if gated else target,
-            weights if weights is not None else target, chunk[0],
-            *pointers, numel, cols,
+            target, addend, gate, weights, chunk[0], *pointers, numel, cols,
             NUM_INPUTS=len(chunk), GATED=gated, HAS_WEIGHTS=weights is not None, HAS_ADDEND=addend is not None,
             BLOCK=FUSION_BLOCK,
         )

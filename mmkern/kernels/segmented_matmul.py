@@ -142,6 +142,11 @@ def segmented_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _operand(tensor, dims: int) -> tuple:
+    """(tensor, its strides), or Nones for an absent operand."""
+    return (None,) * (dims + 1) if tensor is None else (tensor, *tensor.stride())
+
+
 def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0)), bias=None,
                      activation="none", saved=None, column_scale=None):
     """Writes act((sum_s a_s @ b_s) * column_scale + addend[row_map] + bias) into ``out`` (M, N), and
@@ -153,12 +158,15 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
         return out
     assert len(segments) <= MAX_SEGMENTS
     quantized = bool(segments) and len(segments[0]) == 3
-    padded = [(*pair, out) if len(pair) == 2 else pair for pair in segments]
-    padded += [(out, out.t(), out)] * (MAX_SEGMENTS - len(segments))
     segment_args = []
-    for a, b, token_scale in padded:
-        segment_args += [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), a.shape[1],
-                         token_scale, token_scale.stride(0)]
+    for segment in segments:
+        a, b = segment[0], segment[1]
+        token_scale = segment[2] if quantized else None
+        segment_args += [a, *a.stride(), b, *b.stride(), a.shape[1], token_scale,
+                         token_scale.stride(0) if quantized else None]
+    # The segments a launch does not have, and absent epilogue operands, are None: constants the
+    # kernel never reads (its flags leave their code out), and nothing for the launcher to bind.
+    segment_args += [None] * (9 * (MAX_SEGMENTS - len(segments)))
     (div0, mod0, mul0), (div1, mod1, mul1) = row_map
     operand_dtype = segments[0][0].dtype if segments else out.dtype
     acc_dtype = accumulate_dtype(out.dtype)
@@ -166,19 +174,8 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     tile = gemm_tile(M, N, operand_dtype, multiprocessors(out.device))
     grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
     traceable(segmented_matmul_kernel)[grid](
-        out, out.stride(0), out.stride(1),
-        saved if saved is not None else out,
-        saved.stride(0) if saved is not None else 0,
-        saved.stride(1) if saved is not None else 0,
-        addend if addend is not None else out,
-        addend.stride(0) if addend is not None else 0,
-        addend.stride(1) if addend is not None else 0,
-        div0, mod0, mul0, div1, mod1, mul1,
-        bias if bias is not None else out,
-        bias.stride(0) if bias is not None else 0,
-        column_scale if column_scale is not None else out,
-        column_scale.stride(0) if column_scale is not None else 0,
-        *segment_args,
+        out, *out.stride(), *_operand(saved, 2), *_operand(addend, 2), div0, mod0, mul0, div1, mod1, mul1,
+        *_operand(bias, 1), *_operand(column_scale, 1), *segment_args,
         M, N,
         NUM_SEGMENTS=len(segments),
         QUANTIZED=quantized,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from mmkern import _config
-from mmkern.kernels.launch import runs_on_triton
+from mmkern.kernels.launch import leading_shape, runs_on_triton
 
 
 def tensor_list(value, name: str) -> list:
@@ -61,7 +61,7 @@ def check_concat_shapes(inputs: list, weight: torch.Tensor, bias, inputs_name: s
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     try:
-        torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
+        leading_shape(inputs)
     except RuntimeError:
         shapes = ", ".join(f"{inputs_name}[{i}] {tuple(x.shape[:-1])}" for i, x in enumerate(inputs))
         raise ValueError(f"the leading shapes of the {inputs_name} (all but the last dim) do not broadcast: {shapes}") from None

@@ -58,11 +58,12 @@ def triton_implementation(path: str) -> Callable:
     return lambda *args, **kwargs: resolve()(*args, **kwargs)
 
 
-def register_triton_kernel(qualname: str, path: str) -> None:
-    """The launcher at ``path`` ("module:function", taking the op's arguments and returning its
-    outputs) becomes the op's CUDA kernel (and its CPU one under the interpreter switch)."""
+def register_triton_kernel(qualname: str, implementation) -> None:
+    """``implementation`` (a launcher taking the op's arguments and returning its outputs, or its
+    "module:function" path) becomes the op's CUDA kernel (and its CPU one under the interpreter switch)."""
     TRITON_KERNELS[qualname] = ("cuda", "cpu") if _config.TRITON_ON_CPU else ("cuda",)
-    implementation = triton_implementation(path)
+    if isinstance(implementation, str):
+        implementation = triton_implementation(implementation)
 
     def eager_kernel(*args, **kwargs):
         with _wrap_triton_disabled():

@@ -10,7 +10,9 @@ import torch
 
 from mmkern.kernels.launch import accumulate_dtype, runs_on_triton, triton_has_float64_dot
 from mmkern.ops._checks import checks_values
-from mmkern.ops._registration import dtype_after_autocast, register_autocast, register_triton_kernel
+from mmkern.ops._eager import autocast_inputs, needs_gradient, takes_eager_path, without_autocast
+from mmkern.ops._registration import (dtype_after_autocast, register_autocast, register_triton_kernel,
+                                      triton_implementation)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int32, torch.int64)
@@ -56,7 +58,10 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     q_lens = _check_lengths(q_lens, "q_lens", batch, q_len, q.device)
     scale = _check_scale(scale, head_dim)
     dropout_p, seed = _dropout(dropout_p, q.device)
-    out, lse = torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
+    if takes_eager_path((q, k, v, kv_lens, q_lens)):
+        out, lse = _eager_attention("", q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
+    else:
+        out, lse = torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
@@ -96,8 +101,11 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                      q.device)
     scale = _check_scale(scale, q.shape[2])
     dropout_p, seed = _dropout(dropout_p, q.device)
-    out, lse = torch.ops.mmkern.cross_modal_attention_packed.default(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed)
+    arguments = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed)
+    if takes_eager_path((q, k, v, cu_seqlens_q, cu_seqlens_k)):
+        out, lse = _eager_attention("packed_", *arguments)
+    else:
+        out, lse = torch.ops.mmkern.cross_modal_attention_packed.default(*arguments)
     return (out, lse) if return_lse else out
 
 
@@ -226,33 +234,76 @@ def _cross_modal_attention_packed_backward_fake(grad_out, q, k, v, out, lse, cu_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _register_autograd(qualname: str, backward_op) -> None:
-    """Both forms: the backward op takes (grad_out, q, k, v, out, lse) and then the forward's
-    arguments after v, in order."""
+def _save(ctx, q, k, v, rest, out, lse) -> None:
+    """What both forms' backward needs: q, k, v, out, lse and the forward's arguments after v (tensors
+    saved, the others kept)."""
+    ctx.is_tensor = [isinstance(x, torch.Tensor) for x in rest]
+    ctx.constants = [None if is_tensor else x for x, is_tensor in zip(rest, ctx.is_tensor)]
+    ctx.save_for_backward(q, k, v, out, lse, *(x for x in rest if isinstance(x, torch.Tensor)))
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient stays None, not a zeros fill
 
+
+def _gradients(ctx, grad_out, backward) -> tuple:
+    """(grad q, grad k, grad v, None for each argument after v) by ``backward`` (the backward op, or on
+    the eager path its launcher), which takes (grad_out, q, k, v, out, lse) and the forward's
+    arguments after v."""
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    tensors = iter(tensors)
+    rest = [next(tensors) if is_tensor else x for x, is_tensor in zip(ctx.constants, ctx.is_tensor)]
+    if grad_out is None:
+        return (None,) * (3 + len(rest))
+    return (*backward(grad_out, q, k, v, out, lse, *rest), *(None for _ in rest))
+
+
+def _register_autograd(qualname: str, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         q, k, v, *rest = inputs
-        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in rest]
-        ctx.constants = [None if is_tensor else x for x, is_tensor in zip(rest, ctx.is_tensor)]
-        ctx.save_for_backward(q, k, v, *output, *(x for x in rest if isinstance(x, torch.Tensor)))
-        ctx.mark_non_differentiable(output[1])
+        _save(ctx, q, k, v, rest, *output)
 
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, *tensors = ctx.saved_tensors
-        tensors = iter(tensors)
-        rest = [next(tensors) if is_tensor else x for x, is_tensor in zip(ctx.constants, ctx.is_tensor)]
-        grad_q, grad_k, grad_v = backward_op(grad_out, q, k, v, out, lse, *rest)
-        return grad_q, grad_k, grad_v, *(None for _ in rest)
+        return _gradients(ctx, grad_out, backward_op)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
+def _eager_function(forward, backward):
+    """The eager fast path's autograd for one form (see mmkern.ops._eager): its launchers, with the
+    registered autograd's math."""
+
+    class EagerAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, *rest):
+            out, lse = forward(q, k, v, *rest)
+            _save(ctx, q, k, v, rest, out, lse)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, grad_out, _grad_lse):
+            return _gradients(ctx, grad_out, backward)
+
+    return EagerAttention
+
+
+def _eager_attention(form: str, q, k, v, *rest) -> tuple:
+    device_type = q.device.type
+    q, k, v = autocast_inputs((q, k, v), device_type)
+    with without_autocast(device_type):
+        if needs_gradient((q, k, v)):
+            return _EAGER_FUNCTIONS[form].apply(q, k, v, *rest)
+        return _LAUNCHERS[f"{form}forward"](q, k, v, *rest)
+
+
+_LAUNCHERS = {name: triton_implementation(f"mmkern.kernels.cross_modal_attention:{name}")
+              for name in ("forward", "backward", "packed_forward", "packed_backward")}
+_EAGER_FUNCTIONS = {form: _eager_function(_LAUNCHERS[f"{form}forward"], _LAUNCHERS[f"{form}backward"])
+                    for form in ("", "packed_")}
 _register_autograd("mmkern::cross_modal_attention", torch.ops.mmkern.cross_modal_attention_backward.default)
 _register_autograd("mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default)
 for _op, _launcher in (("cross_modal_attention", "forward"), ("cross_modal_attention_backward", "backward"),
                        ("cross_modal_attention_packed", "packed_forward"),
                        ("cross_modal_attention_packed_backward", "packed_backward")):
-    register_triton_kernel(f"mmkern::{_op}", f"mmkern.kernels.cross_modal_attention:{_launcher}")
+    register_triton_kernel(f"mmkern::{_op}", _LAUNCHERS[_launcher])
 for _name in ("cross_modal_attention", "cross_modal_attention_packed"):
     register_autocast(f"mmkern::{_name}", cast_inputs=True)
     register_autocast(f"mmkern::{_name}_backward", cast_inputs=False)

@@ -14,8 +14,11 @@ import torch
 from mmkern.activations import ACTIVATIONS, SMOOTH_ACTIVATIONS, activation_backward
 from mmkern.ops._checks import (check_choice, check_concat_shapes, check_same_device, check_scale_values, check_tensor,
                                 tensor_list)
-from mmkern.ops._registration import register_autocast, register_triton_kernel
-from mmkern.ops.concat_linear import check_concat_linear_arguments, check_same_dtype, gradients, lead_shape
+from mmkern.ops._eager import eager_function, needs_gradient, takes_eager_path
+from mmkern.ops._registration import register_autocast, register_triton_kernel, triton_implementation
+from mmkern.kernels.launch import leading_shape
+from mmkern.ops.concat_linear import (check_concat_linear_arguments, check_same_dtype, eager_projection, gradients,
+                                      launch_backward)
 from mmkern.ops.quantize_per_token import FLOAT_DTYPES, check_quantized_pair
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,9 +57,12 @@ def quantized_concat_linear(inputs_q: Sequence[torch.Tensor], scales: Sequence[t
     """
     activation = "none" if activation is None else activation
     inputs_q, scales = _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype)
-    out, _ = torch.ops.mmkern.quantized_concat_linear.default(
-        inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype)
-    return out
+    arguments = (inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype)
+    if takes_eager_path([*inputs_q, *scales, weight_q, weight_scale, bias]):
+        if needs_gradient([bias]):
+            return _EagerQuantizedConcatLinear.apply(*arguments)[0]
+        return _launch_quantized(*arguments)[0]
+    return torch.ops.mmkern.quantized_concat_linear.default(*arguments)[0]
 
 
 def _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype):
@@ -119,13 +125,16 @@ def quantize_and_concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Ten
     check_same_dtype(inputs, weight, bias)
     if weight.dtype == torch.float64:
         raise TypeError("weight is float64; quantize_and_concat_linear takes float16, bfloat16 or float32")
+    if takes_eager_path([*inputs, weight, bias]):
+        return eager_projection(_EagerQuantizeAndConcatLinear, _eager_quantize_and_project, inputs, weight, bias,
+                                activation)
     out, *_ = torch.ops.mmkern.quantize_and_concat_linear.default(inputs, weight, bias, activation)
     return out
 
 
 @torch.library.register_fake("mmkern::quantized_concat_linear")
 def _quantized_concat_linear_fake(inputs, scales, weight, weight_scale, bias, activation, out_dtype):
-    out_shape = (*lead_shape(inputs), weight.shape[0])
+    out_shape = (*leading_shape(inputs), weight.shape[0])
     saved_shape = out_shape if activation in SMOOTH_ACTIVATIONS else (0,)
     return weight.new_empty(out_shape, dtype=out_dtype), weight.new_empty(saved_shape, dtype=out_dtype)
 
@@ -153,7 +162,9 @@ def _bias_backward(ctx, grad_out, _grad_preactivation):
 torch.library.register_autograd("mmkern::quantized_concat_linear", _bias_backward, setup_context=_bias_setup_context)
 
 
-register_triton_kernel("mmkern::quantized_concat_linear", "mmkern.kernels.concat_linear:quantized_concat_linear_forward")
+_launch_quantized = triton_implementation("mmkern.kernels.concat_linear:quantized_concat_linear_forward")
+_EagerQuantizedConcatLinear = eager_function(_launch_quantized, _bias_setup_context, _bias_backward)
+register_triton_kernel("mmkern::quantized_concat_linear", _launch_quantized)
 
 
 @torch.library.register_fake("mmkern::quantize_and_concat_linear")
@@ -165,13 +176,13 @@ def _quantize_and_concat_linear_fake(inputs, weight, bias, activation):
     return out, saved, inputs_q, scales, weight.new_empty(weight.shape, dtype=torch.int8), weight_scale
 
 
-def _quantize_and_project(inputs, weight, bias, activation):
+def _quantize_and_project(inputs, weight, bias, activation, project=torch.ops.mmkern.quantized_concat_linear.default):
+    """The int8 forward: ``project`` is the quantized projection op, or on the eager path its launcher."""
     quantized = [torch.ops.mmkern.quantize_per_token.default(x, torch.int8) for x in inputs]
     inputs_q, scales = [q for q, _ in quantized], [s for _, s in quantized]
     weight_q, weight_scale = torch.ops.mmkern.quantize_per_token.default(weight, torch.int8)
     weight_scale = weight_scale.view(-1)
-    out, saved = torch.ops.mmkern.quantized_concat_linear.default(
-        inputs_q, scales, weight_q, weight_scale, bias, activation, weight.dtype)
+    out, saved = project(inputs_q, scales, weight_q, weight_scale, bias, activation, weight.dtype)
     return out, saved, inputs_q, scales, weight_q, weight_scale
 
 
@@ -179,24 +190,58 @@ def _quantize_and_project(inputs, weight, bias, activation):
 torch.library.register_kernel("mmkern::quantize_and_concat_linear", ("cpu", "cuda"), _quantize_and_project)
 
 
-def _straight_through_setup_context(ctx, inputs, output):
-    xs, weight, bias, activation = inputs
-    out, preactivation, inputs_q, scales, weight_q, weight_scale = output
+def _straight_through_save(ctx, xs, weight, bias, activation, out, preactivation, inputs_q, scales, weight_q,
+                           weight_scale) -> None:
     ctx.activation = activation
     ctx.num_inputs = len(xs)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(out if activation == "relu" else preactivation, weight_q, weight_scale, *inputs_q, *scales)
+    ctx.set_materialize_grads(False)  # no zeros for the gradients of the non-differentiable outputs
+
+
+def _straight_through_setup_context(ctx, inputs, output):
+    _straight_through_save(ctx, *inputs, *output)
+    _, preactivation, inputs_q, scales, weight_q, weight_scale = output
     ctx.mark_non_differentiable(preactivation, *inputs_q, *scales, weight_q, weight_scale)
 
 
-def _straight_through_backward(ctx, grad_out, *_grads_of_non_differentiable):
+def _straight_through_gradients(ctx, grad_out, inputs_need_grad, weight_needs_grad, bias_needs_grad,
+                                backward=torch.ops.mmkern.concat_linear_backward.default) -> tuple:
+    """(grad inputs, grad weight, grad bias): concat_linear's at the dequantized operands."""
+    if grad_out is None:
+        return [None] * ctx.num_inputs, None, None
     activation_saved, weight_q, weight_scale, *quantized = ctx.saved_tensors
     inputs_q, scales = quantized[:ctx.num_inputs], quantized[ctx.num_inputs:]
     dtype = grad_out.dtype
     inputs = [torch.ops.mmkern.dequantize_per_token.default(q, s, dtype) for q, s in zip(inputs_q, scales)]
     weight = torch.ops.mmkern.dequantize_per_token.default(weight_q, weight_scale[:, None], dtype)
-    return gradients(ctx, grad_out, inputs, weight, activation_saved)
+    return gradients(ctx, grad_out, inputs, weight, activation_saved, inputs_need_grad, weight_needs_grad,
+                     bias_needs_grad, backward=backward)
 
+
+def _straight_through_backward(ctx, grad_out, *_grads_of_non_differentiable):
+    return (*_straight_through_gradients(ctx, grad_out, *ctx.needs_input_grad[:3]), None)
+
+
+class _EagerQuantizeAndConcatLinear(torch.autograd.Function):
+    """The eager fast path's autograd (see mmkern.ops._eager): the launchers, with the op's math."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, activation, *xs):
+        output = _eager_quantize_and_project(list(xs), weight, bias, activation)
+        _straight_through_save(ctx, xs, weight, bias, activation, *output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight_needs_grad, bias_needs_grad, _, *inputs_need_grad = ctx.needs_input_grad
+        grad_inputs, grad_weight, grad_bias = _straight_through_gradients(
+            ctx, grad_out, inputs_need_grad, weight_needs_grad, bias_needs_grad, backward=launch_backward)
+        return grad_weight, grad_bias, None, *grad_inputs
+
+
+def _eager_quantize_and_project(inputs, weight, bias, activation):
+    return _quantize_and_project(inputs, weight, bias, activation, project=_launch_quantized)
 
 torch.library.register_autograd("mmkern::quantize_and_concat_linear", _straight_through_backward,
                                 setup_context=_straight_through_setup_context)

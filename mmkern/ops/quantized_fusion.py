@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from mmkern.ops._checks import check_choice, check_same_device, check_scale_values, check_tensor, tensor_list
-from mmkern.ops._registration import register_triton_kernel
+from mmkern.ops._eager import eager_function, needs_gradient, takes_eager_path
+from mmkern.ops._registration import register_triton_kernel, triton_implementation
 from mmkern.ops.quantize_per_token import FLOAT_DTYPES, check_quantized_pair
 
 MODES = ("sum", "gated")
@@ -45,7 +46,12 @@ def quantized_fusion(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Te
             CUDA with ``mmkern.set_value_checks(True)``, a device sync).
     """
     inputs_q, scales = _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype)
-    return torch.ops.mmkern.quantized_fusion.default(inputs_q, scales, weights, gate, mode, out_dtype)
+    arguments = (inputs_q, scales, weights, gate, mode, out_dtype)
+    if takes_eager_path([*inputs_q, *scales, weights, gate]):
+        if needs_gradient([weights, gate]):
+            return _EagerQuantizedFusion.apply(*arguments)
+        return _launch(*arguments)
+    return torch.ops.mmkern.quantized_fusion.default(*arguments)
 
 
 def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
@@ -122,4 +128,6 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("mmkern::quantized_fusion", _backward, setup_context=_setup_context)
 
 
-register_triton_kernel("mmkern::quantized_fusion", "mmkern.kernels.quantized_fusion:quantized_fusion_forward")
+_launch = triton_implementation("mmkern.kernels.quantized_fusion:quantized_fusion_forward")
+_EagerQuantizedFusion = eager_function(_launch, _setup_context, _backward)
+register_triton_kernel("mmkern::quantized_fusion", _launch)
