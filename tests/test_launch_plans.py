@@ -1,6 +1,8 @@
 """The host-side plans of the Triton launches: tiles chosen from shapes alone, and scalars that keep
 float64's precision. These run without a GPU in every test mode."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -8,9 +10,11 @@ from mmkern import _config
 from mmkern.kernels.cross_modal_attention import float_halves
 from mmkern import ops
 from mmkern.kernels import tiles
+from mmkern.kernels.concat_linear import projection_plan
 from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS, power_of_2_at_least
 from mmkern.kernels.tiles import GemmTile, cdiv, gemm_tile, key_splits
 
+segmented_matmul = importlib.import_module("mmkern.kernels.segmented_matmul")
 H100_MULTIPROCESSORS = 132
 
 
@@ -80,3 +84,34 @@ def test_override_refuses_an_unknown_family():
     with pytest.raises(ValueError, match="family must be one of"):
         with tiles.override("gemmm", lambda *args: None):
             pass
+
+
+def test_a_projection_is_planned_from_its_input_shapes():
+    """Tokens (2, 5, 8), a per-sample vector (2, 1, 4) and a per-position one (5, 3): one fused GEMM
+    over the tokens, two broadcast groups summed into one addend, and what the backward sums over."""
+    plan = projection_plan((torch.Size([2, 5, 8]), torch.Size([2, 1, 4]), torch.Size([5, 3])))
+    assert plan.lead == (2, 5) and plan.rows == 10
+    assert plan.columns == (slice(0, 8), slice(8, 12), slice(12, 15))
+    assert plan.per_token == (0,)
+    assert plan.groups == (((2, 1), (1,)), ((1, 5), (2,)))
+    assert plan.addend_lead == (2, 5) and plan.row_map == ((1, 10, 1), (1, 1, 0))
+    assert plan.broadcast_dims == ((), (1,), (0,))
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        projection_plan((torch.Size([2, 5, 8]), torch.Size([3, 1, 4])))
+
+
+@pytest.mark.skipif(not _config.TRITON_ON_CPU, reason="the launch plans are the Triton path's")
+def test_a_second_call_of_the_same_shapes_plans_nothing():
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(3, 7, 10, generator=generator), torch.randn(3, 1, 6, generator=generator)]
+    weight = torch.randn(9, 16, generator=generator, requires_grad=True)
+    caches = (projection_plan, segmented_matmul._launch_plan)
+
+    def call():
+        ops.concat_linear(inputs, weight, activation="silu").sum().backward()
+        return [cache.cache_info().misses for cache in caches]
+
+    first = call()
+    assert call() == first
+    inputs[0] = torch.randn(3, 8, 10, generator=generator)  # new shapes are planned
+    assert all(after > before for after, before in zip(call(), first))

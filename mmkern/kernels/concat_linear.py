@@ -11,18 +11,15 @@ segments get dz summed over their broadcast dims first, so their GEMMs run at th
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from mmkern.activations import SMOOTH_ACTIVATIONS, activation_backward
-from mmkern.kernels.launch import accumulate_dtype, leading_shape
+from mmkern.kernels.launch import accumulate_dtype, leading_shape_of, planned
 from mmkern.kernels.segmented_matmul import MAX_SEGMENTS, segmented_matmul
 
 IDENTITY_ROW_MAP = ((1, 2**62, 1), (1, 1, 0))
-
-
-def padded_lead(x: torch.Tensor, rank: int) -> tuple:
-    return (1,) * (rank - x.dim() + 1) + tuple(x.shape[:-1])
 
 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -52,20 +49,61 @@ def broadcast_row_map(lead: tuple, sub_lead: tuple):
     return tuple(tuple(t) for t in terms) + ((1, 1, 0),) * (2 - len(terms))
 
 
-def _lookup(pairs: list, shape: tuple):
-    """The value stored under ``shape`` in a list of (shape, value) pairs, or None. A list, not a
-    dict: under dynamic shapes the shapes hold SymInts, which cannot be hashed."""
-    return next((value for key, value in pairs if key == shape), None)
+@dataclass(frozen=True)
+class ProjectionPlan:
+    """What a concat-projection's launches need from its inputs' shapes alone, planned once per shapes.
+
+    ``per_token`` indexes the inputs whose leading shape is the output's; each of ``groups`` is a
+    broadcast leading shape (padded to the output's rank) and the inputs that have it."""
+    lead: tuple
+    rows: int
+    columns: tuple  # each input's slice of the weight's columns
+    per_token: tuple
+    groups: tuple  # ((own leading shape, input indices), ...)
+    # The broadcast groups' summed addend: its leading shape, and its row map onto the output's
+    # rows (None: more runs of kept dims than the kernel maps; the addend is then expanded).
+    addend_lead: tuple
+    row_map: tuple | None
+    # The backward's: per input, the output dims its leading shape broadcasts over (summed out of dz).
+    broadcast_dims: tuple
 
 
-def _gemm_operands(x, offset, weight, token_scale):
-    operands = (as_matrix(x), weight[:, offset:offset + x.shape[-1]].t())
+@planned
+def projection_plan(shapes: tuple) -> ProjectionPlan:
+    """The plan for inputs of ``shapes``; a RuntimeError if their leading shapes do not broadcast."""
+    lead = leading_shape_of([shape[:-1] for shape in shapes])
+    rank = len(lead)
+    columns, total = [], 0
+    per_token, groups = [], []
+    for index, shape in enumerate(shapes):
+        columns.append(slice(total, total + shape[-1]))
+        total += shape[-1]
+        own = (1,) * (rank - len(shape) + 1) + tuple(shape[:-1])
+        if own == lead:
+            per_token.append(index)
+            continue
+        group = next((members for key, members in groups if key == own), None)
+        if group is None:
+            group = []
+            groups.append((own, group))
+        group.append(index)
+    addend_lead = leading_shape_of([own for own, _ in groups]) if groups else ()
+    row_map = broadcast_row_map(lead, addend_lead) if groups else IDENTITY_ROW_MAP
+    broadcast_dims = tuple(tuple(d for d in range(rank) if own[d] == 1 and lead[d] != 1)
+                           for own in ((1,) * (rank - len(shape) + 1) + tuple(shape[:-1]) for shape in shapes))
+    return ProjectionPlan(lead, math.prod(lead), tuple(columns), tuple(per_token),
+                          tuple((own, tuple(members)) for own, members in groups), addend_lead, row_map,
+                          broadcast_dims)
+
+
+def _gemm_operands(x, columns, weight, token_scale):
+    operands = (as_matrix(x), weight[:, columns].t())
     return operands if token_scale is None else (*operands, token_scale.reshape(-1))
 
 
 def _fused_gemm(segments, out, addend, row_map, bias, activation, saved, column_scale):
     """out = act(sum over segments (token_scale *) x @ W[:, cols].T, times column_scale, + addend[row_map]
-    + bias), for (x, offset, weight, token_scale or None) segments whose leading shape is out's;
+    + bias), for (x, columns, weight, token_scale or None) segments whose leading shape is out's;
     launches past MAX_SEGMENTS chain through fp32 partial sums (each already column-scaled)."""
     chunks = [segments[i:i + MAX_SEGMENTS] for i in range(0, len(segments), MAX_SEGMENTS)] or [[]]
     for index, chunk in enumerate(chunks):
@@ -81,64 +119,41 @@ def _fused_gemm(segments, out, addend, row_map, bias, activation, saved, column_
         addend, row_map = target, IDENTITY_ROW_MAP
 
 
-def _project(segments, lead, weight, out, bias, activation, saved, column_scale):
-    """out (prod(lead), N) = act(sum over segments x @ W[:, cols].T + bias); see the module docstring.
-    ``segments`` holds (x, column offset, token scale or None) triples whose leading shapes
-    broadcast to ``lead``."""
-    rank = len(lead)
-    rows, out_features = out.shape
-    per_token, groups = [], []
-    for x, offset, token_scale in segments:
-        own = padded_lead(x, rank)
-        if own == lead:
-            per_token.append((x, offset, weight, token_scale))
-            continue
-        group = _lookup(groups, own)
-        if group is None:
-            group = []
-            groups.append((own, group))
-        group.append((x, offset, weight, token_scale))
+def _project(plan, inputs, scales, weight, out, bias, activation, saved, column_scale):
+    """out (rows, N) = act(sum over inputs x @ W[:, cols].T + bias); see the module docstring."""
+    out_features = out.shape[1]
+
+    def segment(index):
+        return inputs[index], plan.columns[index], weight, None if scales is None else scales[index]
 
     addend, row_map = None, IDENTITY_ROW_MAP
-    if groups:
+    if plan.groups:
         partials = []
-        for own, group in groups:
+        for own, members in plan.groups:
             partial = out.new_empty((math.prod(own), out_features), dtype=accumulate_dtype(out.dtype))
-            _fused_gemm(group, partial, None, IDENTITY_ROW_MAP, None, "none", None, column_scale)
+            _fused_gemm([segment(i) for i in members], partial, None, IDENTITY_ROW_MAP, None, "none", None,
+                        column_scale)
             partials.append(partial.view(*own, out_features))
         # Several broadcast patterns at once are rare: their sum is materialised at its broadcast shape.
-        addend = functools.reduce(torch.add, partials)
-        sub_lead = tuple(addend.shape[:-1])
-        row_map = broadcast_row_map(lead, sub_lead)
+        addend, row_map = functools.reduce(torch.add, partials), plan.row_map
         if row_map is None:
-            addend, row_map = addend.expand(*lead, out_features), IDENTITY_ROW_MAP
+            addend, row_map = addend.expand(*plan.lead, out_features), IDENTITY_ROW_MAP
         addend = addend.reshape(math.prod(addend.shape[:-1]), out_features)
-    _fused_gemm(per_token, out, addend, row_map, bias, activation, saved, column_scale)
+    _fused_gemm([segment(i) for i in plan.per_token], out, addend, row_map, bias, activation, saved, column_scale)
     return out
-
-
-def _column_offsets(inputs):
-    offsets, total = [], 0
-    for x in inputs:
-        offsets.append(total)
-        total += x.shape[-1]
-    return offsets
 
 
 def concat_linear_forward(inputs, weight, bias, activation, *, scales=None, weight_scale=None, out_dtype=None):
     """concat_linear, or with ``scales`` (one (*lead_i, 1) float32 per int8 input) and ``weight_scale``
     (N,) quantized_concat_linear into ``out_dtype``. Returns (out, activation_saved)."""
-    lead = leading_shape(inputs)
-    rows, out_features = math.prod(lead), weight.shape[0]
+    plan = projection_plan(tuple(x.shape for x in inputs))
+    out_features = weight.shape[0]
     out_dtype = weight.dtype if out_dtype is None else out_dtype
-    out = weight.new_empty((*lead, out_features), dtype=out_dtype)
-    saved = weight.new_empty((*lead, out_features) if activation in SMOOTH_ACTIVATIONS else (0,), dtype=out_dtype)
-    segments = list(zip(inputs, _column_offsets(inputs), scales if scales is not None else [None] * len(inputs)))
-    _project(
-        segments, lead, weight, out.view(rows, out_features), bias, activation,
-        saved.view(rows, out_features) if activation in SMOOTH_ACTIVATIONS else None,
-        weight_scale,
-    )
+    out = weight.new_empty((*plan.lead, out_features), dtype=out_dtype)
+    smooth = activation in SMOOTH_ACTIVATIONS
+    saved = weight.new_empty((*plan.lead, out_features) if smooth else (0,), dtype=out_dtype)
+    _project(plan, inputs, scales, weight, out.view(plan.rows, out_features), bias, activation,
+             saved.view(plan.rows, out_features) if smooth else None, weight_scale)
     return out, saved
 
 
@@ -151,28 +166,22 @@ def quantized_concat_linear_forward(inputs, scales, weight, weight_scale, bias, 
 
 def concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,
                            input_needs_grad, weight_needs_grad, bias_needs_grad):
-    lead = leading_shape(inputs)
-    rank, rows, out_features = len(lead), math.prod(lead), weight.shape[0]
+    plan = projection_plan(tuple(x.shape for x in inputs))
+    rows, out_features = plan.rows, weight.shape[0]
     acc = accumulate_dtype(weight.dtype)
     empty = weight.new_empty((0,))
     saved = activation_saved.reshape(rows, out_features) if activation != "none" else None
     dz = activation_backward(grad_out.reshape(rows, out_features), saved, activation)
 
     # Broadcast dims of a leading shape are summed out of dz once per distinct shape.
-    reduced = []
-    for x in inputs:
-        own = padded_lead(x, rank)
-        if own != lead and _lookup(reduced, own) is None:
-            dims = [d for d in range(rank) if own[d] == 1 and lead[d] != 1]
-            summed = dz.reshape(*lead, out_features).sum(dims, keepdim=True, dtype=acc)
-            reduced.append((own, summed.to(weight.dtype).reshape(math.prod(own), out_features)))
-
+    reduced = {(): dz}
     grad_inputs = []
     grad_weight = weight.new_empty(weight.shape) if weight_needs_grad else empty
-    for x, offset, needs_grad in zip(inputs, _column_offsets(inputs), input_needs_grad):
-        a = _lookup(reduced, padded_lead(x, rank))
-        a = dz if a is None else a
-        columns = slice(offset, offset + x.shape[-1])
+    for x, columns, dims, needs_grad in zip(inputs, plan.columns, plan.broadcast_dims, input_needs_grad):
+        a = reduced.get(dims)
+        if a is None:
+            summed = dz.reshape(*plan.lead, out_features).sum(dims, keepdim=True, dtype=acc)
+            a = reduced[dims] = summed.to(weight.dtype).reshape(math.prod(summed.shape[:-1]), out_features)
         if needs_grad:
             grad_x = x.new_empty((math.prod(x.shape[:-1]), x.shape[-1]))
             segmented_matmul(grad_x, [(a, weight[:, columns])])

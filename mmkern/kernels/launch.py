@@ -9,10 +9,12 @@ import torch
 from mmkern import _config
 
 
+@functools.cache
 def traceable(kernel):
     """``kernel`` wrapped so that ``traceable(kernel)[grid](...)`` is seen by torch.compile as a Triton
-    launch (wrap_triton). Interpreted kernels cannot be traced, and torch 2.6's wrap_triton refuses
-    them, so under the interpreter switch the kernel comes back as it is."""
+    launch (wrap_triton); one wrapper per kernel, made on first use. Interpreted kernels cannot be
+    traced, and torch 2.6's wrap_triton refuses them, so under the interpreter switch the kernel comes
+    back as it is."""
     if _config.TRITON_ON_CPU:
         return kernel
     from torch.library import wrap_triton
@@ -62,12 +64,16 @@ def input_precision(dtype: torch.dtype) -> str:
 
 def leading_shape(tensors) -> tuple:
     """The shape the tensors' leading dims (all but the last) broadcast to; a RuntimeError if they do
-    not. Plain Python for plain sizes (torch.broadcast_shapes costs tens of microseconds a call);
-    torch's own for torch.compile's symbolic ones, which it guards on."""
-    shapes = [tensor.shape[:-1] for tensor in tensors]
+    not."""
+    return leading_shape_of([tensor.shape[:-1] for tensor in tensors])
+
+
+def leading_shape_of(shapes) -> tuple:
+    """The shape ``shapes`` broadcast to. Plain Python for plain sizes (torch.broadcast_shapes costs
+    tens of microseconds a call); torch's own for torch.compile's symbolic ones, which it guards on."""
     if not all(type(size) is int for shape in shapes for size in shape):
         return tuple(torch.broadcast_shapes(*shapes))
-    lead = [1] * max(len(shape) for shape in shapes)
+    lead = [1] * max(map(len, shapes), default=0)
     for shape in shapes:
         offset = len(lead) - len(shape)
         for i, size in enumerate(shape):
@@ -76,6 +82,25 @@ def leading_shape(tensors) -> tuple:
                     raise RuntimeError(f"leading shapes {[tuple(s) for s in shapes]} do not broadcast")
                 lead[offset + i] = size
     return tuple(lead)
+
+
+def planned(plan):
+    """``plan`` (a function of a launch's hashable facts: sizes, dtypes, flags) computed once per
+    distinct arguments and cached. torch.compile's symbolic sizes cannot be hashed: a call holding
+    one is planned afresh (that happens while tracing, not per step)."""
+    cached = functools.lru_cache(maxsize=4096)(plan)
+
+    @functools.wraps(plan)
+    def lookup(*args):
+        try:
+            return cached(*args)
+        except TypeError as error:
+            if "unhashable" not in str(error):
+                raise
+            return plan(*args)
+
+    lookup.cache_info, lookup.cache_clear = cached.cache_info, cached.cache_clear
+    return lookup
 
 
 def runs_on_triton(device: torch.device) -> bool:

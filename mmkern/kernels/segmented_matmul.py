@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, traceable
-from mmkern.kernels.tiles import cdiv, gemm_tile
+from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, planned, traceable
+from mmkern.kernels.tiles import cdiv, gemm_tile, overridden as tiles_overridden
 
 MAX_SEGMENTS = 4
 
@@ -147,6 +147,22 @@ def _operand(tensor, dims: int) -> tuple:
     return (None,) * (dims + 1) if tensor is None else (tensor, *tensor.stride())
 
 
+@planned
+def _launch_plan(M, N, num_segments: int, quantized: bool, operand_dtype, out_dtype, has_column_scale: bool,
+                 has_addend: bool, has_bias: bool, stores_preactivation: bool, activation: str, multiprocessors: int,
+                 precision: str) -> tuple:
+    """(grid, constexprs) of one launch; cached while no tile override is active (tiles.override)."""
+    tile = gemm_tile(M, N, operand_dtype, multiprocessors)
+    grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
+    return grid, {
+        "NUM_SEGMENTS": num_segments, "QUANTIZED": quantized, "HAS_COLUMN_SCALE": has_column_scale,
+        "HAS_ADDEND": has_addend, "HAS_BIAS": has_bias, "STORE_PREACTIVATION": stores_preactivation,
+        "ACTIVATION": ACTIVATION_CODES[activation],
+        "ACC_DTYPE": tl.float64 if accumulate_dtype(out_dtype) == torch.float64 else tl.float32,
+        "INPUT_PRECISION": precision, **tile.launch_options(),
+    }
+
+
 def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0)), bias=None,
                      activation="none", saved=None, column_scale=None):
     """Writes act((sum_s a_s @ b_s) * column_scale + addend[row_map] + bias) into ``out`` (M, N), and
@@ -169,23 +185,12 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     segment_args += [None] * (9 * (MAX_SEGMENTS - len(segments)))
     (div0, mod0, mul0), (div1, mod1, mul1) = row_map
     operand_dtype = segments[0][0].dtype if segments else out.dtype
-    acc_dtype = accumulate_dtype(out.dtype)
-
-    tile = gemm_tile(M, N, operand_dtype, multiprocessors(out.device))
-    grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
+    plan = _launch_plan if not tiles_overridden() else _launch_plan.__wrapped__
+    grid, constexprs = plan(M, N, len(segments), quantized, operand_dtype, out.dtype, column_scale is not None,
+                            addend is not None, bias is not None, saved is not None, activation,
+                            multiprocessors(out.device), input_precision(operand_dtype))
     traceable(segmented_matmul_kernel)[grid](
         out, *out.stride(), *_operand(saved, 2), *_operand(addend, 2), div0, mod0, mul0, div1, mod1, mul1,
-        *_operand(bias, 1), *_operand(column_scale, 1), *segment_args,
-        M, N,
-        NUM_SEGMENTS=len(segments),
-        QUANTIZED=quantized,
-        HAS_COLUMN_SCALE=column_scale is not None,
-        HAS_ADDEND=addend is not None,
-        HAS_BIAS=bias is not None,
-        STORE_PREACTIVATION=saved is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        INPUT_PRECISION=input_precision(operand_dtype),
-        **tile.launch_options(),
+        *_operand(bias, 1), *_operand(column_scale, 1), *segment_args, M, N, **constexprs,
     )
     return out

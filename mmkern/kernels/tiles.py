@@ -67,6 +67,11 @@ def override(family: str, choose: Callable):
             _overrides[family] = previous
 
 
+def overridden() -> bool:
+    """Whether some family's choice is overridden now (cached launch plans are then bypassed)."""
+    return bool(_overrides)
+
+
 def _overridden(family: str, *args):
     choose = _overrides.get(family)
     return None if choose is None else choose(*args)
