@@ -16,6 +16,7 @@ import torch
 
 from mmkern import _config, ops
 from mmkern.bench.host import count_host_reads, host_cases, stubbed_launches
+from tests.module_cases import MASKED_ATTENTION, MODULE_CASES, forward, leaves
 from tests.tracing import needs_fake_cuda_tracing
 
 F32, I8, I32, I64 = torch.float32, torch.int8, torch.int32, torch.int64
@@ -108,3 +109,26 @@ def test_value_checks_read_the_device(value_checks):
     q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
     with stubbed_launches():
         assert count_host_reads(lambda: ops.cross_modal_attention(q, k, v, kv_lens=torch.tensor([7, 3]))) > 0
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", [name for name, _ in MODULE_CASES])
+def test_no_host_read_in_any_module_forward_or_backward(name):
+    build = dict(MODULE_CASES)[name]
+    with stubbed_launches():
+        module, inputs, kwargs = build("cpu")
+        out = forward(module, inputs, kwargs)
+        grad = torch.ones_like(out)
+        wrt = leaves(module, inputs)
+        reads = count_host_reads(lambda: forward(module, inputs, kwargs))
+        if wrt:
+            reads += count_host_reads(lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True))
+    assert reads == 0
+
+
+@interpreter_only
+@pytest.mark.xfail(strict=True, reason="issue 17: a key_padding_mask is read on the host until the kernel takes it")
+def test_a_key_padding_mask_is_not_read_on_the_host():
+    module, inputs, kwargs = MASKED_ATTENTION[1]("cpu")
+    with stubbed_launches():
+        assert count_host_reads(lambda: forward(module, inputs, kwargs)) == 0
