@@ -9,12 +9,11 @@ import torch
 from mmkern import _config
 
 
-@functools.cache
 def traceable(kernel):
     """``kernel`` wrapped so that ``traceable(kernel)[grid](...)`` is seen by torch.compile as a Triton
-    launch (wrap_triton); one wrapper per kernel, made on first use. Interpreted kernels cannot be
-    traced, and torch 2.6's wrap_triton refuses them, so under the interpreter switch the kernel comes
-    back as it is."""
+    launch (wrap_triton). Interpreted kernels cannot be traced, and torch 2.6's wrap_triton refuses
+    them, so under the interpreter switch the kernel comes back as it is. A new wrapper each call: a
+    wrapper holds the kernel's index in torch's side table, which tracing resets."""
     if _config.TRITON_ON_CPU:
         return kernel
     from torch.library import wrap_triton
