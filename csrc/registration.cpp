@@ -54,26 +54,30 @@ TORCH_LIBRARY(mmkern, m) {
   // q_lens[b] queries (other rows are zero, lse -inf); q (B, Lq, Hq, D), k (B, Lk, Hkv, D),
   // v (B, Lk, Hkv, Dv), Hq a multiple of Hkv. Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)), lse in float32 (float64 for
   // float64 inputs).
+  // window_left, window_right (-1: unbounded) limit query i of sample b to keys j with
+  // i + d - window_left <= j <= i + d + window_right, d = kv_len_b - q_len_b (aligned bottom right, as
+  // FlashAttention); causal attention is (-1, 0). A query with no visible key gets zeros, lse -inf.
   // Dropout keeps probability (b, h, i, j) by a hash of dropout_seed and that index (the mask of
   // mmkern.reference.dropout_keep_mask), so the backward redraws it.
   m.def(
       "cross_modal_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? q_lens, float scale, "
-      "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+      "float dropout_p, Tensor? dropout_seed, int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
   m.def(
       "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? kv_lens, Tensor? q_lens, float scale, float dropout_p, Tensor? dropout_seed) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? kv_lens, Tensor? q_lens, float scale, float dropout_p, Tensor? dropout_seed, int window_left=-1, "
+      "int window_right=-1) -> (Tensor, Tensor, Tensor)");
   // The packed form, as flash-attn's varlen API: q (total_q, Hq, D), k (total_k, Hkv, D),
   // v (total_k, Hkv, Dv); sample b owns rows [cu_seqlens[b], cu_seqlens[b + 1]). Returns
   // (out (total_q, Hq, Dv), lse (Hq, total_q)). Dropout indexes the (B, Hq, max_seqlen_q,
   // max_seqlen_k) matrix, so a packed batch draws the mask of the same batch padded.
   m.def(
       "cross_modal_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+      "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed, int window_left=-1, "
+      "int window_right=-1) -> (Tensor, Tensor)");
   m.def(
       "cross_modal_attention_packed_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
-      "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dropout_seed, int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
 
   // Symmetric per-token (per-row over the last dim) quantization to int8 or float8_e4m3fn:
   // scale = max(amax / qmax, FLT_MIN) in float32, shape (*lead, 1); xq = round(x / scale) clamped to

@@ -51,27 +51,50 @@ def dropout_keep_mask(seed: int, shape: tuple, p: float, device=None) -> torch.T
     return uniform >= p
 
 
+def visible_keys(q_len: int, k_len: int, q_lens, kv_lens, window: tuple, device) -> torch.Tensor:
+    """(B, 1, Lq, Lk) booleans: key j is visible to query i of sample b when it is one of the sample's
+    kv_lens[b] keys and, with a window (left, right) (-1: unbounded), i + d - left <= j <= i + d + right,
+    where d = kv_lens[b] - q_lens[b] aligns the last query with the last key (bottom right, as
+    FlashAttention and SDPA's lower-right causal mask do). causal is window (-1, 0)."""
+    left, right = window
+    rows = torch.arange(q_len, device=device)[:, None]
+    cols = torch.arange(k_len, device=device)[None, :]
+    visible = cols < kv_lens[:, None, None]
+    diagonal = (kv_lens - q_lens)[:, None, None]
+    offset = cols - rows - diagonal  # j - (i + d)
+    if left >= 0:
+        visible = visible & (offset >= -left)
+    if right >= 0:
+        visible = visible & (offset <= right)
+    return visible[:, None]
+
+
 def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                           q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          dropout_seed: int | None = None) -> tuple:
-    """softmax(q k^T * scale over each sample's first kv_lens keys) v, per head, with grouped heads
-    (head h of q reads head h // (Hq / Hkv) of k and v). Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)
-    in float32, float64 for float64 inputs). Rows with no valid key, and query rows past q_lens, are zero with lse = -inf.
+                          dropout_seed: int | None = None, causal: bool = False, window: tuple | None = None) -> tuple:
+    """softmax(q k^T * scale over each sample's visible keys) v, per head, with grouped heads (head h of
+    q reads head h // (Hq / Hkv) of k and v). A sample's visible keys are its first kv_lens keys,
+    within ``window`` (left, right) of each query's diagonal, and at or before it with ``causal``
+    (see visible_keys). Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) in float32, float64 for
+    float64 inputs). Rows with no visible key, and query rows past q_lens, are zero with lse = -inf.
     Scores and the weighted sum run in the inputs' dtype and the softmax in float32, as eager
     attention does."""
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
+    left, right = (-1, -1) if window is None else window
+    right = 0 if causal else right
     qh = q.transpose(1, 2)
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qh @ kh.transpose(-1, -2)).float() * scale if q.dtype != torch.float64 else (qh @ kh.transpose(-1, -2)) * scale
-    positions = torch.arange(k_len, device=q.device)
-    kv_lens = torch.full((batch,), k_len, device=q.device) if kv_lens is None else kv_lens
-    valid = (positions < kv_lens[:, None])[:, None, None, :]
+    kv_lens = torch.full((batch,), k_len, device=q.device) if kv_lens is None else kv_lens.to(q.device)
+    all_rows = torch.full((batch,), q_len, device=q.device)
+    valid = visible_keys(q_len, k_len, all_rows if q_lens is None else q_lens.to(q.device), kv_lens, (left, right),
+                         q.device)
     empty = ~valid.any(-1, keepdim=True)
-    # Rows without a valid key get finite scores and are zeroed after the softmax: no NaN, and no NaN
+    # Rows without a visible key get finite scores and are zeroed after the softmax: no NaN, and no NaN
     # gradient either.
     scores = scores.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
     probs = torch.softmax(scores, dim=-1) * ~empty
@@ -81,7 +104,8 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         probs = probs * keep / (1 - dropout_p)
     # Keys and values past kv_lens are padding, never read: NaN or inf there must not reach the output
     # (0 * NaN would).
-    vh = vh.masked_fill(~valid[:, :, 0, :, None], 0)
+    padding = torch.arange(k_len, device=q.device) >= kv_lens[:, None]
+    vh = vh.masked_fill(padding[:, None, :, None], 0)
     out = (probs.to(v.dtype) @ vh).transpose(1, 2)
     if q_lens is not None:
         rows = torch.arange(q_len, device=q.device) < q_lens[:, None]
@@ -93,7 +117,8 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                                  scale: float | None = None, dropout_p: float = 0.0,
-                                 dropout_seed: int | None = None) -> tuple:
+                                 dropout_seed: int | None = None, causal: bool = False,
+                                 window: tuple | None = None) -> tuple:
     """The packed form through the padded one: each sample's rows are copied into a (B, max_seqlen,
     H, D) batch and back. Returns (out (total_q, Hq, Dv), zero on rows no sample owns, and lse
     (Hq, total_q), -inf there)."""
@@ -110,7 +135,7 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out_padded, lse_padded = cross_modal_attention(
         pad(q, starts_q, q_lens, max_seqlen_q), pad(k, starts_k, kv_lens, max_seqlen_k),
         pad(v, starts_k, kv_lens, max_seqlen_k), kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-        dropout_seed=dropout_seed)
+        dropout_seed=dropout_seed, causal=causal, window=window)
     out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_padded.dtype, device=q.device)
     for b, (start, length) in enumerate(zip(starts_q, q_lens.tolist())):

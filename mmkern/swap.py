@@ -38,8 +38,9 @@ def swap(model: nn.Module, *, attention: bool = True) -> SwapReport:
     ``_qkv_same_embed_dim``, the projection weights and biases), so outputs, training and checkpoints
     are unchanged. A module shared by several parents is swapped once and stays shared.
 
-    Calls with a key padding mask (or lengths) run mmkern's kernel; ``attn_mask``, ``is_causal`` and
-    ``need_weights=True`` take CrossModalAttention's exact path, which gives ``nn.MultiheadAttention``'s
+    Calls with a key padding mask (or lengths), and causal self-attention (``is_causal``, as
+    ``nn.TransformerDecoderLayer`` passes with ``tgt_is_causal``) without one, run mmkern's kernel;
+    other ``attn_mask``s and ``need_weights=True`` take CrossModalAttention's exact path, which gives ``nn.MultiheadAttention``'s
     answer. Two differences remain, both reported in the docstring rather than guessed around:
     ``need_weights`` defaults to False (pass True where the weights are read), and a sample whose keys
     are all masked gets zeros instead of NaN. ``nn.TransformerEncoderLayer`` in eval mode without

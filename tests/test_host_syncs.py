@@ -32,6 +32,11 @@ def calls_on(t: dict) -> dict:
             t["q"], t["k"], t["v"], kv_lens=t["kv_lens"], q_lens=t["q_lens"], dropout_p=0.1, return_lse=True)),
         "cross_modal_attention_backward": (lambda: torch.ops.mmkern.cross_modal_attention_backward.default(
             t["out"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["kv_lens"], t["q_lens"], 0.3, 0.1, t["seed"])),
+        "cross_modal_attention_windowed": (lambda: ops.cross_modal_attention(
+            t["q"], t["k"], t["v"], kv_lens=t["kv_lens"], q_lens=t["q_lens"], causal=True, window=(3, -1),
+            return_lse=True)),
+        "cross_modal_attention_windowed_backward": (lambda: torch.ops.mmkern.cross_modal_attention_backward.default(
+            t["out"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["kv_lens"], t["q_lens"], 0.3, 0.0, None, 2, 1)),
         "cross_modal_attention_packed": (lambda: ops.cross_modal_attention_packed(
             t["packed_q"], t["packed_k"], t["packed_v"], t["cu_q"], t["cu_k"], 5, 7, dropout_p=0.1, return_lse=True)),
         "cross_modal_attention_packed_backward": (lambda: torch.ops.mmkern.cross_modal_attention_packed_backward.default(
@@ -68,6 +73,7 @@ SPECS = {
     "fusion_weights": ((2,), F32),
 }
 CALLS = ["concat_linear", "concat_linear_backward", "cross_modal_attention", "cross_modal_attention_backward",
+         "cross_modal_attention_windowed", "cross_modal_attention_windowed_backward",
          "cross_modal_attention_packed", "cross_modal_attention_packed_backward", "quantize_per_token",
          "dequantize_per_token", "fake_quantize_per_token", "quantized_concat_linear", "quantize_and_concat_linear",
          "quantized_fusion"]

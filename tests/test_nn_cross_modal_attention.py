@@ -228,3 +228,22 @@ def test_lengths_refuse_masks_and_unbatched_inputs():
         module(query.float(), key.float(), value.float(), key_padding_mask=right_padding("cpu"), kv_lens=kv_lens)
     with pytest.raises(ValueError, match="need batched inputs"):
         module(query[0].float(), key[0].float(), value[0].float(), kv_lens=kv_lens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_causal_self_attention_runs_the_kernel_and_gives_torchs_answer(device, batch_first, monkeypatch):
+    mha = make_mha(device, batch_first=batch_first)
+    module = CrossModalAttention.from_torch(mha)
+    args = inputs(device, batch_first=batch_first, self_attention=True)
+    causal_mask = nn.Transformer.generate_square_subsequent_mask(7, device=device, dtype=torch.float64)
+    import mmkern.nn.cross_modal_attention as attention_module
+
+    exact = []
+    monkeypatch.setattr(attention_module, "_exact_attention",
+                        lambda *a, _exact=attention_module._exact_attention: exact.append(1) or _exact(*a))
+    assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, need_weights=False)
+    assert not exact  # the kernel ran
+    # With a key padding mask or the weights asked for, the exact path keeps torch's answer.
+    assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, need_weights=True)
+    assert exact

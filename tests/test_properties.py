@@ -81,6 +81,23 @@ def test_cross_modal_attention(device, case, dtype_index, seed, poisoned_memory)
     check_attention(case, dtypes[dtype_index % len(dtypes)], device, seed=seed)
 
 
+@st.composite
+def attention_variants(draw):
+    """causal and window drawn over an attention case: either side of the window -1 (unbounded) to 30,
+    causal with right -1 or 0."""
+    causal = draw(st.booleans())
+    left = draw(st.integers(-1, 30))
+    right = draw(st.integers(-1, 0)) if causal else draw(st.integers(-1, 30))
+    return {"causal": causal, "window": draw(st.one_of(st.none(), st.just((left, right))))}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=attention_cases(), variant=attention_variants(), dtype_index=st.integers(0, 3), seed=seeds)
+def test_cross_modal_attention_variants(device, case, variant, dtype_index, seed, poisoned_memory):
+    dtypes = dtypes_for(device)
+    check_attention(case, dtypes[dtype_index % len(dtypes)], device, seed=seed, **variant)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=2).map(tuple), width=st.integers(0, 300),
        qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]), dtype_index=st.integers(0, 2),

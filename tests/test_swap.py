@@ -50,7 +50,7 @@ def test_swapped_transformer_equals_the_original(batch_first):
 
 def test_padding_masks_of_transformer_layers_run_the_kernel(monkeypatch):
     # nn.TransformerEncoderLayer hands attention an additive (0 / -inf) padding mask: it must still
-    # reach mmkern's kernel, and only the causal self-attention take the exact path.
+    # reach mmkern's kernel; so does the decoder's causal self-attention (tgt_is_causal).
     model = transformer(True)
     mmkern.swap(model)
     calls = []
@@ -59,7 +59,7 @@ def test_padding_masks_of_transformer_layers_run_the_kernel(monkeypatch):
                         lambda *a, **k: calls.append(1) or kernel(*a, **k))
     args, kwargs = transformer_inputs(True)
     model(*args, **kwargs)
-    assert len(calls) == 4  # 2 encoder self-attentions, 2 decoder cross-attentions
+    assert len(calls) == 6  # 2 encoder self-attentions, 2 decoder causal self-attentions, 2 cross-attentions
 
 
 def test_state_dicts_load_both_ways_and_parameters_are_shared():

@@ -38,6 +38,20 @@ struct Layout {
   int64_t batch = 0, q_heads = 0, kv_heads = 0, group = 0;
   int64_t q_len = 0, k_len = 0;  // the dropout index's (Lq, Lk): the padded or the max lengths
   std::vector<int64_t> q_start, q_rows, k_start, k_rows;
+  // Query i of sample b sees keys j with i + d - window_left <= j <= i + d + window_right, where
+  // d = k_rows[b] - q_rows[b] (bottom-right alignment); -1 leaves a side unbounded.
+  int64_t window_left = -1, window_right = -1;
+
+  bool windowed() const { return window_left >= 0 || window_right >= 0; }
+  // Causal with every sample square: ATen's (top-left) causal flash kernel is then the same mask.
+  bool square_causal() const { return window_left < 0 && window_right == 0 && q_rows == k_rows; }
+  // Keys [first, end) of sample b that query rows [row0, row0 + rows) can see, end <= first if none.
+  std::pair<int64_t, int64_t> key_range(int64_t b, int64_t row0, int64_t rows) const {
+    const int64_t d = k_rows[b] - q_rows[b];
+    const int64_t first = window_left >= 0 ? std::max<int64_t>(0, row0 + d - window_left) : 0;
+    const int64_t end = window_right >= 0 ? std::min(k_rows[b], row0 + rows + d + window_right) : k_rows[b];
+    return {first, end};
+  }
 
   Tensor sample(const Tensor& x, int64_t b) const { return packed ? x : x.select(0, b); }
   // lse is (B, Hq, Lq) padded and (Hq, total_q) packed: sample b's (Hq, rows) block.
@@ -48,6 +62,24 @@ struct Layout {
 
 void check_heads(int64_t q_heads, int64_t kv_heads) {
   TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "mmkern::cross_modal_attention: Hq % Hkv != 0");
+}
+
+void set_window(Layout& l, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "mmkern::cross_modal_attention: window_left and window_right must be >= -1 (-1: unbounded)");
+  l.window_left = window_left, l.window_right = window_right;
+}
+
+// (rows, keys) booleans: whether query rows [row0, row0 + rows) of sample b see keys [key0, key0 + keys).
+Tensor visible(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0, int64_t keys) {
+  const auto options = at::TensorOptions().dtype(at::kLong);
+  // j - (i + d) for every (i, j) of the tile
+  const Tensor offset = at::arange(key0, key0 + keys, options).unsqueeze(0) -
+                        at::arange(row0, row0 + rows, options).unsqueeze(1) - (l.k_rows[b] - l.q_rows[b]);
+  Tensor seen = at::ones({rows, keys}, options.dtype(at::kBool));
+  if (l.window_left >= 0) seen.logical_and_(offset >= -l.window_left);
+  if (l.window_right >= 0) seen.logical_and_(offset <= l.window_right);
+  return seen;
 }
 
 // Per-sample lengths, checked to lie in [0, limit] (the kernels index with them).
@@ -66,7 +98,7 @@ std::vector<int64_t> lengths(const std::optional<Tensor>& lens, int64_t batch, i
 }
 
 Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tensor>& kv_lens,
-                     const std::optional<Tensor>& q_lens) {
+                     const std::optional<Tensor>& q_lens, int64_t window_left, int64_t window_right) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "mmkern::cross_modal_attention: q, k, v must be 4-D");
   Layout l;
   l.batch = q.size(0), l.q_len = q.size(1), l.q_heads = q.size(2), l.k_len = k.size(1), l.kv_heads = k.size(2);
@@ -76,6 +108,7 @@ Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tenso
   l.k_start.assign(l.batch, 0);
   l.q_rows = lengths(q_lens, l.batch, l.q_len, "q_lens");
   l.k_rows = lengths(kv_lens, l.batch, l.k_len, "kv_lens");
+  set_window(l, window_left, window_right);
   return l;
 }
 
@@ -96,7 +129,7 @@ void spans(const Tensor& cu_seqlens, int64_t total, int64_t max_len, const char*
 }
 
 Layout packed_layout(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-                     int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left, int64_t window_right) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "mmkern::cross_modal_attention_packed: q, k, v must be 3-D");
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
               "mmkern::cross_modal_attention_packed: cu_seqlens_q and cu_seqlens_k must both hold batch + 1 offsets");
@@ -108,6 +141,7 @@ Layout packed_layout(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_
   l.group = l.q_heads / l.kv_heads;
   spans(cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q", l.q_start, l.q_rows);
   spans(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", l.k_start, l.k_rows);
+  set_window(l, window_left, window_right);
   return l;
 }
 
@@ -138,14 +172,14 @@ struct Dropout {
   }
 
   // (heads, rows, keys) factors 0 or 1 / (1 - p) for query heads [head0, head0 + heads) and query
-  // rows [row0, row0 + rows) of sample b, keys [0, keys).
-  Tensor factors(const Layout& l, int64_t b, int64_t head0, int64_t heads, int64_t row0, int64_t rows, int64_t keys,
-                 at::TensorOptions options) const {
+  // rows [row0, row0 + rows) of sample b, keys [key0, key0 + keys).
+  Tensor factors(const Layout& l, int64_t b, int64_t head0, int64_t heads, int64_t row0, int64_t rows, int64_t key0,
+                 int64_t keys, at::TensorOptions options) const {
     Tensor out = at::empty({heads, rows, keys}, options.dtype(at::kDouble));
     double* data = out.data_ptr<double>();
     for (int64_t h = 0; h < heads; ++h) {
       for (int64_t i = 0; i < rows; ++i) {
-        const uint64_t base = static_cast<uint64_t>(((b * l.q_heads + head0 + h) * l.q_len + row0 + i) * l.k_len);
+        const uint64_t base = static_cast<uint64_t>(((b * l.q_heads + head0 + h) * l.q_len + row0 + i) * l.k_len + key0);
         for (int64_t j = 0; j < keys; ++j) {
           data[(h * rows + i) * keys + j] = keep(offset, base + j, threshold) ? scale : 0.0;
         }
@@ -197,19 +231,23 @@ Tensor fold_heads(const Tensor& grad, int64_t kv_heads, int64_t group, int64_t w
 
 // Whether a padded batch has every row of every sample valid (and some work): then ATen's kernel
 // takes it in one call.
+// Whether ATen's flash kernel computes this layout's mask: no window, or causal over square samples.
+bool flash_masks(const Layout& l) { return !l.windowed() || l.square_causal(); }
+
 bool whole_batch(const Layout& l) {
   const auto full = [](const std::vector<int64_t>& rows, int64_t len) {
     return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
   };
-  return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len);
+  return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len) &&
+         flash_masks(l);
 }
 
 std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v,
                                                double scale) {
   const int64_t dim = std::max(q.size(-1), v.size(-1));
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, false, std::nullopt,
-      scale);
+      flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, l.windowed(),
+      std::nullopt, scale);
   out = out.transpose(1, 2).narrow(3, 0, v.size(-1));
   // ATen's kernel drops a NaN score from its running maximum and returns a finite row for a query
   // holding NaN or inf, a silently wrong answer; eager attention (and the GPU kernels) give NaN.
@@ -228,7 +266,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_backward_chunk(const Layout& l, const T
   const int64_t head_dim = q.size(-1), v_dim = v.size(-1), dim = std::max(head_dim, v_dim);
   auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       flash_layout(grad_out, 1, dim), flash_layout(q, 1, dim), flash_layout(k, l.group, dim),
-      flash_layout(v, l.group, dim), flash_layout(out, 1, dim), lse.contiguous(), 0.0, false, std::nullopt, scale);
+      flash_layout(v, l.group, dim), flash_layout(out, 1, dim), lse.contiguous(), 0.0, l.windowed(), std::nullopt,
+      scale);
   return {grad_q.transpose(1, 2).narrow(3, 0, head_dim), fold_heads(grad_k, l.kv_heads, l.group, head_dim),
           fold_heads(grad_v, l.kv_heads, l.group, v_dim)};
 }
@@ -265,27 +304,42 @@ void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, co
   });
 }
 
-// Fills out and lse, which arrive zero and -inf.
+// The (G, rows, keys) scores of a tile with the keys its rows do not see at -inf, when windowed.
+void mask_scores(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0, int64_t keys, Tensor& scores) {
+  if (l.windowed()) scores.masked_fill_(visible(l, b, row0, rows, key0, keys).logical_not(), -INFINITY);
+}
+
+// A log-sum-exp to subtract from scores: -inf (a row that sees no key) read as 0, so its
+// probabilities come out exp(-inf) = 0 rather than NaN.
+Tensor finite_lse(const Tensor& lse) { return lse.masked_fill(at::isneginf(lse), 0.0); }
+
+// Fills out and lse, which arrive zero and -inf. The tiled path (dropout, or a window ATen's
+// kernel does not take) visits each query tile's visible keys only.
 void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                        const Dropout& dropout, Tensor& out, Tensor& lse) {
-  if (!dropout.active) return flash_forward(l, q, k, v, scale, out, lse);
+  if (!dropout.active && flash_masks(l)) return flash_forward(l, q, k, v, scale, out, lse);
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
-    const int64_t keys = l.k_rows[b];
-    if (keys == 0) return;
+    if (l.k_rows[b] == 0) return;
     const Tensor q_b = l.sample(q, b).narrow(0, l.q_start[b], l.q_rows[b]);
     const Tensor out_b = l.sample(out, b).narrow(0, l.q_start[b], l.q_rows[b]);
     const Tensor lse_b = l.sample_lse(lse, b);
-    const Tensor key_t = l.sample(k, b).narrow(0, l.k_start[b], keys).select(1, kv_head).to(acc).t();  // (D, keys)
-    const Tensor value = l.sample(v, b).narrow(0, l.k_start[b], keys).select(1, kv_head).to(acc);      // (keys, Dv)
+    const Tensor keys_b = l.sample(k, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
+    const Tensor values_b = l.sample(v, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
     for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
       const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
+      const auto [key0, key_end] = l.key_range(b, row0, rows);
+      if (key_end <= key0) continue;  // no row of the tile sees a key: zeros and -inf, as they arrived
+      const int64_t keys = key_end - key0;
+      const Tensor key_t = keys_b.narrow(0, key0, keys).to(acc).t();  // (D, keys)
+      const Tensor value = values_b.narrow(0, key0, keys).to(acc);    // (keys, Dv)
       const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);  // (G, rows, D)
       Tensor scores = at::matmul(query, key_t).mul_(scale);                    // (G, rows, keys)
+      mask_scores(l, b, row0, rows, key0, keys, scores);
       const Tensor tile_lse = at::logsumexp(scores, -1, /*keepdim=*/true);
-      Tensor probs = scores.sub_(tile_lse).exp_();
+      Tensor probs = scores.sub_(finite_lse(tile_lse)).exp_();
       if (dropout.active) {
-        probs.mul_(dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, keys, probs.options()));
+        probs.mul_(dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, key0, keys, probs.options()));
       }
       const Tensor tile_out = at::matmul(probs, value);  // (G, rows, Dv)
       out_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group).copy_(tile_out.transpose(0, 1));
@@ -298,13 +352,16 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
 void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
                         Tensor& grad_k, Tensor& grad_v) {
-  if (!dropout.active) return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  if (!dropout.active && flash_masks(l)) {
+    return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  }
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
-    const int64_t keys = l.k_rows[b];
-    if (keys == 0 || l.q_rows[b] == 0) return;
+    if (l.k_rows[b] == 0 || l.q_rows[b] == 0) return;
     const auto rows_of = [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.q_start[b], l.q_rows[b]); };
-    const auto keys_of = [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.k_start[b], keys).select(1, kv_head); };
+    const auto keys_of = [&](const Tensor& x) {
+      return l.sample(x, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
+    };
     const Tensor q_b = rows_of(q), grad_out_b = rows_of(grad_out), out_b = rows_of(out), grad_q_b = rows_of(grad_q);
     const Tensor lse_b = l.sample_lse(lse, b);
     const Tensor key = keys_of(k).to(acc);      // (keys, D)
@@ -313,24 +370,32 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
     Tensor grad_value = at::zeros_like(value);
     for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
       const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
+      const auto [key0, key_end] = l.key_range(b, row0, rows);
+      if (key_end <= key0) continue;
+      const int64_t keys = key_end - key0;
+      const Tensor tile_key = key.narrow(0, key0, keys), tile_value = value.narrow(0, key0, keys);
       const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);          // (G, rows, D)
       const Tensor d_out = group_rows(grad_out_b, kv_head, l.group, row0, rows, acc);   // (G, rows, Dv)
       const Tensor output = group_rows(out_b, kv_head, l.group, row0, rows, acc);
       const Tensor tile_lse = lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).to(acc).unsqueeze(-1);
-      const Tensor probs = at::matmul(query, key.t()).mul_(scale).sub_(tile_lse).exp_();  // (G, rows, keys)
-      Tensor d_probs = at::matmul(d_out, value.t());
+      Tensor scores = at::matmul(query, tile_key.t()).mul_(scale);  // (G, rows, keys)
+      mask_scores(l, b, row0, rows, key0, keys, scores);
+      const Tensor probs = scores.sub_(finite_lse(tile_lse)).exp_();
+      Tensor d_probs = at::matmul(d_out, tile_value.t());
       Tensor kept = probs;
       if (dropout.active) {
-        const Tensor factors = dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, keys, probs.options());
+        const Tensor factors =
+            dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, key0, keys, probs.options());
         kept = probs * factors;
         d_probs.mul_(factors);
       }
       // d scores = P * (dP - rowsum(dO * O)); rowsum(dO * O) = rowsum(P * dP), dropout included.
       const Tensor delta = (d_out * output).sum(-1, /*keepdim=*/true);
       const Tensor d_scores = d_probs.sub_(delta).mul_(probs).mul_(scale);
-      grad_value.add_(at::matmul(kept.transpose(1, 2), d_out).sum(0));
-      grad_key.add_(at::matmul(d_scores.transpose(1, 2), query).sum(0));
-      grad_q_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group).copy_(at::matmul(d_scores, key).transpose(0, 1));
+      grad_value.narrow(0, key0, keys).add_(at::matmul(kept.transpose(1, 2), d_out).sum(0));
+      grad_key.narrow(0, key0, keys).add_(at::matmul(d_scores.transpose(1, 2), query).sum(0));
+      grad_q_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group)
+          .copy_(at::matmul(d_scores, tile_key).transpose(0, 1));
     }
     keys_of(grad_k).copy_(grad_key);
     keys_of(grad_v).copy_(grad_value);
@@ -345,8 +410,9 @@ Tensor empty_lse(const Tensor& q, at::IntArrayRef shape) {
 std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const std::optional<Tensor>& kv_lens,
                                                      const std::optional<Tensor>& q_lens, double scale,
-                                                     double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  const Layout l = padded_layout(q, k, kv_lens, q_lens);
+                                                     double dropout_p, const std::optional<Tensor>& dropout_seed,
+                                                     int64_t window_left, int64_t window_right) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right);
   const Dropout dropout(dropout_p, dropout_seed);
   if (!dropout.active && whole_batch(l)) {
     // ATen's lse is (B, H, L) over (B, L, H) storage: contiguous, as the fake kernel promises.
@@ -362,8 +428,8 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
 std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
-    const std::optional<Tensor>& dropout_seed) {
-  const Layout l = padded_layout(q, k, kv_lens, q_lens);
+    const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right);
   const Dropout dropout(dropout_p, dropout_seed);
   if (!dropout.active && whole_batch(l)) {
     auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale);
@@ -380,8 +446,10 @@ std::tuple<Tensor, Tensor> cross_modal_attention_packed_cpu(const Tensor& q, con
                                                             const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
                                                             double dropout_p,
-                                                            const std::optional<Tensor>& dropout_seed) {
-  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+                                                            const std::optional<Tensor>& dropout_seed,
+                                                            int64_t window_left, int64_t window_right) {
+  const Layout l =
+      packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right);
   Tensor out = at::zeros({q.size(0), l.q_heads, v.size(2)}, q.options());
   Tensor lse = empty_lse(q, {l.q_heads, q.size(0)});
   attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), out, lse);
@@ -391,8 +459,9 @@ std::tuple<Tensor, Tensor> cross_modal_attention_packed_cpu(const Tensor& q, con
 std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_packed_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    double dropout_p, const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right) {
+  const Layout l =
+      packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right);
   Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
   Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);

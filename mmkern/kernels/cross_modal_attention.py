@@ -103,6 +103,37 @@ def _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, threshold):
 
 
 @triton.jit
+def _window_mask(rows, cols, diagonal, window_left, window_right):
+    """(rows, cols) booleans: whether query i sees key j under the window, i + d - left <= j <= i + d + right
+    (a negative bound is unbounded), d = kv_len - q_len aligning the last query with the last key."""
+    offset = cols[None, :] - rows[:, None] - diagonal
+    return ((window_left < 0) | (offset >= -window_left)) & ((window_right < 0) | (offset <= window_right))
+
+
+@triton.jit
+def _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) holding every key that query block pid_m sees, lo a multiple of BLOCK_N: the key
+    blocks wholly outside the window are never visited."""
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
+    diagonal = kv_len - q_len
+    lo = tl.where(window_left >= 0, tl.maximum(first_row + diagonal - window_left, 0), 0)
+    hi = tl.where(window_right >= 0, tl.minimum(last_row + diagonal + window_right + 1, kv_len), kv_len)
+    return lo // BLOCK_N * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(pid_n, q_len, kv_len, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) holding every query that sees a key of key block pid_n, lo a multiple of BLOCK_M."""
+    first_col = pid_n * BLOCK_N
+    last_col = tl.minimum(first_col + BLOCK_N, kv_len) - 1
+    diagonal = kv_len - q_len
+    lo = tl.where(window_right >= 0, tl.maximum(first_col - diagonal - window_right, 0), 0)
+    hi = tl.where(window_left >= 0, tl.minimum(last_col - diagonal + window_left + 1, q_len), q_len)
+    return lo // BLOCK_M * BLOCK_M, hi
+
+
+@triton.jit
 def _store_rows(ptr, values, rows, cols, stride_row, stride_col, length, write_limit, n_cols):
     """Stores a (rows, cols) tile, zero past the sample's `length` rows, for rows below write_limit."""
     values = tl.where((rows < length)[:, None], values, 0.0)
@@ -120,9 +151,9 @@ def _forward_kernel(
     stride_ob, stride_ol, stride_oh, stride_od, stride_os,
     stride_lb, stride_lh, stride_ll, stride_ls,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
-    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
+    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -155,6 +186,11 @@ def _forward_kernel(
     acc = tl.zeros((BLOCK_M, DV_PAD), ACC_DTYPE)
     lo = split * KEYS_PER_SPLIT
     hi = tl.minimum(lo + KEYS_PER_SPLIT, kv_len)
+    diagonal = kv_len - q_len
+    if WINDOWED:
+        window_lo, window_hi = _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
+        lo = tl.maximum(lo, window_lo)
+        hi = tl.minimum(hi, window_hi)
     for start in range(lo, hi, BLOCK_N):
         cols = start + cols0
         col_valid = cols < hi
@@ -162,9 +198,16 @@ def _forward_kernel(
                     mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * scale_log2
         s = tl.where(col_valid[None, :], s, float("-inf"))
+        if WINDOWED:
+            s = tl.where(_window_mask(rows, cols, diagonal, window_left, window_right), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_shift = m_new
+        if WINDOWED:
+            # A row may have seen no key yet: its maximum stays -inf, and its terms are shifted by 0
+            # instead, so they come out exp2(-inf) = 0 rather than NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold), p, 0.0)
@@ -261,13 +304,16 @@ def _delta_kernel(
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
+def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_valid, scale_log2, diagonal, window_left, window_right,
+                   WINDOWED: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp, zero outside
-    the valid rows and keys."""
+    the valid rows and keys and outside the window."""
     s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * scale_log2
     p = tl.exp2(s - lse_log2[:, None])
-    return tl.where(row_valid[:, None] & col_valid[None, :], p, 0.0)
+    valid = row_valid[:, None] & col_valid[None, :]
+    if WINDOWED:
+        valid = valid & _window_mask(rows, cols, diagonal, window_left, window_right)
+    return tl.where(valid, p, 0.0)
 
 
 @triton.jit
@@ -282,9 +328,9 @@ def _grad_kv_kernel(
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
+    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -310,15 +356,21 @@ def _grad_kv_kernel(
                   + v_dims[:, None] * stride_vd, mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, D_PAD), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, DV_PAD), ACC_DTYPE)
-    # A block past kv_len still writes its zeros; only blocks with keys visit the queries.
+    # A block past kv_len still writes its zeros; only blocks with keys visit the queries (within the
+    # window, those that see one of the block's keys).
     q_end = tl.where(pid_n * BLOCK_N < kv_len, q_len, 0)
+    q_begin = 0
+    diagonal = kv_len - q_len
+    if WINDOWED:
+        q_begin, window_end = _query_range(pid_n, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
+        q_end = tl.minimum(q_end, window_end)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         q_base = q_ptr + b * stride_qb + h * stride_qh + q_start * stride_ql
         g_base = grad_ptr + b * stride_gb + h * stride_gh + q_start * stride_gl
         l_base = lse_ptr + b * stride_lb + h * stride_lh + q_start * stride_ll
         d_base = delta_ptr + b * stride_lb + h * stride_lh + q_start * stride_ll
-        for start in range(0, q_end, BLOCK_M):
+        for start in range(q_begin, q_end, BLOCK_M):
             rows = start + rows0
             row_valid = rows < q_len
             q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
@@ -327,8 +379,8 @@ def _grad_kv_kernel(
                            mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
             lse_log2 = tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2
             delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
-            p = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE,
-                               INPUT_PRECISION)
+            p = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_valid, scale_log2, diagonal, window_left,
+                               window_right, WINDOWED, ACC_DTYPE, INPUT_PRECISION)
             dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             kept = p
             if DROPOUT:
@@ -356,9 +408,9 @@ def _grad_q_kernel(
     stride_lb, stride_lh, stride_ll,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo,
+    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -388,15 +440,20 @@ def _grad_q_kernel(
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
     dq = tl.zeros((BLOCK_M, D_PAD), ACC_DTYPE)
     keys_end = tl.where(pid_m * BLOCK_M < q_len, kv_len, 0)
-    for start in range(0, keys_end, BLOCK_N):
+    keys_begin = 0
+    diagonal = kv_len - q_len
+    if WINDOWED:
+        keys_begin, window_end = _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
+        keys_end = tl.minimum(keys_end, window_end)
+    for start in range(keys_begin, keys_end, BLOCK_N):
         cols = start + cols0
         col_valid = cols < kv_len
         k = tl.load(k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
                     mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
         v_t = tl.load(v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
                       mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
-        p = _probabilities(q, tl.trans(k), lse_log2, rows, cols, row_valid, col_valid, scale_log2, ACC_DTYPE,
-                           INPUT_PRECISION)
+        p = _probabilities(q, tl.trans(k), lse_log2, rows, cols, row_valid, col_valid, scale_log2, diagonal,
+                           window_left, window_right, WINDOWED, ACC_DTYPE, INPUT_PRECISION)
         dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
             keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
@@ -420,7 +477,7 @@ class Problem:
     viewed as (1, total, H, D) with batch stride 0 and cu_seqlens giving each sample's rows."""
 
     def __init__(self, q, k, v, *, kv_lens=None, q_lens=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                 max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed):
+                 max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed, window=(-1, -1)):
         self.packed = cu_seqlens_q is not None
         if self.packed:
             self.batch = cu_seqlens_q.shape[0] - 1
@@ -438,6 +495,7 @@ class Problem:
         self.group = self.q_heads // self.kv_heads
         self.spans = (cu_seqlens_q, cu_seqlens_k, q_lens, kv_lens)
         self.scale = scale
+        self.window = window
         self.dropout = dropout_p > 0
         # Stands in for absent pointer arguments (no lengths, no dropout seed). Not q itself: torch's
         # analysis of which arguments a kernel writes counts the span pointers of the combine kernel
@@ -452,9 +510,9 @@ class Problem:
         self.dv_pad = power_of_2_at_least(self.v_dim, 16, 256)
 
     def scalars(self):
-        """(scale as float32 halves, dropout threshold, dropout scale as float32 halves): Triton
-        passes a Python float as float32, which float64 kernels cannot afford."""
-        return (*float_halves(self.scale), self.dropout_threshold, *float_halves(self.dropout_scale))
+        """(scale as float32 halves, dropout threshold, dropout scale as float32 halves, window left,
+        window right): Triton passes a Python float as float32, which float64 kernels cannot afford."""
+        return (*float_halves(self.scale), self.dropout_threshold, *float_halves(self.dropout_scale), *self.window)
 
     def batch_stride(self, t):
         return 0 if self.packed else t.stride(0)
@@ -479,7 +537,7 @@ class Problem:
 
     def common_flags(self):
         return {
-            **self.span_flags(), "DROPOUT": self.dropout,
+            **self.span_flags(), "DROPOUT": self.dropout, "WINDOWED": self.window != (-1, -1),
             "ACC_DTYPE": self.acc_tl_dtype,
             "INPUT_PRECISION": input_precision(self.q.dtype), "D_PAD": self.d_pad, "DV_PAD": self.dv_pad,
         }
@@ -570,43 +628,45 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
         )
 
 
-def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed) -> tuple:
+def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1, window_right=-1) -> tuple:
     """mmkern::cross_modal_attention: (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)); every row is written."""
     batch, q_len, q_heads, _ = q.shape
     out = q.new_empty((batch, q_len, q_heads, v.shape[3]))
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     _launch_forward(Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                            dropout_seed=dropout_seed), out, lse)
+                            dropout_seed=dropout_seed, window=(window_left, window_right)), out, lse)
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed) -> tuple:
+def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
+             window_right=-1) -> tuple:
     """mmkern::cross_modal_attention_backward: (grad q, grad k, grad v); every row is written."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
     problem = Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                      dropout_seed=dropout_seed)
+                      dropout_seed=dropout_seed, window=(window_left, window_right))
     _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
     return tuple(grads)
 
 
 def packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                   dropout_seed) -> tuple:
+                   dropout_seed, window_left=-1, window_right=-1) -> tuple:
     """mmkern::cross_modal_attention_packed: (out (total_q, Hq, Dv), lse (Hq, total_q))."""
     total, q_heads, _ = q.shape
     # Rows no sample owns are never visited: they start as zeros and -inf.
     out = q.new_zeros((total, q_heads, v.shape[2]))
     lse = q.new_full((q_heads, total), float("-inf"), dtype=accumulate_dtype(q.dtype))
     _launch_forward(Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed),
-                    out, lse)
+                            max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                            window=(window_left, window_right)), out, lse)
     return out, lse
 
 
 def packed_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    dropout_p, dropout_seed) -> tuple:
+                    dropout_p, dropout_seed, window_left=-1, window_right=-1) -> tuple:
     """mmkern::cross_modal_attention_packed_backward: (grad q, grad k, grad v), zero on unowned rows."""
     grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
     problem = Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                      max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed)
+                      max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                      window=(window_left, window_right))
     _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
     return tuple(grads)

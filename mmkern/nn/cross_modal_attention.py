@@ -22,8 +22,10 @@ class CrossModalAttention(UsesBackend, nn.Module):
     valid keys per sample, and ``q_lens`` (B,) valid queries (later query rows come out as
     ``out_proj``'s bias); batched inputs only. A ``key_padding_mask`` (True = ignore) becomes per-sample ``kv_lens``: padded
     keys cost no work. A mask that is not right padding is made one by moving each sample's kept
-    keys to the front (attention does not depend on the keys' order). ``need_weights=True`` or an
-    ``attn_mask`` take an exact eager path and give ``nn.MultiheadAttention``'s answer, weights
+    keys to the front (attention does not depend on the keys' order). ``is_causal=True`` over
+    square self-attention without a key padding mask runs the kernel's causal attention (as
+    ``nn.MultiheadAttention``, it then trusts the hint over ``attn_mask``). ``need_weights=True``, an
+    ``attn_mask`` otherwise, take an exact eager path and give ``nn.MultiheadAttention``'s answer, weights
     included. A sample whose keys are all masked gets zeros (``nn.MultiheadAttention`` gives NaN).
     """
 
@@ -136,7 +138,11 @@ class CrossModalAttention(UsesBackend, nn.Module):
             # booleans they are the same mask, and take the kernel. Checking costs a sync, so compiled
             # calls keep the exact path.
             key_padding_mask, float_padding = torch.isneginf(key_padding_mask), False
-        if need_weights or attn_mask is not None or is_causal or float_padding:
+        if is_causal and key_padding_mask is None and not need_weights and q.shape[1] == k.shape[1]:
+            # nn.MultiheadAttention trusts the hint over attn_mask here too (it calls SDPA's is_causal); over
+            # square self-attention its top-left causal mask is the kernel's bottom-right one.
+            out = self._ops.cross_modal_attention(q, k, v, dropout_p=dropout_p, causal=True)
+        elif need_weights or attn_mask is not None or is_causal or float_padding:
             out, weights = _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p,
                                             average_attn_weights if need_weights else None)
         else:

@@ -21,7 +21,7 @@ MAX_HEAD_DIM = 256
 
 def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                           q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          return_lse: bool = False):
+                          causal: bool = False, window: tuple | None = None, return_lse: bool = False):
     """Attention of one modality's queries over another's keys and values, each sample with its own
     lengths: ``softmax(q k^T * scale) v`` per head, over the first ``kv_lens[b]`` keys of sample b.
 
@@ -40,6 +40,14 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         scale: the score scale, ``D ** -0.5`` by default.
         dropout_p: dropout on the attention probabilities, drawn in the kernel from a seed taken from
             the device's default generator (so ``torch.manual_seed`` makes it reproducible).
+        causal: each query sees only the keys up to its own position, aligned to the bottom right
+            when a sample's query and key counts differ (query i of a sample with ``Lq_b`` valid
+            queries and ``Lk_b`` valid keys sees keys ``j <= i + Lk_b - Lq_b``), as FlashAttention
+            and SDPA's lower-right causal mask do. Key blocks past the diagonal cost no work.
+        window: ``(left, right)``, a sliding window: query i sees keys ``j`` with
+            ``i + d - left <= j <= i + d + right``, ``d = Lk_b - Lq_b``; ``-1`` leaves a side
+            unbounded (FlashAttention's convention). With ``causal`` the right side is 0, and
+            ``right`` must be -1 or 0. A query that sees no key gets zeros (lse ``-inf``).
         return_lse: also return the log-sum-exp of each row's scaled scores, ``(B, Hq, Lq)``, float32
             (float64 for float64 inputs), ``-inf`` for rows with no valid key; it carries no gradient.
 
@@ -49,25 +57,28 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     Raises:
         TypeError: a non-tensor, non-floating or mismatched q/k/v dtypes, non-integer lengths.
         ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, head dims over 256, mismatched
-            devices, lengths of the wrong shape or (where checked) outside their range, a bad scale
-            or dropout_p.
+            devices, lengths of the wrong shape or (where checked) outside their range, a bad scale,
+            dropout_p or window.
     """
     q, k, v = _check_qkv(q, k, v, packed=False)
+    window = _check_window(causal, window)
     batch, q_len, _, head_dim = q.shape
     kv_lens = _check_lengths(kv_lens, "kv_lens", batch, k.shape[1], q.device)
     q_lens = _check_lengths(q_lens, "q_lens", batch, q_len, q.device)
     scale = _check_scale(scale, head_dim)
     dropout_p, seed = _dropout(dropout_p, q.device)
+    arguments = (q, k, v, kv_lens, q_lens, scale, dropout_p, seed, *window)
     if takes_eager_path((q, k, v, kv_lens, q_lens)):
-        out, lse = _eager_attention("", q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
+        out, lse = _eager_attention("", *arguments)
     else:
-        out, lse = torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, scale, dropout_p, seed)
+        out, lse = torch.ops.mmkern.cross_modal_attention.default(*arguments)
     return (out, lse) if return_lse else out
 
 
 def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-                                 scale: float | None = None, dropout_p: float = 0.0, return_lse: bool = False):
+                                 scale: float | None = None, dropout_p: float = 0.0, causal: bool = False,
+                                 window: tuple | None = None, return_lse: bool = False):
     """``cross_modal_attention`` over packed sequences, as flash-attn's varlen API: the samples' rows
     lie one after another, sample b owning rows ``[cu_seqlens[b], cu_seqlens[b + 1])``.
 
@@ -83,6 +94,7 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         max_seqlen_q, max_seqlen_k: the longest sample of each side (sizes the launch grid).
         scale, dropout_p: as in ``cross_modal_attention``. Dropout draws the mask of the same batch
             padded to ``(B, max_seqlen_q, ...)``, so packed and padded runs agree for one seed.
+        causal, window: as in ``cross_modal_attention``, over each sample's own rows.
         return_lse: also return the float32 log-sum-exp ``(Hq, total_q)`` (float64 for float64).
 
     Returns:
@@ -93,6 +105,7 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             shape, device or values, and max lengths that are not non-negative ints or are exceeded.
     """
     q, k, v = _check_qkv(q, k, v, packed=True)
+    window = _check_window(causal, window)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -101,7 +114,7 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                      q.device)
     scale = _check_scale(scale, q.shape[2])
     dropout_p, seed = _dropout(dropout_p, q.device)
-    arguments = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed)
+    arguments = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, *window)
     if takes_eager_path((q, k, v, cu_seqlens_q, cu_seqlens_k)):
         out, lse = _eager_attention("packed_", *arguments)
     else:
@@ -199,6 +212,27 @@ def _check_cu_seqlens(cu_seqlens, name, entries, total, max_len, device):
     return cu_seqlens
 
 
+def _check_window(causal, window) -> tuple:
+    """(left, right) for the kernels, -1 for an unbounded side; causal is (left, 0)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is None:
+        left, right = -1, -1
+    else:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
+            raise ValueError(f"window must be a (left, right) pair of ints, -1 for unbounded, got {window!r}")
+        left, right = window
+        if left < -1 or right < -1:
+            raise ValueError(f"window sides must be >= -1 (-1: unbounded), got {tuple(window)}")
+    if causal:
+        if right > 0:
+            raise ValueError(f"causal=True bounds the window's right side at 0, got window={tuple(window)}; "
+                             "pass right = -1 or 0")
+        right = 0
+    return left, right
+
+
 def _check_scale(scale, head_dim) -> float:
     if scale is None:
         return head_dim ** -0.5 if head_dim else 1.0
@@ -209,7 +243,8 @@ def _check_scale(scale, head_dim) -> float:
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention")
-def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed):
+def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
+                                window_right=-1):
     batch, q_len, q_heads, _ = q.shape
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     return q.new_empty((batch, q_len, q_heads, v.shape[3])), lse
@@ -217,20 +252,21 @@ def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, drop
 
 @torch.library.register_fake("mmkern::cross_modal_attention_backward")
 def _cross_modal_attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p,
-                                         dropout_seed):
+                                         dropout_seed, window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed")
 def _cross_modal_attention_packed_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                       dropout_p, dropout_seed):
+                                       dropout_p, dropout_seed, window_left=-1, window_right=-1):
     total, q_heads, _ = q.shape
     return q.new_empty((total, q_heads, v.shape[2])), q.new_empty((q_heads, total), dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed_backward")
 def _cross_modal_attention_packed_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed):
+                                                max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed,
+                                                window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
