@@ -3,7 +3,9 @@
 // Without dropout, each sample's valid rows go to ATen's CPU flash-attention kernel (vectorised for
 // the CPU it runs on, which this file, built for a baseline ISA, could not be), so padded keys and
 // queries cost nothing; a batch whose rows are all valid goes in one call, without copies. Grouped heads are repeated to the
-// query heads and unequal head dims zero-padded to the larger one for it.
+// query heads and unequal head dims zero-padded to the larger one for it. Causal attention over a
+// square sample is ATen's causal kernel; any other window goes in chunks of query rows, each with
+// only the keys its rows can see and the window as an additive mask.
 //
 // With dropout, whose mask must be mmkern's hash (shared with the GPU kernels), work is split into
 // (sample, kv head) groups: the Hq / Hkv query heads that read one kv head are stacked, so each
@@ -30,6 +32,9 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kQueryTile = 64;
+// Query rows per call of ATen's flash kernel under a window: each chunk takes only the keys its rows
+// can see, so a sliding window costs about its width per row, not the whole key side.
+constexpr int64_t kFlashRows = 256;
 
 // Where each sample's rows lie. Padded tensors (B, L, H, D) give sample b as x[b], rows from 0 up
 // to its length; packed ones (total, H, D) give rows [cu_seqlens[b], cu_seqlens[b + 1]) of x.
@@ -45,6 +50,13 @@ struct Layout {
   bool windowed() const { return window_left >= 0 || window_right >= 0; }
   // Causal with every sample square: ATen's (top-left) causal flash kernel is then the same mask.
   bool square_causal() const { return window_left < 0 && window_right == 0 && q_rows == k_rows; }
+  // The rows [first, end) of sample b that see at least one key.
+  std::pair<int64_t, int64_t> seeing_rows(int64_t b) const {
+    const int64_t d = k_rows[b] - q_rows[b];
+    const int64_t first = window_right >= 0 ? std::max<int64_t>(0, -d - window_right) : 0;
+    const int64_t end = window_left >= 0 ? std::min(q_rows[b], k_rows[b] - d + window_left) : q_rows[b];
+    return {first, k_rows[b] > 0 ? end : first};
+  }
   // Keys [first, end) of sample b that query rows [row0, row0 + rows) can see, end <= first if none.
   std::pair<int64_t, int64_t> key_range(int64_t b, int64_t row0, int64_t rows) const {
     const int64_t d = k_rows[b] - q_rows[b];
@@ -231,26 +243,25 @@ Tensor fold_heads(const Tensor& grad, int64_t kv_heads, int64_t group, int64_t w
 
 // Whether a padded batch has every row of every sample valid (and some work): then ATen's kernel
 // takes it in one call.
-// Whether ATen's flash kernel computes this layout's mask: no window, or causal over square samples.
-bool flash_masks(const Layout& l) { return !l.windowed() || l.square_causal(); }
-
 bool whole_batch(const Layout& l) {
   const auto full = [](const std::vector<int64_t>& rows, int64_t len) {
     return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
   };
   return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len) &&
-         flash_masks(l);
+         (!l.windowed() || l.square_causal());
 }
 
 std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v,
-                                               double scale) {
+                                               double scale, bool causal, const std::optional<Tensor>& mask) {
   const int64_t dim = std::max(q.size(-1), v.size(-1));
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, l.windowed(),
-      std::nullopt, scale);
+      flash_layout(q, 1, dim), flash_layout(k, l.group, dim), flash_layout(v, l.group, dim), 0.0, causal, mask, scale);
   out = out.transpose(1, 2).narrow(3, 0, v.size(-1));
   // ATen's kernel drops a NaN score from its running maximum and returns a finite row for a query
   // holding NaN or inf, a silently wrong answer; eager attention (and the GPU kernels) give NaN.
+  // One vectorised pass first: a sum of finite values is finite unless it overflows, and a NaN or inf
+  // in q makes it NaN or inf, so only then are the rows looked for.
+  if (std::isfinite(q.sum(at::kDouble).item<double>())) return {out, lse};
   const Tensor poisoned_rows = at::isfinite(q).logical_not().any(-1);  // (B, L, H)
   if (poisoned_rows.any().item<bool>()) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -262,45 +273,80 @@ std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q,
 
 std::tuple<Tensor, Tensor, Tensor> flash_backward_chunk(const Layout& l, const Tensor& grad_out, const Tensor& q,
                                                         const Tensor& k, const Tensor& v, const Tensor& out,
-                                                        const Tensor& lse, double scale) {
+                                                        const Tensor& lse, double scale, bool causal,
+                                                        const std::optional<Tensor>& mask) {
   const int64_t head_dim = q.size(-1), v_dim = v.size(-1), dim = std::max(head_dim, v_dim);
   auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       flash_layout(grad_out, 1, dim), flash_layout(q, 1, dim), flash_layout(k, l.group, dim),
-      flash_layout(v, l.group, dim), flash_layout(out, 1, dim), lse.contiguous(), 0.0, l.windowed(), std::nullopt,
-      scale);
+      flash_layout(v, l.group, dim), flash_layout(out, 1, dim), lse.contiguous(), 0.0, causal, mask, scale);
   return {grad_q.transpose(1, 2).narrow(3, 0, head_dim), fold_heads(grad_k, l.kv_heads, l.group, head_dim),
           fold_heads(grad_v, l.kv_heads, l.group, v_dim)};
 }
 
-// One sample at a time over its valid rows, as (1, rows, H, D) views; empty samples are skipped.
+// What one call of ATen's flash kernel covers: query rows [row0, row0 + rows) and keys
+// [key0, key0 + keys) of sample b, with the causal flag or an additive (1, 1, rows, keys) mask.
+struct Chunk {
+  int64_t b, row0, rows, key0, keys;
+  bool causal;
+  std::optional<Tensor> mask;
+};
+
+// Each sample's valid rows and keys in one chunk, causal where the window is causal over a square
+// sample (ATen's top-left causal is then the same mask); under any other window, chunks of kFlashRows
+// rows that see a key, each with the keys they can see and the window as a 0 / -inf mask. Rows that
+// see no key are in no chunk: they keep the zeros and -inf they arrived with.
 template <typename Fn>
-void for_each_sample(const Layout& l, const Fn& fn) {
+void for_each_chunk(const Layout& l, at::TensorOptions options, const Fn& fn) {
   for (int64_t b = 0; b < l.batch; ++b) {
     if (l.q_rows[b] == 0 || l.k_rows[b] == 0) continue;
-    fn([&](const Tensor& x) { return l.sample(x, b).narrow(0, l.q_start[b], l.q_rows[b]).unsqueeze(0); },
-       [&](const Tensor& x) { return l.sample(x, b).narrow(0, l.k_start[b], l.k_rows[b]).unsqueeze(0); },
-       [&](const Tensor& lse) { return l.sample_lse(lse, b).unsqueeze(0); });
+    const bool square_causal = l.window_left < 0 && l.window_right == 0 && l.q_rows[b] == l.k_rows[b];
+    if (!l.windowed() || square_causal) {
+      fn(Chunk{b, 0, l.q_rows[b], 0, l.k_rows[b], square_causal, std::nullopt});
+      continue;
+    }
+    const auto [first, end] = l.seeing_rows(b);
+    for (int64_t row0 = first; row0 < end; row0 += kFlashRows) {
+      const int64_t rows = std::min(kFlashRows, end - row0);
+      const auto [key0, key_end] = l.key_range(b, row0, rows);
+      const Tensor mask = at::zeros({1, 1, rows, key_end - key0}, options)
+                              .masked_fill_(visible(l, b, row0, rows, key0, key_end - key0).logical_not(), -INFINITY);
+      fn(Chunk{b, row0, rows, key0, key_end - key0, false, mask});
+    }
   }
+}
+
+// A chunk's rows (or keys) of a sample-major tensor, as a (1, rows, H, D) view; its lse as (1, H, rows).
+Tensor query_rows(const Layout& l, const Chunk& c, const Tensor& x) {
+  return l.sample(x, c.b).narrow(0, l.q_start[c.b] + c.row0, c.rows).unsqueeze(0);
+}
+Tensor key_rows(const Layout& l, const Chunk& c, const Tensor& x) {
+  return l.sample(x, c.b).narrow(0, l.k_start[c.b] + c.key0, c.keys).unsqueeze(0);
+}
+Tensor lse_rows(const Layout& l, const Chunk& c, const Tensor& lse) {
+  return l.sample_lse(lse, c.b).narrow(1, c.row0, c.rows).unsqueeze(0);
 }
 
 void flash_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale, Tensor& out,
                    Tensor& lse) {
-  for_each_sample(l, [&](const auto& query_rows, const auto& key_rows, const auto& lse_rows) {
-    auto [sample_out, sample_lse] = flash_forward_chunk(l, query_rows(q), key_rows(k), key_rows(v), scale);
-    query_rows(out).copy_(sample_out);
-    lse_rows(lse).copy_(sample_lse);
+  for_each_chunk(l, q.options(), [&](const Chunk& c) {
+    auto [chunk_out, chunk_lse] =
+        flash_forward_chunk(l, query_rows(l, c, q), key_rows(l, c, k), key_rows(l, c, v), scale, c.causal, c.mask);
+    query_rows(l, c, out).copy_(chunk_out);
+    lse_rows(l, c, lse).copy_(chunk_lse);
   });
 }
 
+// grad_k and grad_v arrive zero: chunks of one sample share keys, so their gradients add up.
 void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                     const Tensor& out, const Tensor& lse, double scale, Tensor& grad_q, Tensor& grad_k,
                     Tensor& grad_v) {
-  for_each_sample(l, [&](const auto& query_rows, const auto& key_rows, const auto& lse_rows) {
-    auto [sample_grad_q, sample_grad_k, sample_grad_v] = flash_backward_chunk(
-        l, query_rows(grad_out), query_rows(q), key_rows(k), key_rows(v), query_rows(out), lse_rows(lse), scale);
-    query_rows(grad_q).copy_(sample_grad_q);
-    key_rows(grad_k).copy_(sample_grad_k);
-    key_rows(grad_v).copy_(sample_grad_v);
+  for_each_chunk(l, q.options(), [&](const Chunk& c) {
+    auto [chunk_grad_q, chunk_grad_k, chunk_grad_v] = flash_backward_chunk(
+        l, query_rows(l, c, grad_out), query_rows(l, c, q), key_rows(l, c, k), key_rows(l, c, v),
+        query_rows(l, c, out), lse_rows(l, c, lse), scale, c.causal, c.mask);
+    query_rows(l, c, grad_q).copy_(chunk_grad_q);
+    key_rows(l, c, grad_k).add_(chunk_grad_k);
+    key_rows(l, c, grad_v).add_(chunk_grad_v);
   });
 }
 
@@ -313,11 +359,11 @@ void mask_scores(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t
 // probabilities come out exp(-inf) = 0 rather than NaN.
 Tensor finite_lse(const Tensor& lse) { return lse.masked_fill(at::isneginf(lse), 0.0); }
 
-// Fills out and lse, which arrive zero and -inf. The tiled path (dropout, or a window ATen's
-// kernel does not take) visits each query tile's visible keys only.
+// Fills out and lse, which arrive zero and -inf. The tiled path (dropout, whose mask must be
+// mmkern's) visits each query tile's visible keys only.
 void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                        const Dropout& dropout, Tensor& out, Tensor& lse) {
-  if (!dropout.active && flash_masks(l)) return flash_forward(l, q, k, v, scale, out, lse);
+  if (!dropout.active) return flash_forward(l, q, k, v, scale, out, lse);
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
     if (l.k_rows[b] == 0) return;
@@ -352,9 +398,7 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
 void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
                         Tensor& grad_k, Tensor& grad_v) {
-  if (!dropout.active && flash_masks(l)) {
-    return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
-  }
+  if (!dropout.active) return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
     if (l.k_rows[b] == 0 || l.q_rows[b] == 0) return;
@@ -416,7 +460,7 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
   const Dropout dropout(dropout_p, dropout_seed);
   if (!dropout.active && whole_batch(l)) {
     // ATen's lse is (B, H, L) over (B, L, H) storage: contiguous, as the fake kernel promises.
-    auto [out, lse] = flash_forward_chunk(l, q, k, v, scale);
+    auto [out, lse] = flash_forward_chunk(l, q, k, v, scale, l.windowed(), std::nullopt);
     return {out.contiguous(), lse.contiguous()};
   }
   Tensor out = at::zeros({l.batch, l.q_len, l.q_heads, v.size(3)}, q.options());
@@ -432,7 +476,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
   const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right);
   const Dropout dropout(dropout_p, dropout_seed);
   if (!dropout.active && whole_batch(l)) {
-    auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale);
+    auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale, l.windowed(),
+                                                          std::nullopt);
     return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
   }
   Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
