@@ -59,13 +59,18 @@ TORCH_LIBRARY(mmkern, m) {
   // FlashAttention); causal attention is (-1, 0). A query with no visible key gets zeros, lse -inf.
   // Dropout keeps probability (b, h, i, j) by a hash of dropout_seed and that index (the mask of
   // mmkern.reference.dropout_keep_mask), so the backward redraws it.
+  // key_mask (B, Lk) bool (packed: (total_k,), one per row of k) hides the keys it holds False for.
+  // softcap > 0 turns each scaled score s into softcap * tanh(s / softcap); 0 leaves it. sinks (Hq,)
+  // adds exp(sinks[h]) to the softmax denominator of every row of head h, and to its lse (a row with
+  // no visible key then has lse sinks[h]); the backward needs only the lse, which holds it.
   m.def(
       "cross_modal_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? q_lens, float scale, "
-      "float dropout_p, Tensor? dropout_seed, int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
+      "float dropout_p, Tensor? dropout_seed, int window_left=-1, int window_right=-1, Tensor? key_mask=None, "
+      "float softcap=0., Tensor? sinks=None) -> (Tensor, Tensor)");
   m.def(
       "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? kv_lens, Tensor? q_lens, float scale, float dropout_p, Tensor? dropout_seed, int window_left=-1, "
-      "int window_right=-1) -> (Tensor, Tensor, Tensor)");
+      "int window_right=-1, Tensor? key_mask=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
   // The packed form, as flash-attn's varlen API: q (total_q, Hq, D), k (total_k, Hkv, D),
   // v (total_k, Hkv, Dv); sample b owns rows [cu_seqlens[b], cu_seqlens[b + 1]). Returns
   // (out (total_q, Hq, Dv), lse (Hq, total_q)). Dropout indexes the (B, Hq, max_seqlen_q,
@@ -73,11 +78,12 @@ TORCH_LIBRARY(mmkern, m) {
   m.def(
       "cross_modal_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, Tensor? dropout_seed, int window_left=-1, "
-      "int window_right=-1) -> (Tensor, Tensor)");
+      "int window_right=-1, Tensor? key_mask=None, float softcap=0., Tensor? sinks=None) -> (Tensor, Tensor)");
   m.def(
       "cross_modal_attention_packed_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, float dropout_p, "
-      "Tensor? dropout_seed, int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dropout_seed, int window_left=-1, int window_right=-1, Tensor? key_mask=None, float softcap=0.) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // Symmetric per-token (per-row over the last dim) quantization to int8 or float8_e4m3fn:
   // scale = max(amax / qmax, FLT_MIN) in float32, shape (*lead, 1); xq = round(x / scale) clamped to

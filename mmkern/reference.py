@@ -51,15 +51,18 @@ def dropout_keep_mask(seed: int, shape: tuple, p: float, device=None) -> torch.T
     return uniform >= p
 
 
-def visible_keys(q_len: int, k_len: int, q_lens, kv_lens, window: tuple, device) -> torch.Tensor:
+def visible_keys(q_len: int, k_len: int, q_lens, kv_lens, window: tuple, device, key_mask=None) -> torch.Tensor:
     """(B, 1, Lq, Lk) booleans: key j is visible to query i of sample b when it is one of the sample's
-    kv_lens[b] keys and, with a window (left, right) (-1: unbounded), i + d - left <= j <= i + d + right,
-    where d = kv_lens[b] - q_lens[b] aligns the last query with the last key (bottom right, as
-    FlashAttention and SDPA's lower-right causal mask do). causal is window (-1, 0)."""
+    kv_lens[b] keys, kept by ``key_mask[b, j]`` if given and, with a window (left, right) (-1: unbounded),
+    i + d - left <= j <= i + d + right, where d = kv_lens[b] - q_lens[b] aligns the last query with the
+    last key (bottom right, as FlashAttention and SDPA's lower-right causal mask do). causal is
+    window (-1, 0)."""
     left, right = window
     rows = torch.arange(q_len, device=device)[:, None]
     cols = torch.arange(k_len, device=device)[None, :]
     visible = cols < kv_lens[:, None, None]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, :].to(device)
     diagonal = (kv_lens - q_lens)[:, None, None]
     offset = cols - rows - diagonal  # j - (i + d)
     if left >= 0:
@@ -71,14 +74,18 @@ def visible_keys(q_len: int, k_len: int, q_lens, kv_lens, window: tuple, device)
 
 def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                           q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          dropout_seed: int | None = None, causal: bool = False, window: tuple | None = None) -> tuple:
+                          dropout_seed: int | None = None, causal: bool = False, window: tuple | None = None,
+                          key_mask: torch.Tensor | None = None, softcap: float = 0.0,
+                          sinks: torch.Tensor | None = None) -> tuple:
     """softmax(q k^T * scale over each sample's visible keys) v, per head, with grouped heads (head h of
-    q reads head h // (Hq / Hkv) of k and v). A sample's visible keys are its first kv_lens keys,
-    within ``window`` (left, right) of each query's diagonal, and at or before it with ``causal``
-    (see visible_keys). Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) in float32, float64 for
-    float64 inputs). Rows with no visible key, and query rows past q_lens, are zero with lse = -inf.
-    Scores and the weighted sum run in the inputs' dtype and the softmax in float32, as eager
-    attention does."""
+    q reads head h // (Hq / Hkv) of k and v). A sample's visible keys are its first kv_lens keys, those
+    ``key_mask`` (B, Lk) keeps, within ``window`` (left, right) of each query's diagonal, and at or
+    before it with ``causal`` (see visible_keys). ``softcap`` > 0 replaces each scaled score s by
+    softcap * tanh(s / softcap); ``sinks`` (Hq,) adds exp(sinks[h]) to every row's softmax
+    denominator (a logit no value belongs to). Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) in float32,
+    float64 for float64 inputs; the sink is part of it). Rows with no visible key are zero, with
+    lse = -inf (the sink's logit with sinks); query rows past q_lens are zero with lse = -inf. Scores
+    and the weighted sum run in the inputs' dtype and the softmax in float32, as eager attention does."""
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -89,16 +96,25 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qh @ kh.transpose(-1, -2)).float() * scale if q.dtype != torch.float64 else (qh @ kh.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     kv_lens = torch.full((batch,), k_len, device=q.device) if kv_lens is None else kv_lens.to(q.device)
     all_rows = torch.full((batch,), q_len, device=q.device)
     valid = visible_keys(q_len, k_len, all_rows if q_lens is None else q_lens.to(q.device), kv_lens, (left, right),
-                         q.device)
+                         q.device, key_mask)
     empty = ~valid.any(-1, keepdim=True)
     # Rows without a visible key get finite scores and are zeroed after the softmax: no NaN, and no NaN
     # gradient either.
     scores = scores.masked_fill(~valid, float("-inf")).masked_fill(empty, 0.0)
-    probs = torch.softmax(scores, dim=-1) * ~empty
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1) * ~empty
+        lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    else:
+        # The sink's logit joins each row's softmax as one more column, whose probability is dropped.
+        sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(batch, q_heads, q_len, 1)
+        scores = torch.cat([scores.masked_fill(empty, float("-inf")), sink_column], -1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+        lse = torch.logsumexp(scores, dim=-1)
     if dropout_p > 0:
         keep = dropout_keep_mask(dropout_seed, tuple(probs.shape), dropout_p, q.device)
         probs = probs * keep / (1 - dropout_p)
@@ -118,10 +134,11 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                                  scale: float | None = None, dropout_p: float = 0.0,
                                  dropout_seed: int | None = None, causal: bool = False,
-                                 window: tuple | None = None) -> tuple:
-    """The packed form through the padded one: each sample's rows are copied into a (B, max_seqlen,
-    H, D) batch and back. Returns (out (total_q, Hq, Dv), zero on rows no sample owns, and lse
-    (Hq, total_q), -inf there)."""
+                                 window: tuple | None = None, key_mask: torch.Tensor | None = None,
+                                 softcap: float = 0.0, sinks: torch.Tensor | None = None) -> tuple:
+    """The packed form through the padded one: each sample's rows (and ``key_mask``'s, one entry per
+    row of k) are copied into a (B, max_seqlen, ...) batch and back. Returns (out (total_q, Hq, Dv),
+    zero on rows no sample owns, and lse (Hq, total_q), -inf there)."""
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     q_lens = torch.tensor([b - a for a, b in zip(starts_q, starts_q[1:])], dtype=torch.int64, device=q.device)
     kv_lens = torch.tensor([b - a for a, b in zip(starts_k, starts_k[1:])], dtype=torch.int64, device=q.device)
@@ -135,7 +152,9 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out_padded, lse_padded = cross_modal_attention(
         pad(q, starts_q, q_lens, max_seqlen_q), pad(k, starts_k, kv_lens, max_seqlen_k),
         pad(v, starts_k, kv_lens, max_seqlen_k), kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-        dropout_seed=dropout_seed, causal=causal, window=window)
+        dropout_seed=dropout_seed, causal=causal, window=window,
+        key_mask=None if key_mask is None else pad(key_mask, starts_k, kv_lens, max_seqlen_k), softcap=softcap,
+        sinks=sinks)
     out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_padded.dtype, device=q.device)
     for b, (start, length) in enumerate(zip(starts_q, q_lens.tolist())):

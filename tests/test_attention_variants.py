@@ -1,8 +1,10 @@
-"""Causal and sliding-window attention (``causal``, ``window``) in every kernel: the C++ CPU kernel
-(ATen's flash kernel for causal over square samples, its tiled path otherwise), the Triton forward,
-split-KV and backward, padded and packed, against the float64 reference, composed with lengths,
-grouped heads, Dv != D and dropout. Windows align to the bottom right: query i of a sample with Lq_b
-queries and Lk_b keys has its diagonal at key i + Lk_b - Lq_b."""
+"""Attention variants in every kernel: causal and sliding-window attention (``causal``, ``window``),
+per-sample key masks (``key_mask``: left padding, holes), ``softcap`` and attention ``sinks``. The C++
+CPU kernel (ATen's flash kernel, whole or in masked chunks; its tiled path for dropout, softcap and
+sinks), the Triton forward, split-KV and backward, padded and packed, against the float64
+reference, composed with each other, lengths, grouped heads, Dv != D and dropout. Windows align to
+the bottom right: query i of a sample with Lq_b queries and Lk_b keys has its diagonal at key
+i + Lk_b - Lq_b."""
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from mmkern import _config, ops, reference
 from tests.numerics import DEVICES, dtypes_for
 from tests.test_cross_modal_attention import (check_against_reference, check_packed_equals_padded, forward_and_grads,
-                                              make_case, mmkern_attention, packed_case)
+                                              make_case, mmkern_attention, pack, packed_case)
 
 # name: (CASES-style params, options)
 VARIANTS = {
@@ -27,7 +29,47 @@ VARIANTS = {
     # Few queries over long keys: split-KV, with whole splits outside the window.
     "causal_split_keys": ((2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]), {"causal": True}),
     "window_split_keys": ((2, 3, 900, 2, 1, 16, 16, [900, 600], None), {"window": (300, 0)}),
+    # Key masks (made by key_mask_for): left padding, and random holes with one sample seeing nothing.
+    "left_padding_causal": ((3, 12, 12, 4, 2, 16, 16, None, None), {"causal": True, "key_mask": "left_padding"}),
+    "key_holes_lengths": ((3, 7, 33, 6, 2, 16, 24, [0, 33, 9], [7, 1, 4]), {"key_mask": "holes"}),
+    "key_holes_window": ((2, 70, 70, 2, 2, 32, 32, [70, 45], [70, 45]),
+                         {"causal": True, "window": (8, -1), "key_mask": "holes"}),
+    "key_holes_split_keys": ((2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]), {"key_mask": "holes"}),
+    "softcap": ((2, 33, 40, 4, 2, 16, 16, [40, 7], None), {"softcap": 1.5}),
+    "softcap_causal_holes": ((3, 12, 12, 4, 2, 16, 16, None, None),
+                             {"causal": True, "key_mask": "left_padding", "softcap": 3.0}),
+    # Sinks (made by sinks_for), also over rows that see no key and over split keys (the combine).
+    "sinks": ((3, 7, 33, 6, 2, 16, 24, [0, 33, 9], [7, 1, 4]), {"sinks": True}),
+    "sinks_causal_more_queries": ((2, 40, 17, 2, 1, 8, 8, [17, 5], [40, 30]), {"causal": True, "sinks": True}),
+    "sinks_split_keys_holes": ((2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]), {"sinks": True, "key_mask": "holes"}),
+    "everything": ((2, 20, 37, 4, 1, 16, 8, [37, 20], None),
+                   {"window": (3, 2), "key_mask": "holes", "softcap": 2.0, "sinks": True}),
 }
+
+
+def key_mask_for(kind, batch, k_len, device):
+    """(B, Lk) key masks: "left_padding" hides the first b * 3 keys of sample b; "holes" hides keys at
+    random, and all of sample 1's."""
+    if kind == "left_padding":
+        return torch.arange(k_len) >= 3 * torch.arange(batch)[:, None]
+    mask = torch.rand(batch, k_len, generator=torch.Generator().manual_seed(3)) > 0.4
+    mask[1] = False
+    return mask.to(device)
+
+
+def sinks_for(q_heads, device, dtype=torch.float64):
+    return torch.linspace(-1.0, 2.0, q_heads, dtype=dtype).to(device)
+
+
+def materialise(params, options, device, dtype=torch.float64):
+    """``options`` with key_mask and sinks as tensors on ``device``."""
+    batch, _, k_len, q_heads = params[:4]
+    options = dict(options)
+    if "key_mask" in options:
+        options["key_mask"] = key_mask_for(options["key_mask"], batch, k_len, "cpu").to(device)
+    if options.get("sinks"):
+        options["sinks"] = sinks_for(q_heads, device, dtype)
+    return options
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -35,7 +77,42 @@ VARIANTS = {
 def test_matches_reference(variant, device):
     params, options = VARIANTS[variant]
     for dtype in dtypes_for(device):
-        check_against_reference(params, dtype, device, **options)
+        check_against_reference(params, dtype, device, **materialise(params, options, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["sinks", "sinks_split_keys_holes", "everything"])
+def test_sinks_gradient_matches_reference(variant, device):
+    params, options = VARIANTS[variant]
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, lengths = make_case(*params, dtype, device)
+        options_ = materialise(params, options, device, dtype)
+        sinks = options_.pop("sinks").requires_grad_()
+        grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=dtype, device=device)
+        out = ops.cross_modal_attention(q, k, v, sinks=sinks, **lengths, **options_)
+        actual, = torch.autograd.grad(out, sinks, grad_out)
+        exact_sinks = sinks.detach().double().requires_grad_()
+        expected_out, _ = reference.cross_modal_attention(q.double(), k.double(), v.double(), sinks=exact_sinks,
+                                                          **lengths, **options_)
+        expected, = torch.autograd.grad(expected_out, exact_sinks, grad_out.double())
+        assert actual.dtype == dtype
+        tolerance = 1e-11 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_left_padding_is_the_same_as_the_unpadded_samples(device):
+    """A left-padded causal batch (as Hugging Face generate() builds it) gives each sample what the
+    sample alone, unpadded, gives."""
+    q, k, v, _ = make_case(3, 10, 10, 4, 2, 16, 16, None, None, torch.float64, device)
+    key_mask = key_mask_for("left_padding", 3, 10, device)
+    out = ops.cross_modal_attention(q, k, v, causal=True, key_mask=key_mask, sinks=sinks_for(4, device),
+                                    softcap=4.0)
+    for b in range(3):
+        pad = 3 * b
+        alone = ops.cross_modal_attention(q[b:b + 1, pad:], k[b:b + 1, pad:], v[b:b + 1, pad:], causal=True,
+                                          sinks=sinks_for(4, device), softcap=4.0)
+        torch.testing.assert_close(out[b:b + 1, pad:], alone, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -77,29 +154,39 @@ def test_a_query_that_sees_no_key_gets_zeros_and_zero_gradients(device):
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-@pytest.mark.parametrize("window", [(-1, 0), (2, 1)])
-def test_gradcheck_float64(window, dropout):
+@pytest.mark.parametrize("window,key_mask,softcap,sinks", [
+    ((-1, 0), False, 0.0, False), ((2, 1), False, 0.0, False), ((-1, -1), True, 0.0, False),
+    ((-1, -1), False, 1.5, False), ((-1, 0), False, 0.0, True), ((2, 1), True, 2.0, True)])
+def test_gradcheck_float64(window, key_mask, softcap, sinks, dropout):
     q, k, v, lengths = make_case(2, 5, 7, 4, 2, 6, 3, [7, 2], [5, 3], torch.float64, "cpu")
     seed = torch.tensor(11) if dropout else None
+    mask = key_mask_for("holes", 2, 7, "cpu") if key_mask else None
+    mask = None if mask is None else mask.index_fill(0, torch.tensor([1]), True).index_fill(1, torch.tensor([0]), False)
 
-    def attend(q, k, v):
-        return torch.ops.mmkern.cross_modal_attention.default(q, k, v, lengths["kv_lens"], lengths["q_lens"], 0.25,
-                                                              0.2 if dropout else 0.0, seed, *window)[0]
+    def attend(q, k, v, *sink):
+        return torch.ops.mmkern.cross_modal_attention.default(
+            q, k, v, lengths["kv_lens"], lengths["q_lens"], 0.25, 0.2 if dropout else 0.0, seed, *window, mask,
+            softcap, *sink)[0]
 
     inputs = [t.requires_grad_() for t in (q, k, v)]
+    if sinks:
+        inputs.append(sinks_for(4, "cpu").requires_grad_())
     assert torch.autograd.gradcheck(attend, inputs, fast_mode=_config.TRITON_ON_CPU)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for window in ((-1, 0), (3, 1)):
+    for window, variants in (((-1, 0), ()), ((3, 1), ()), ((-1, 0), ("holes", 2.0, True))):
         q, k, v, lengths = make_case(2, 5, 7, 4, 2, 8, 4, [7, 3], [5, 2], torch.float32, device)
+        if variants:
+            variants = (key_mask_for("holes", 2, 7, device), 2.0, sinks_for(4, device, torch.float32).requires_grad_())
         sample = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), lengths["kv_lens"], lengths["q_lens"],
-                  0.3, 0.0, None, *window)
+                  0.3, 0.0, None, *window, *variants)
         torch.library.opcheck(torch.ops.mmkern.cross_modal_attention.default, sample)
-        out, lse = torch.ops.mmkern.cross_modal_attention.default(*(t.detach() for t in sample[:3]), *sample[3:])
+        with torch.no_grad():
+            out, lse = torch.ops.mmkern.cross_modal_attention.default(*sample)
         torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_backward.default,
-                              (torch.randn_like(out), *(t.detach() for t in sample[:3]), out, lse, *sample[3:]))
+                              (torch.randn_like(out), *(t.detach() for t in sample[:3]), out, lse, *sample[3:12]))  # all but sinks
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,20 +194,40 @@ def test_torch_compile_fullgraph(device):
     q, k, v, lengths = make_case(2, 9, 12, 4, 2, 16, 8, [12, 5], None, torch.float32, device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
-    def attend(q, k, v, kv_lens):
-        return ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, causal=True, window=(4, -1)).square().sum()
+    key_mask = key_mask_for("holes", 2, 12, device)
+    sinks = sinks_for(4, device, torch.float32).requires_grad_()
+
+    def attend(q, k, v, kv_lens, key_mask, sinks):
+        return ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, causal=True, window=(4, -1), key_mask=key_mask,
+                                         softcap=3.0, sinks=sinks).square().sum()
 
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
-    actual = torch.autograd.grad(compiled(q, k, v, lengths["kv_lens"]), (q, k, v))
-    expected = torch.autograd.grad(attend(q, k, v, lengths["kv_lens"]), (q, k, v))
+    actual = torch.autograd.grad(compiled(q, k, v, lengths["kv_lens"], key_mask, sinks), (q, k, v, sinks))
+    expected = torch.autograd.grad(attend(q, k, v, lengths["kv_lens"], key_mask, sinks), (q, k, v, sinks))
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("options", [{"causal": True}, {"window": (2, 3)}, {"causal": True, "window": (1, 0)}])
+@pytest.mark.parametrize("options", [{"causal": True}, {"window": (2, 3)}, {"causal": True, "window": (1, 0)},
+                                     {"softcap": 2.0, "sinks": True}, {"causal": True, "sinks": True, "dropout_p": 0.3}])
 def test_packed_equals_padded(device, options):
+    options = dict(options)
+    if options.pop("sinks", False):
+        options["sinks"] = sinks_for(4, device)
     check_packed_equals_padded(device, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_key_mask_is_the_padded_one(device):
+    """The packed key mask holds one entry per row of k: the padded (B, Lk) mask's valid entries, packed."""
+    (q, k, v, lengths), (pq, pk, pv, cu_q, cu_k, max_q, max_k), q_lens = packed_case(device)
+    kv_lens = lengths["kv_lens"].tolist()
+    mask = key_mask_for("holes", 4, 21, device)
+    padded = ops.cross_modal_attention(q, k, v, key_mask=mask, causal=True, **lengths)
+    packed = ops.cross_modal_attention_packed(pq, pk, pv, cu_q, cu_k, max_q, max_k, causal=True,
+                                              key_mask=pack(mask, kv_lens))
+    torch.testing.assert_close(packed, pack(padded, q_lens), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,10 +248,22 @@ def test_packed_matches_reference(device):
     ({"window": 4}, ValueError, r"window must be a \(left, right\) pair"),
     ({"causal": "yes"}, TypeError, "causal must be a bool"),
     ({"causal": True, "window": (4, 2)}, ValueError, "causal=True bounds the window's right side at 0"),
+    ({"softcap": 0.0}, ValueError, "softcap must be a positive finite float"),
+    ({"softcap": -1.0}, ValueError, "softcap must be a positive finite float"),
+    ({"softcap": float("inf")}, ValueError, "softcap must be a positive finite float"),
+    ({"softcap": "2"}, ValueError, "softcap must be a positive finite float"),
+    ({"key_mask": "mask"}, TypeError, "key_mask must be a bool tensor"),
+    ({"key_mask": torch.ones(2, 7)}, TypeError, "key_mask must have dtype torch.bool"),
+    ({"key_mask": torch.ones(2, 6, dtype=torch.bool)}, ValueError, "key_mask must have shape"),
+    ({"sinks": [0.0, 1.0]}, TypeError, "sinks must be a float tensor"),
+    ({"sinks": torch.zeros(2, dtype=torch.int64)}, TypeError, "sinks must be a floating-point tensor"),
+    ({"sinks": torch.zeros(3)}, ValueError, r"sinks must have shape \(2,\)"),
 ])
 @pytest.mark.parametrize("packed", [False, True])
 def test_bad_variants_are_named(bad, error, match, packed):
     q, k, v = torch.randn(2, 5, 2, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    if packed and isinstance(bad.get("key_mask"), torch.Tensor):
+        bad = {"key_mask": bad["key_mask"].flatten()}  # (total_k,) = (14,): still of the wrong dtype or size
     with pytest.raises(error, match=match):
         if packed:
             cu = torch.tensor([0, 5, 10]), torch.tensor([0, 7, 14])

@@ -4,10 +4,11 @@
 // the CPU it runs on, which this file, built for a baseline ISA, could not be), so padded keys and
 // queries cost nothing; a batch whose rows are all valid goes in one call, without copies. Grouped heads are repeated to the
 // query heads and unequal head dims zero-padded to the larger one for it. Causal attention over a
-// square sample is ATen's causal kernel; any other window goes in chunks of query rows, each with
-// only the keys its rows can see and the window as an additive mask.
+// square sample is ATen's causal kernel; any other window, and a key mask, go in chunks of query
+// rows, each with only the keys its rows can see and what they may not see as an additive mask.
 //
-// With dropout, whose mask must be mmkern's hash (shared with the GPU kernels), work is split into
+// With dropout, whose mask must be mmkern's hash (shared with the GPU kernels), a softcap or sinks
+// (which ATen's kernel has not), work is split into
 // (sample, kv head) groups: the Hq / Hkv query heads that read one kv head are stacked, so each
 // GEMM covers the whole group (multi-query attention gets one K^T read for all its heads). Only the first kv_lens[b] keys and q_lens[b] queries of a sample are touched. Queries run
 // in tiles of kQueryTile rows, which bounds the fp32 score tile at heads x kQueryTile x kv_len
@@ -46,8 +47,17 @@ struct Layout {
   // Query i of sample b sees keys j with i + d - window_left <= j <= i + d + window_right, where
   // d = k_rows[b] - q_rows[b] (bottom-right alignment); -1 leaves a side unbounded.
   int64_t window_left = -1, window_right = -1;
+  // Which keys may be seen: (B, Lk) padded, one per row of k packed; none: all.
+  std::optional<Tensor> key_mask;
+  double softcap = 0.0;  // > 0: scores s become softcap * tanh(s / softcap)
 
   bool windowed() const { return window_left >= 0 || window_right >= 0; }
+  // Whether some keys of a sample's range may be hidden from some of its rows.
+  bool masked() const { return windowed() || key_mask.has_value(); }
+  // Sample b's key mask over keys [key0, key0 + keys), as (keys,) booleans.
+  Tensor keys_kept(int64_t b, int64_t key0, int64_t keys) const {
+    return packed ? key_mask->narrow(0, k_start[b] + key0, keys) : key_mask->select(0, b).narrow(0, key0, keys);
+  }
   // Causal with every sample square: ATen's (top-left) causal flash kernel is then the same mask.
   bool square_causal() const { return window_left < 0 && window_right == 0 && q_rows == k_rows; }
   // The rows [first, end) of sample b that see at least one key.
@@ -76,10 +86,19 @@ void check_heads(int64_t q_heads, int64_t kv_heads) {
   TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "mmkern::cross_modal_attention: Hq % Hkv != 0");
 }
 
-void set_window(Layout& l, int64_t window_left, int64_t window_right) {
+// The variants every form shares: the window, the key mask (its shape checked against `keys`, the
+// (B, Lk) or (total_k,) the form expects) and the softcap.
+void set_variants(Layout& l, int64_t window_left, int64_t window_right, const std::optional<Tensor>& key_mask,
+                  at::IntArrayRef keys, double softcap) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "mmkern::cross_modal_attention: window_left and window_right must be >= -1 (-1: unbounded)");
-  l.window_left = window_left, l.window_right = window_right;
+  TORCH_CHECK(softcap >= 0, "mmkern::cross_modal_attention: softcap must be > 0, or 0 for none");
+  l.window_left = window_left, l.window_right = window_right, l.softcap = softcap;
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->sizes() == keys,
+                "mmkern::cross_modal_attention: key_mask must be a bool tensor of shape ", keys);
+    l.key_mask = *key_mask;
+  }
 }
 
 // (rows, keys) booleans: whether query rows [row0, row0 + rows) of sample b see keys [key0, key0 + keys).
@@ -91,6 +110,7 @@ Tensor visible(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t k
   Tensor seen = at::ones({rows, keys}, options.dtype(at::kBool));
   if (l.window_left >= 0) seen.logical_and_(offset >= -l.window_left);
   if (l.window_right >= 0) seen.logical_and_(offset <= l.window_right);
+  if (l.key_mask.has_value()) seen.logical_and_(l.keys_kept(b, key0, keys).unsqueeze(0));
   return seen;
 }
 
@@ -110,7 +130,8 @@ std::vector<int64_t> lengths(const std::optional<Tensor>& lens, int64_t batch, i
 }
 
 Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tensor>& kv_lens,
-                     const std::optional<Tensor>& q_lens, int64_t window_left, int64_t window_right) {
+                     const std::optional<Tensor>& q_lens, int64_t window_left, int64_t window_right,
+                     const std::optional<Tensor>& key_mask, double softcap) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "mmkern::cross_modal_attention: q, k, v must be 4-D");
   Layout l;
   l.batch = q.size(0), l.q_len = q.size(1), l.q_heads = q.size(2), l.k_len = k.size(1), l.kv_heads = k.size(2);
@@ -120,7 +141,7 @@ Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tenso
   l.k_start.assign(l.batch, 0);
   l.q_rows = lengths(q_lens, l.batch, l.q_len, "q_lens");
   l.k_rows = lengths(kv_lens, l.batch, l.k_len, "kv_lens");
-  set_window(l, window_left, window_right);
+  set_variants(l, window_left, window_right, key_mask, {l.batch, l.k_len}, softcap);
   return l;
 }
 
@@ -141,7 +162,8 @@ void spans(const Tensor& cu_seqlens, int64_t total, int64_t max_len, const char*
 }
 
 Layout packed_layout(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-                     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left, int64_t window_right) {
+                     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left, int64_t window_right,
+                     const std::optional<Tensor>& key_mask, double softcap) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "mmkern::cross_modal_attention_packed: q, k, v must be 3-D");
   TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
               "mmkern::cross_modal_attention_packed: cu_seqlens_q and cu_seqlens_k must both hold batch + 1 offsets");
@@ -153,7 +175,7 @@ Layout packed_layout(const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_
   l.group = l.q_heads / l.kv_heads;
   spans(cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q", l.q_start, l.q_rows);
   spans(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", l.k_start, l.k_rows);
-  set_window(l, window_left, window_right);
+  set_variants(l, window_left, window_right, key_mask, {k.size(0)}, softcap);
   return l;
 }
 
@@ -248,7 +270,7 @@ bool whole_batch(const Layout& l) {
     return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
   };
   return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len) &&
-         (!l.windowed() || l.square_causal());
+         !l.key_mask.has_value() && (!l.windowed() || l.square_causal());
 }
 
 std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -284,33 +306,35 @@ std::tuple<Tensor, Tensor, Tensor> flash_backward_chunk(const Layout& l, const T
 }
 
 // What one call of ATen's flash kernel covers: query rows [row0, row0 + rows) and keys
-// [key0, key0 + keys) of sample b, with the causal flag or an additive (1, 1, rows, keys) mask.
+// [key0, key0 + keys) of sample b, with the causal flag or an additive (1, 1, rows, keys) mask, and
+// then which of its rows see no key (ATen gives them zeros but lse 0, not -inf).
 struct Chunk {
   int64_t b, row0, rows, key0, keys;
   bool causal;
-  std::optional<Tensor> mask;
+  std::optional<Tensor> mask, blind_rows;
 };
 
 // Each sample's valid rows and keys in one chunk, causal where the window is causal over a square
-// sample (ATen's top-left causal is then the same mask); under any other window, chunks of kFlashRows
-// rows that see a key, each with the keys they can see and the window as a 0 / -inf mask. Rows that
-// see no key are in no chunk: they keep the zeros and -inf they arrived with.
+// sample (ATen's top-left causal is then the same mask); under any other window or a key mask,
+// chunks of kFlashRows rows that see a key, each with the keys they can see and the rest as a
+// 0 / -inf mask. Rows that see no key by the window are in no chunk: they keep the zeros and -inf
+// they arrived with.
 template <typename Fn>
 void for_each_chunk(const Layout& l, at::TensorOptions options, const Fn& fn) {
   for (int64_t b = 0; b < l.batch; ++b) {
     if (l.q_rows[b] == 0 || l.k_rows[b] == 0) continue;
     const bool square_causal = l.window_left < 0 && l.window_right == 0 && l.q_rows[b] == l.k_rows[b];
-    if (!l.windowed() || square_causal) {
-      fn(Chunk{b, 0, l.q_rows[b], 0, l.k_rows[b], square_causal, std::nullopt});
+    if (!l.key_mask.has_value() && (!l.windowed() || square_causal)) {
+      fn(Chunk{b, 0, l.q_rows[b], 0, l.k_rows[b], square_causal, std::nullopt, std::nullopt});
       continue;
     }
     const auto [first, end] = l.seeing_rows(b);
     for (int64_t row0 = first; row0 < end; row0 += kFlashRows) {
       const int64_t rows = std::min(kFlashRows, end - row0);
       const auto [key0, key_end] = l.key_range(b, row0, rows);
-      const Tensor mask = at::zeros({1, 1, rows, key_end - key0}, options)
-                              .masked_fill_(visible(l, b, row0, rows, key0, key_end - key0).logical_not(), -INFINITY);
-      fn(Chunk{b, row0, rows, key0, key_end - key0, false, mask});
+      const Tensor hidden = visible(l, b, row0, rows, key0, key_end - key0).logical_not();
+      const Tensor mask = at::zeros({1, 1, rows, key_end - key0}, options).masked_fill_(hidden, -INFINITY);
+      fn(Chunk{b, row0, rows, key0, key_end - key0, false, mask, hidden.all(-1)});
     }
   }
 }
@@ -331,10 +355,15 @@ void flash_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tens
   for_each_chunk(l, q.options(), [&](const Chunk& c) {
     auto [chunk_out, chunk_lse] =
         flash_forward_chunk(l, query_rows(l, c, q), key_rows(l, c, k), key_rows(l, c, v), scale, c.causal, c.mask);
+    if (c.blind_rows.has_value()) chunk_lse.masked_fill_(*c.blind_rows, -INFINITY);
     query_rows(l, c, out).copy_(chunk_out);
     lse_rows(l, c, lse).copy_(chunk_lse);
   });
 }
+
+// A log-sum-exp to subtract from scores: -inf (a row that sees no key) read as 0, so its
+// probabilities come out exp(-inf) = 0 rather than NaN.
+Tensor finite_lse(const Tensor& lse) { return lse.masked_fill(at::isneginf(lse), 0.0); }
 
 // grad_k and grad_v arrive zero: chunks of one sample share keys, so their gradients add up.
 void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -343,33 +372,44 @@ void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, co
   for_each_chunk(l, q.options(), [&](const Chunk& c) {
     auto [chunk_grad_q, chunk_grad_k, chunk_grad_v] = flash_backward_chunk(
         l, query_rows(l, c, grad_out), query_rows(l, c, q), key_rows(l, c, k), key_rows(l, c, v),
-        query_rows(l, c, out), lse_rows(l, c, lse), scale, c.causal, c.mask);
+        query_rows(l, c, out), finite_lse(lse_rows(l, c, lse)), scale, c.causal, c.mask);
     query_rows(l, c, grad_q).copy_(chunk_grad_q);
     key_rows(l, c, grad_k).add_(chunk_grad_k);
     key_rows(l, c, grad_v).add_(chunk_grad_v);
   });
 }
 
-// The (G, rows, keys) scores of a tile with the keys its rows do not see at -inf, when windowed.
-void mask_scores(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0, int64_t keys, Tensor& scores) {
-  if (l.windowed()) scores.masked_fill_(visible(l, b, row0, rows, key0, keys).logical_not(), -INFINITY);
+// The (G, rows, keys) scaled scores of a tile, softcapped, with the keys its rows do not see at -inf;
+// and with a softcap, the slope d scores / d (scaled q.k) = 1 - tanh^2 the backward needs.
+std::pair<Tensor, Tensor> tile_scores(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0,
+                                      int64_t keys, const Tensor& query, const Tensor& key_t, double scale) {
+  Tensor scores = at::matmul(query, key_t).mul_(scale);
+  Tensor slope;
+  if (l.softcap > 0) {
+    scores.div_(l.softcap).tanh_();
+    slope = 1 - scores * scores;
+    scores.mul_(l.softcap);
+  }
+  if (l.masked()) scores.masked_fill_(visible(l, b, row0, rows, key0, keys).logical_not(), -INFINITY);
+  return {scores, slope};
 }
 
-// A log-sum-exp to subtract from scores: -inf (a row that sees no key) read as 0, so its
-// probabilities come out exp(-inf) = 0 rather than NaN.
-Tensor finite_lse(const Tensor& lse) { return lse.masked_fill(at::isneginf(lse), 0.0); }
-
 // Fills out and lse, which arrive zero and -inf. The tiled path (dropout, whose mask must be
-// mmkern's) visits each query tile's visible keys only.
+// mmkern's, a softcap or sinks) visits each query tile's visible keys only.
 void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
-                       const Dropout& dropout, Tensor& out, Tensor& lse) {
-  if (!dropout.active) return flash_forward(l, q, k, v, scale, out, lse);
+                       const Dropout& dropout, const std::optional<Tensor>& sinks, Tensor& out, Tensor& lse) {
+  if (!dropout.active && l.softcap == 0 && !sinks.has_value()) return flash_forward(l, q, k, v, scale, out, lse);
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
+    const Tensor lse_b = l.sample_lse(lse, b);
+    Tensor group_sinks;  // (G, 1, 1): a row that sees no key has the sink's logit as its lse
+    if (sinks.has_value()) {
+      group_sinks = sinks->narrow(0, kv_head * l.group, l.group).to(acc).view({l.group, 1, 1});
+      lse_b.narrow(0, kv_head * l.group, l.group).copy_(group_sinks.squeeze(-1));
+    }
     if (l.k_rows[b] == 0) return;
     const Tensor q_b = l.sample(q, b).narrow(0, l.q_start[b], l.q_rows[b]);
     const Tensor out_b = l.sample(out, b).narrow(0, l.q_start[b], l.q_rows[b]);
-    const Tensor lse_b = l.sample_lse(lse, b);
     const Tensor keys_b = l.sample(k, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
     const Tensor values_b = l.sample(v, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
     for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
@@ -380,9 +420,9 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
       const Tensor key_t = keys_b.narrow(0, key0, keys).to(acc).t();  // (D, keys)
       const Tensor value = values_b.narrow(0, key0, keys).to(acc);    // (keys, Dv)
       const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);  // (G, rows, D)
-      Tensor scores = at::matmul(query, key_t).mul_(scale);                    // (G, rows, keys)
-      mask_scores(l, b, row0, rows, key0, keys, scores);
-      const Tensor tile_lse = at::logsumexp(scores, -1, /*keepdim=*/true);
+      Tensor scores = tile_scores(l, b, row0, rows, key0, keys, query, key_t, scale).first;  // (G, rows, keys)
+      Tensor tile_lse = at::logsumexp(scores, -1, /*keepdim=*/true);
+      if (group_sinks.defined()) tile_lse = at::logaddexp(tile_lse, group_sinks);
       Tensor probs = scores.sub_(finite_lse(tile_lse)).exp_();
       if (dropout.active) {
         probs.mul_(dropout.factors(l, b, kv_head * l.group, l.group, row0, rows, key0, keys, probs.options()));
@@ -398,7 +438,10 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
 void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
                         Tensor& grad_k, Tensor& grad_v) {
-  if (!dropout.active) return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  // The lse holds any sinks, so ATen's kernel, which recomputes the probabilities from it, serves them.
+  if (!dropout.active && l.softcap == 0) {
+    return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
+  }
   const auto acc = accumulate_type(q.scalar_type());
   for_each_group(l, [&](int64_t b, int64_t kv_head) {
     if (l.k_rows[b] == 0 || l.q_rows[b] == 0) return;
@@ -422,8 +465,7 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
       const Tensor d_out = group_rows(grad_out_b, kv_head, l.group, row0, rows, acc);   // (G, rows, Dv)
       const Tensor output = group_rows(out_b, kv_head, l.group, row0, rows, acc);
       const Tensor tile_lse = lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).to(acc).unsqueeze(-1);
-      Tensor scores = at::matmul(query, tile_key.t()).mul_(scale);  // (G, rows, keys)
-      mask_scores(l, b, row0, rows, key0, keys, scores);
+      auto [scores, slope] = tile_scores(l, b, row0, rows, key0, keys, query, tile_key.t(), scale);  // (G, rows, keys)
       const Tensor probs = scores.sub_(finite_lse(tile_lse)).exp_();
       Tensor d_probs = at::matmul(d_out, tile_value.t());
       Tensor kept = probs;
@@ -435,7 +477,8 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
       }
       // d scores = P * (dP - rowsum(dO * O)); rowsum(dO * O) = rowsum(P * dP), dropout included.
       const Tensor delta = (d_out * output).sum(-1, /*keepdim=*/true);
-      const Tensor d_scores = d_probs.sub_(delta).mul_(probs).mul_(scale);
+      Tensor d_scores = d_probs.sub_(delta).mul_(probs).mul_(scale);
+      if (slope.defined()) d_scores.mul_(slope);
       grad_value.narrow(0, key0, keys).add_(at::matmul(kept.transpose(1, 2), d_out).sum(0));
       grad_key.narrow(0, key0, keys).add_(at::matmul(d_scores.transpose(1, 2), query).sum(0));
       grad_q_b.narrow(0, row0, rows).narrow(1, kv_head * l.group, l.group)
@@ -444,6 +487,11 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
     keys_of(grad_k).copy_(grad_key);
     keys_of(grad_v).copy_(grad_value);
   });
+}
+
+void check_sinks(const std::optional<Tensor>& sinks, int64_t q_heads) {
+  TORCH_CHECK(!sinks.has_value() || (sinks->dim() == 1 && sinks->size(0) == q_heads),
+              "mmkern::cross_modal_attention: sinks must hold one logit per query head (", q_heads, ")");
 }
 
 Tensor empty_lse(const Tensor& q, at::IntArrayRef shape) {
@@ -455,27 +503,31 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
                                                      const std::optional<Tensor>& kv_lens,
                                                      const std::optional<Tensor>& q_lens, double scale,
                                                      double dropout_p, const std::optional<Tensor>& dropout_seed,
-                                                     int64_t window_left, int64_t window_right) {
-  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right);
+                                                     int64_t window_left, int64_t window_right,
+                                                     const std::optional<Tensor>& key_mask, double softcap,
+                                                     const std::optional<Tensor>& sinks) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right, key_mask, softcap);
+  check_sinks(sinks, l.q_heads);
   const Dropout dropout(dropout_p, dropout_seed);
-  if (!dropout.active && whole_batch(l)) {
+  if (!dropout.active && softcap == 0 && !sinks.has_value() && whole_batch(l)) {
     // ATen's lse is (B, H, L) over (B, L, H) storage: contiguous, as the fake kernel promises.
     auto [out, lse] = flash_forward_chunk(l, q, k, v, scale, l.windowed(), std::nullopt);
     return {out.contiguous(), lse.contiguous()};
   }
   Tensor out = at::zeros({l.batch, l.q_len, l.q_heads, v.size(3)}, q.options());
   Tensor lse = empty_lse(q, {l.batch, l.q_heads, l.q_len});
-  attention_forward(l, q, k, v, scale, dropout, out, lse);
+  attention_forward(l, q, k, v, scale, dropout, sinks, out, lse);
   return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
-    const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right) {
-  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right);
+    const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right,
+    const std::optional<Tensor>& key_mask, double softcap) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right, key_mask, softcap);
   const Dropout dropout(dropout_p, dropout_seed);
-  if (!dropout.active && whole_batch(l)) {
+  if (!dropout.active && softcap == 0 && whole_batch(l)) {
     auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale, l.windowed(),
                                                           std::nullopt);
     return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
@@ -492,21 +544,25 @@ std::tuple<Tensor, Tensor> cross_modal_attention_packed_cpu(const Tensor& q, con
                                                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
                                                             double dropout_p,
                                                             const std::optional<Tensor>& dropout_seed,
-                                                            int64_t window_left, int64_t window_right) {
-  const Layout l =
-      packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right);
+                                                            int64_t window_left, int64_t window_right,
+                                                            const std::optional<Tensor>& key_mask, double softcap,
+                                                            const std::optional<Tensor>& sinks) {
+  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                 window_right, key_mask, softcap);
+  check_sinks(sinks, l.q_heads);
   Tensor out = at::zeros({q.size(0), l.q_heads, v.size(2)}, q.options());
   Tensor lse = empty_lse(q, {l.q_heads, q.size(0)});
-  attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), out, lse);
+  attention_forward(l, q, k, v, scale, Dropout(dropout_p, dropout_seed), sinks, out, lse);
   return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_packed_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    double dropout_p, const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right) {
-  const Layout l =
-      packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right);
+    double dropout_p, const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right,
+    const std::optional<Tensor>& key_mask, double softcap) {
+  const Layout l = packed_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                 window_right, key_mask, softcap);
   Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
   Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);

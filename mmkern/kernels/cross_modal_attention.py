@@ -19,6 +19,12 @@ sample's own rows.
 Dropout redraws the mask of mmkern.reference.dropout_keep_mask from the seed and each element's
 index in the (B, Hq, Lq, Lk) matrix (Lq, Lk the max lengths when packed).
 
+Variants: a window (causal is (-1, 0)) skips the key blocks outside it; a key mask is read per key
+block next to the keys; a softcap turns the scores into softcap * tanh(s / softcap) (the backward
+multiplies dS by the slope 1 - tanh^2); sinks join the softmax's denominator when a row is finished
+(in the combine kernel when the keys are split), so the saved lse holds them and the backward needs
+nothing more (their own gradient, -sum exp(sink - lse) * delta, is taken by mmkern.ops).
+
 Tile sizes are per head dim and have not been tuned on a GPU yet.
 """
 
@@ -51,12 +57,14 @@ def _wide(hi, lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE: tl.constexpr):
-    """(ln 2, scale, scale / ln 2, dropout scale) in the accumulation dtype: float64 kernels keep
-    float64's precision in every constant."""
+def _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE: tl.constexpr):
+    """(ln 2, scale, scale / ln 2, dropout scale, scale / softcap, softcap / ln 2) in the accumulation
+    dtype: float64 kernels keep float64's precision in every constant."""
     ln2 = _ln2(ACC_DTYPE)
     scale = _wide(scale_hi, scale_lo, ACC_DTYPE)
-    return ln2, scale, scale / ln2, _wide(dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
+    softcap = _wide(softcap_hi, softcap_lo, ACC_DTYPE)
+    return (ln2, scale, scale / ln2, _wide(dropout_scale_hi, dropout_scale_lo, ACC_DTYPE), scale / softcap,
+            softcap / ln2)
 
 
 @triton.jit
@@ -103,6 +111,49 @@ def _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, threshold):
 
 
 @triton.jit
+def _ratio(numerator: tl.constexpr, denominator: tl.constexpr, DTYPE: tl.constexpr):
+    """numerator / denominator in DTYPE, exact to its precision (the integers are exact float32 values)."""
+    return tl.full((), numerator, DTYPE) / denominator
+
+
+@triton.jit
+def _tanh(x):
+    """tanh to x's precision, float64 included (Triton's libdevice tanh runs on CUDA only, not under the
+    interpreter): (1 - e) / (1 + e), e = exp(-2|x|), where that does not cancel, and the odd series
+    up to x^11 below |x| = 1/16 (its next term is 1e-17 of x there)."""
+    DTYPE: tl.constexpr = x.dtype
+    ax = tl.abs(x)
+    e = tl.exp(-2 * ax)
+    far = (1 - e) / (1 + e)
+    x2 = ax * ax
+    series = _ratio(1382, 155925, DTYPE)
+    series = _ratio(62, 2835, DTYPE) - x2 * series
+    series = _ratio(17, 315, DTYPE) - x2 * series
+    series = _ratio(2, 15, DTYPE) - x2 * series
+    series = _ratio(1, 3, DTYPE) - x2 * series
+    near = ax - ax * x2 * series
+    t = tl.where(ax < 0.0625, near, far)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores_log2(qk, scale_log2, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """(base-2 scores, slope) of the q.k dot products: qk * scale / ln 2, or with a softcap c,
+    c * tanh(qk * scale / c) / ln 2 (cap_in = scale / c, cap_out = c / ln 2) and its slope 1 - tanh^2
+    (1 without a softcap)."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)
+        return t * cap_out, 1 - t * t
+    return qk * scale_log2, 1.0
+
+
+@triton.jit
+def _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid):
+    """Whether key_mask keeps each of a sample's keys cols (False past the valid ones)."""
+    return tl.load(key_mask_ptr + b * stride_mb + (k_start + cols) * stride_ml, mask=col_valid, other=0) != 0
+
+
+@triton.jit
 def _window_mask(rows, cols, diagonal, window_left, window_right):
     """(rows, cols) booleans: whether query i sees key j under the window, i + d - left <= j <= i + d + right
     (a negative bound is unbounded), d = kv_len - q_len aligning the last query with the last key."""
@@ -144,16 +195,18 @@ def _store_rows(ptr, values, rows, cols, stride_row, stride_col, length, write_l
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, sinks_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od, stride_os,
-    stride_lb, stride_lh, stride_ll, stride_ls,
+    stride_lb, stride_lh, stride_ll, stride_ls, stride_mb, stride_ml,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
+    softcap_hi, softcap_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -180,7 +233,8 @@ def _forward_kernel(
     q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
                 mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
 
-    ln2, _, scale_log2, dropout_scale = _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
+    ln2, _, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
+        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, DV_PAD), ACC_DTYPE)
@@ -196,13 +250,17 @@ def _forward_kernel(
         col_valid = cols < hi
         k = tl.load(k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
                     mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * scale_log2
-        s = tl.where(col_valid[None, :], s, float("-inf"))
+        s, _ = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
+                            cap_out, SOFTCAP)
+        seen = col_valid
+        if HAS_KEY_MASK:
+            seen = seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
+        s = tl.where(seen[None, :], s, float("-inf"))
         if WINDOWED:
             s = tl.where(_window_mask(rows, cols, diagonal, window_left, window_right), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
-        if WINDOWED:
+        if WINDOWED or HAS_KEY_MASK:
             # A row may have seen no key yet: its maximum stays -inf, and its terms are shifted by 0
             # instead, so they come out exp2(-inf) = 0 rather than NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -216,6 +274,8 @@ def _forward_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
 
+    if HAS_SINKS and not SPLIT:  # split partials leave the sink to the combine kernel
+        m_i, l_i, acc = _add_sink(sinks_ptr, h, m_i, l_i, acc, ln2, ACC_DTYPE)
     has_keys = l_i > 0
     out = acc * (dropout_scale / tl.where(has_keys, l_i, 1.0))[:, None]
     # Stored in base 2 for the combine kernel; in natural log for the caller.
@@ -232,15 +292,25 @@ def _forward_kernel(
 
 
 @triton.jit
+def _add_sink(sinks_ptr, h, m, total, acc, ln2, ACC_DTYPE: tl.constexpr):
+    """A row's base-2 running maximum, sum of exponentials and (optionally) weighted values with head h's
+    sink logit joined to the sum: the maximum becomes max(m, sink), the others are rescaled to it."""
+    sink = tl.load(sinks_ptr + h).to(ACC_DTYPE) / ln2
+    m_new = tl.maximum(m, sink)
+    alpha = tl.exp2(m - m_new)  # 0 for a row that saw no key (m = -inf)
+    return m_new, total * alpha + tl.exp2(sink - m_new), acc * alpha[:, None]
+
+
+@triton.jit
 def _combine_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, q_starts_ptr, q_lens_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, q_starts_ptr, q_lens_ptr, sinks_ptr,
     stride_pb, stride_pl, stride_ph, stride_pd, stride_ps,
     stride_qb, stride_qh, stride_ql, stride_qs,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ll,
     Q_LEN, Q_ROWS, Q_HEADS, V_DIM: tl.constexpr, SPLITS,
-    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_SINKS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -268,8 +338,12 @@ def _combine_splits_kernel(
         weight = tl.exp2(tl.load(lse_base + s * stride_qs, mask=row_mask, other=float("-inf")) - m_safe)
         total += weight
         acc += weight[:, None] * tl.load(out_base + s * stride_ps, mask=tile_mask, other=0.0)
+    if HAS_SINKS:
+        m_safe, total, acc = _add_sink(sinks_ptr, h, m, total, acc, _ln2(ACC_DTYPE), ACC_DTYPE)
+        has_keys = total > 0
     out = acc / tl.where(has_keys, total, 1.0)[:, None]
     lse = tl.where(has_keys, (m_safe + tl.log2(tl.where(has_keys, total, 1.0))) * _ln2(ACC_DTYPE), float("-inf"))
+    lse = tl.where(rows < q_len, lse, float("-inf"))
     _store_rows(out_ptr + b * stride_ob + q_start * stride_ol + h * stride_oh, out, rows, v_dims,
                 stride_ol, stride_od, q_len, write_limit, V_DIM)
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll, lse, mask=row_mask)
@@ -304,37 +378,42 @@ def _delta_kernel(
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_valid, scale_log2, diagonal, window_left, window_right,
-                   WINDOWED: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in, cap_out, diagonal,
+                   window_left, window_right, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
     """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp, zero outside
-    the valid rows and keys and outside the window."""
-    s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * scale_log2
+    the valid rows and seen keys and outside the window; and the softcap's slope (see _scores_log2)."""
+    s, slope = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
+                            cap_out, SOFTCAP)
     p = tl.exp2(s - lse_log2[:, None])
-    valid = row_valid[:, None] & col_valid[None, :]
+    valid = row_valid[:, None] & col_seen[None, :]
     if WINDOWED:
         valid = valid & _window_mask(rows, cols, diagonal, window_left, window_right)
-    return tl.where(valid, p, 0.0)
+    return tl.where(valid, p, 0.0), slope
 
 
 @triton.jit
 def _grad_kv_kernel(
     q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ll,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+    stride_dvb, stride_dvl, stride_dvh, stride_dvd, stride_mb, stride_ml,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
+    softcap_hi, softcap_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    ln2, scale, scale_log2, dropout_scale = _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
+    ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
+        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // KV_HEADS
     kv_h = bh % KV_HEADS
@@ -349,6 +428,9 @@ def _grad_kv_kernel(
     v_dims = tl.arange(0, DV_PAD)
     rows0 = tl.arange(0, BLOCK_M).to(tl.int64)
     col_valid = cols < kv_len
+    col_seen = col_valid
+    if HAS_KEY_MASK:
+        col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
     # K^T (D, BLOCK_N) and V^T (Dv, BLOCK_N), read once for every query of every head in the group.
     k_t = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[None, :] * stride_kl
                   + dims[:, None] * stride_kd, mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
@@ -379,8 +461,9 @@ def _grad_kv_kernel(
                            mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
             lse_log2 = tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2
             delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
-            p = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_valid, scale_log2, diagonal, window_left,
-                               window_right, WINDOWED, ACC_DTYPE, INPUT_PRECISION)
+            p, slope = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in, cap_out,
+                                      diagonal, window_left, window_right, WINDOWED, SOFTCAP, ACC_DTYPE,
+                                      INPUT_PRECISION)
             dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             kept = p
             if DROPOUT:
@@ -388,7 +471,7 @@ def _grad_kv_kernel(
                 kept = tl.where(keep, p * dropout_scale, 0.0)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             dv = tl.dot(tl.trans(kept).to(grad.dtype), grad, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None]) * slope
             dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     _store_rows(dk_ptr + b * stride_dkb + kv_h * stride_dkh + k_start * stride_dkl, dk * scale, cols, dims,
@@ -400,21 +483,24 @@ def _grad_kv_kernel(
 @triton.jit
 def _grad_q_kernel(
     q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ll,
-    stride_dqb, stride_dql, stride_dqh, stride_dqd,
+    stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_mb, stride_ml,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
+    softcap_hi, softcap_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    ln2, scale, scale_log2, dropout_scale = _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, ACC_DTYPE)
+    ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
+        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
@@ -452,13 +538,17 @@ def _grad_q_kernel(
                     mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
         v_t = tl.load(v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
                       mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
-        p = _probabilities(q, tl.trans(k), lse_log2, rows, cols, row_valid, col_valid, scale_log2, diagonal,
-                           window_left, window_right, WINDOWED, ACC_DTYPE, INPUT_PRECISION)
+        col_seen = col_valid
+        if HAS_KEY_MASK:
+            col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
+        p, slope = _probabilities(q, tl.trans(k), lse_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in,
+                                  cap_out, diagonal, window_left, window_right, WINDOWED, SOFTCAP, ACC_DTYPE,
+                                  INPUT_PRECISION)
         dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
             keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]) * slope
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql, dq * scale, rows, dims,
                 stride_dql, stride_dqd, q_len, write_limit, HEAD_DIM)
@@ -477,7 +567,8 @@ class Problem:
     viewed as (1, total, H, D) with batch stride 0 and cu_seqlens giving each sample's rows."""
 
     def __init__(self, q, k, v, *, kv_lens=None, q_lens=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                 max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed, window=(-1, -1)):
+                 max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed, window=(-1, -1), key_mask=None,
+                 softcap=0.0, sinks=None):
         self.packed = cu_seqlens_q is not None
         if self.packed:
             self.batch = cu_seqlens_q.shape[0] - 1
@@ -502,6 +593,12 @@ class Problem:
         # as written, and an input written under torch.compile is copied and written back.
         self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
         self.dropout_seed = dropout_seed.to(q.device) if self.dropout else self.placeholder
+        # Bytes, which Triton loads as integers (a bool pointer is not one it takes everywhere).
+        self.key_mask = self.placeholder if key_mask is None else key_mask.view(torch.uint8)
+        self.has_key_mask = key_mask is not None
+        self.softcap = softcap
+        self.sinks = self.placeholder if sinks is None else sinks
+        self.has_sinks = sinks is not None
         self.dropout_threshold = math.ceil(dropout_p * 2**24)
         self.dropout_scale = 1.0 / (1.0 - dropout_p)
         self.acc_dtype = accumulate_dtype(q.dtype)
@@ -511,8 +608,16 @@ class Problem:
 
     def scalars(self):
         """(scale as float32 halves, dropout threshold, dropout scale as float32 halves, window left,
-        window right): Triton passes a Python float as float32, which float64 kernels cannot afford."""
-        return (*float_halves(self.scale), self.dropout_threshold, *float_halves(self.dropout_scale), *self.window)
+        window right, softcap as float32 halves (1 for none, never read)): Triton passes a Python
+        float as float32, which float64 kernels cannot afford."""
+        return (*float_halves(self.scale), self.dropout_threshold, *float_halves(self.dropout_scale), *self.window,
+                *float_halves(self.softcap or 1.0))
+
+    def key_mask_strides(self):
+        """(sample, key) strides of the key mask: (B, Lk), or (total_k,) with sample stride 0 when packed."""
+        if not self.has_key_mask:
+            return 0, 0
+        return (0, self.key_mask.stride(0)) if self.packed else self.key_mask.stride()
 
     def batch_stride(self, t):
         return 0 if self.packed else t.stride(0)
@@ -538,7 +643,7 @@ class Problem:
     def common_flags(self):
         return {
             **self.span_flags(), "DROPOUT": self.dropout, "WINDOWED": self.window != (-1, -1),
-            "ACC_DTYPE": self.acc_tl_dtype,
+            "HAS_KEY_MASK": self.has_key_mask, "SOFTCAP": self.softcap > 0, "ACC_DTYPE": self.acc_tl_dtype,
             "INPUT_PRECISION": input_precision(self.q.dtype), "D_PAD": self.d_pad, "DV_PAD": self.dv_pad,
         }
 
@@ -572,23 +677,24 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     if grid[0] == 0 or grid[1] == 0:
         return
     traceable(_forward_kernel)[grid](
-        p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(),
-        *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides,
+        p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(), p.key_mask, p.sinks,
+        *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides, *p.key_mask_strides(),
         p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
         *p.scalars(),
-        SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
-        **p.common_flags(),
+        HAS_SINKS=p.has_sinks, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tile.num_warps,
+        num_stages=tile.num_stages, **p.common_flags(),
     )
     if splits > 1:
         cu_q, _, q_lens, _ = p.span_args()
         combine_block = combine_block_m()
         traceable(_combine_splits_kernel)[(cdiv(p.q_len, combine_block), p.batch * p.q_heads)](
-            part_out, part_lse, out4, lse, cu_q, q_lens,
+            part_out, part_lse, out4, lse, cu_q, q_lens, p.sinks,
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(4), part_out.stride(3),
             *part_lse.stride(),
             *p.strides(out4), *p.lse_strides(lse),
             p.q_len, p.q_rows, p.q_heads, p.v_dim, splits,
-            **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad, BLOCK_M=combine_block,
+            **p.span_flags(with_keys=False), HAS_SINKS=p.has_sinks, ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad,
+            BLOCK_M=combine_block,
         )
 
 
@@ -615,41 +721,44 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
                        *p.lse_strides(lse))
     if p.batch * p.kv_heads and p.k_len:
         traceable(_grad_kv_kernel)[(cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
-            *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
-            *operand_strides, *p.strides(grad_k), *p.strides(grad_v),
+            *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask,
+            *operand_strides, *p.strides(grad_k), *p.strides(grad_v), *p.key_mask_strides(),
             p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars,
             **tiles,
         )
     if p.batch * p.q_heads and p.q_len:
         traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
-            *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens,
-            *operand_strides, *p.strides(grad_q),
+            *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask,
+            *operand_strides, *p.strides(grad_q), *p.key_mask_strides(),
             p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
         )
 
 
-def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1, window_right=-1) -> tuple:
+def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None,
+            softcap=0.0, sinks=None) -> tuple:
     """mmkern::cross_modal_attention: (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)); every row is written."""
     batch, q_len, q_heads, _ = q.shape
     out = q.new_empty((batch, q_len, q_heads, v.shape[3]))
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     _launch_forward(Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                            dropout_seed=dropout_seed, window=(window_left, window_right)), out, lse)
+                            dropout_seed=dropout_seed, window=(window_left, window_right), key_mask=key_mask,
+                            softcap=softcap, sinks=sinks), out, lse)
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
-             window_right=-1) -> tuple:
+             window_right=-1, key_mask=None, softcap=0.0) -> tuple:
     """mmkern::cross_modal_attention_backward: (grad q, grad k, grad v); every row is written."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
     problem = Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                      dropout_seed=dropout_seed, window=(window_left, window_right))
+                      dropout_seed=dropout_seed, window=(window_left, window_right), key_mask=key_mask,
+                      softcap=softcap)
     _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
     return tuple(grads)
 
 
 def packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                   dropout_seed, window_left=-1, window_right=-1) -> tuple:
+                   dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0, sinks=None) -> tuple:
     """mmkern::cross_modal_attention_packed: (out (total_q, Hq, Dv), lse (Hq, total_q))."""
     total, q_heads, _ = q.shape
     # Rows no sample owns are never visited: they start as zeros and -inf.
@@ -657,16 +766,17 @@ def packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     lse = q.new_full((q_heads, total), float("-inf"), dtype=accumulate_dtype(q.dtype))
     _launch_forward(Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                            window=(window_left, window_right)), out, lse)
+                            window=(window_left, window_right), key_mask=key_mask, softcap=softcap, sinks=sinks),
+                    out, lse)
     return out, lse
 
 
 def packed_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    dropout_p, dropout_seed, window_left=-1, window_right=-1) -> tuple:
+                    dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0) -> tuple:
     """mmkern::cross_modal_attention_packed_backward: (grad q, grad k, grad v), zero on unowned rows."""
     grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
     problem = Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                       max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                      window=(window_left, window_right))
+                      window=(window_left, window_right), key_mask=key_mask, softcap=softcap)
     _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
     return tuple(grads)

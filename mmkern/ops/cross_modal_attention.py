@@ -21,7 +21,8 @@ MAX_HEAD_DIM = 256
 
 def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                           q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          causal: bool = False, window: tuple | None = None, return_lse: bool = False):
+                          causal: bool = False, window: tuple | None = None, key_mask: torch.Tensor | None = None,
+                          softcap: float | None = None, sinks: torch.Tensor | None = None, return_lse: bool = False):
     """Attention of one modality's queries over another's keys and values, each sample with its own
     lengths: ``softmax(q k^T * scale) v`` per head, over the first ``kv_lens[b]`` keys of sample b.
 
@@ -48,8 +49,18 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
             ``i + d - left <= j <= i + d + right``, ``d = Lk_b - Lq_b``; ``-1`` leaves a side
             unbounded (FlashAttention's convention). With ``causal`` the right side is 0, and
             ``right`` must be -1 or 0. A query that sees no key gets zeros (lse ``-inf``).
-        return_lse: also return the log-sum-exp of each row's scaled scores, ``(B, Hq, Lq)``, float32
-            (float64 for float64 inputs), ``-inf`` for rows with no valid key; it carries no gradient.
+        key_mask: optional bool ``(B, Lk)``: the keys each sample's queries may see (True) or not
+            (left padding, holes), read in the kernel; it composes with kv_lens and the window (the
+            window's diagonal stays aligned by the lengths). Queries that see no key get zeros.
+        softcap: optional float > 0: each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``
+            (Gemma 2's attention logit softcapping).
+        sinks: optional float ``(Hq,)``, one learned logit per query head that joins every row's
+            softmax denominator with no value of its own (GPT-OSS's attention sinks): rows sum to less
+            than one, and a row that sees no key gets zeros with lse ``sinks[h]``. It gets a gradient
+            when it requires one.
+        return_lse: also return the log-sum-exp of each row's scaled scores (the sink included),
+            ``(B, Hq, Lq)``, float32 (float64 for float64 inputs), ``-inf`` for rows with no valid key;
+            it carries no gradient.
 
     Returns:
         ``out (B, Lq, Hq, Dv)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
@@ -58,17 +69,18 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         TypeError: a non-tensor, non-floating or mismatched q/k/v dtypes, non-integer lengths.
         ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, head dims over 256, mismatched
             devices, lengths of the wrong shape or (where checked) outside their range, a bad scale,
-            dropout_p or window.
+            dropout_p, window, softcap, or a key mask or sinks of the wrong shape or device.
     """
     q, k, v = _check_qkv(q, k, v, packed=False)
     window = _check_window(causal, window)
-    batch, q_len, _, head_dim = q.shape
+    batch, q_len, q_heads, head_dim = q.shape
     kv_lens = _check_lengths(kv_lens, "kv_lens", batch, k.shape[1], q.device)
     q_lens = _check_lengths(q_lens, "q_lens", batch, q_len, q.device)
     scale = _check_scale(scale, head_dim)
     dropout_p, seed = _dropout(dropout_p, q.device)
-    arguments = (q, k, v, kv_lens, q_lens, scale, dropout_p, seed, *window)
-    if takes_eager_path((q, k, v, kv_lens, q_lens)):
+    variants = _check_variants(key_mask, (batch, k.shape[1]), "(batch, k_len)", softcap, sinks, q_heads, q.device)
+    arguments = (q, k, v, kv_lens, q_lens, scale, dropout_p, seed, *window, *variants)
+    if takes_eager_path((q, k, v, kv_lens, q_lens, variants[0], variants[2])):
         out, lse = _eager_attention("", *arguments)
     else:
         out, lse = torch.ops.mmkern.cross_modal_attention.default(*arguments)
@@ -78,7 +90,9 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
 def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                                  scale: float | None = None, dropout_p: float = 0.0, causal: bool = False,
-                                 window: tuple | None = None, return_lse: bool = False):
+                                 window: tuple | None = None, key_mask: torch.Tensor | None = None,
+                                 softcap: float | None = None, sinks: torch.Tensor | None = None,
+                                 return_lse: bool = False):
     """``cross_modal_attention`` over packed sequences, as flash-attn's varlen API: the samples' rows
     lie one after another, sample b owning rows ``[cu_seqlens[b], cu_seqlens[b + 1])``.
 
@@ -95,6 +109,8 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         scale, dropout_p: as in ``cross_modal_attention``. Dropout draws the mask of the same batch
             padded to ``(B, max_seqlen_q, ...)``, so packed and padded runs agree for one seed.
         causal, window: as in ``cross_modal_attention``, over each sample's own rows.
+        key_mask: optional bool ``(total_k,)``, one entry per row of k: whether that key may be seen.
+        softcap, sinks: as in ``cross_modal_attention``.
         return_lse: also return the float32 log-sum-exp ``(Hq, total_q)`` (float64 for float64).
 
     Returns:
@@ -114,8 +130,10 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                      q.device)
     scale = _check_scale(scale, q.shape[2])
     dropout_p, seed = _dropout(dropout_p, q.device)
-    arguments = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, *window)
-    if takes_eager_path((q, k, v, cu_seqlens_q, cu_seqlens_k)):
+    variants = _check_variants(key_mask, (k.shape[0],), "(total_k,)", softcap, sinks, q.shape[1], q.device)
+    arguments = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, *window,
+                 *variants)
+    if takes_eager_path((q, k, v, cu_seqlens_q, cu_seqlens_k, variants[0], variants[2])):
         out, lse = _eager_attention("packed_", *arguments)
     else:
         out, lse = torch.ops.mmkern.cross_modal_attention_packed.default(*arguments)
@@ -233,6 +251,33 @@ def _check_window(causal, window) -> tuple:
     return left, right
 
 
+def _check_variants(key_mask, mask_shape, mask_layout, softcap, sinks, q_heads, device) -> tuple:
+    """(key_mask, softcap as a float, 0 for none, sinks) checked."""
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor):
+            raise TypeError(f"key_mask must be a bool tensor {mask_layout} or None, got {type(key_mask).__name__}")
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must have dtype torch.bool (True: the key may be seen), got {key_mask.dtype}")
+        if tuple(key_mask.shape) != mask_shape:
+            raise ValueError(f"key_mask must have shape {mask_layout} = {mask_shape}, got {tuple(key_mask.shape)}")
+        if key_mask.device != device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {device}")
+    if softcap is None:
+        softcap = 0.0
+    elif (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 < float(softcap) < float("inf")):
+        raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"sinks must be a float tensor of shape ({q_heads},) or None, got {type(sinks).__name__}")
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+        if tuple(sinks.shape) != (q_heads,):
+            raise ValueError(f"sinks must have shape ({q_heads},), one logit per query head, got {tuple(sinks.shape)}")
+        if sinks.device != device:
+            raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+    return key_mask, float(softcap), sinks
+
+
 def _check_scale(scale, head_dim) -> float:
     if scale is None:
         return head_dim ** -0.5 if head_dim else 1.0
@@ -244,7 +289,7 @@ def _check_scale(scale, head_dim) -> float:
 
 @torch.library.register_fake("mmkern::cross_modal_attention")
 def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
-                                window_right=-1):
+                                window_right=-1, key_mask=None, softcap=0.0, sinks=None):
     batch, q_len, q_heads, _ = q.shape
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     return q.new_empty((batch, q_len, q_heads, v.shape[3])), lse
@@ -252,13 +297,14 @@ def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, drop
 
 @torch.library.register_fake("mmkern::cross_modal_attention_backward")
 def _cross_modal_attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p,
-                                         dropout_seed, window_left=-1, window_right=-1):
+                                         dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed")
 def _cross_modal_attention_packed_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                       dropout_p, dropout_seed, window_left=-1, window_right=-1):
+                                       dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None,
+                                       softcap=0.0, sinks=None):
     total, q_heads, _ = q.shape
     return q.new_empty((total, q_heads, v.shape[2])), q.new_empty((q_heads, total), dtype=accumulate_dtype(q.dtype))
 
@@ -266,13 +312,13 @@ def _cross_modal_attention_packed_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_
 @torch.library.register_fake("mmkern::cross_modal_attention_packed_backward")
 def _cross_modal_attention_packed_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                 max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed,
-                                                window_left=-1, window_right=-1):
+                                                window_left=-1, window_right=-1, key_mask=None, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save(ctx, q, k, v, rest, out, lse) -> None:
     """What both forms' backward needs: q, k, v, out, lse and the forward's arguments after v (tensors
-    saved, the others kept)."""
+    saved, the others kept; the last is sinks)."""
     ctx.is_tensor = [isinstance(x, torch.Tensor) for x in rest]
     ctx.constants = [None if is_tensor else x for x, is_tensor in zip(rest, ctx.is_tensor)]
     ctx.save_for_backward(q, k, v, out, lse, *(x for x in rest if isinstance(x, torch.Tensor)))
@@ -281,15 +327,28 @@ def _save(ctx, q, k, v, rest, out, lse) -> None:
 
 
 def _gradients(ctx, grad_out, backward) -> tuple:
-    """(grad q, grad k, grad v, None for each argument after v) by ``backward`` (the backward op, or on
-    the eager path its launcher), which takes (grad_out, q, k, v, out, lse) and the forward's
-    arguments after v."""
+    """(grad q, grad k, grad v, None for each argument after v but sinks, grad sinks) by ``backward``
+    (the backward op, or on the eager path its launcher), which takes (grad_out, q, k, v, out, lse)
+    and the forward's arguments after v but sinks."""
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     tensors = iter(tensors)
     rest = [next(tensors) if is_tensor else x for x, is_tensor in zip(ctx.constants, ctx.is_tensor)]
     if grad_out is None:
         return (None,) * (3 + len(rest))
-    return (*backward(grad_out, q, k, v, out, lse, *rest), *(None for _ in rest))
+    *rest, sinks = rest
+    grad_sinks = _sinks_gradient(grad_out, out, lse, sinks) if ctx.needs_input_grad[-1] else None
+    return (*backward(grad_out, q, k, v, out, lse, *rest), *(None for _ in rest), grad_sinks)
+
+
+def _sinks_gradient(grad_out, out, lse, sinks) -> torch.Tensor:
+    """d loss / d sinks = -sum over a head's rows of p_sink * rowsum(dO * O), p_sink = exp(sink - lse):
+    the sink takes its share of each row's probability from every key alike. Both forms hold heads at
+    lse's dim -2 ((B, Hq, Lq) or (Hq, total)) and out's dim -2; rows with lse -inf (past q_lens,
+    unowned) have none."""
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(-1, -2)
+    share = torch.exp(sinks.to(lse.dtype)[:, None] - lse).masked_fill(lse == float("-inf"), 0.0)
+    grad = -(share * delta).sum(-1)
+    return (grad.sum(0) if grad.dim() == 2 else grad).to(sinks.dtype)
 
 
 def _register_autograd(qualname: str, backward_op) -> None:
@@ -323,11 +382,12 @@ def _eager_function(forward, backward):
 
 def _eager_attention(form: str, q, k, v, *rest) -> tuple:
     device_type = q.device.type
-    q, k, v = autocast_inputs((q, k, v), device_type)
+    *rest, sinks = rest
+    q, k, v, sinks = autocast_inputs((q, k, v, sinks), device_type)
     with without_autocast(device_type):
-        if needs_gradient((q, k, v)):
-            return _EAGER_FUNCTIONS[form].apply(q, k, v, *rest)
-        return _LAUNCHERS[f"{form}forward"](q, k, v, *rest)
+        if needs_gradient((q, k, v, sinks)):
+            return _EAGER_FUNCTIONS[form].apply(q, k, v, *rest, sinks)
+        return _LAUNCHERS[f"{form}forward"](q, k, v, *rest, sinks)
 
 
 _LAUNCHERS = {name: triton_implementation(f"mmkern.kernels.cross_modal_attention:{name}")
