@@ -149,7 +149,8 @@ def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, d
               repeats: int = 20, budget_s: float = 2.0, rotate: bool = True, refusals=None) -> list:
     """Times every (case, provider, mode), the providers of one (case, mode) interleaved, and
     measures each one's peak memory; returns Records, with speedups against ``reference``.
-    ``only``: the provider names to time (the reference still runs, to check them against).
+    ``only``: the provider names to time (the reference still runs, to check them against). A case
+    whose params name a "reference" (a case the usual one cannot run) is checked and compared against it.
     ``refusals``: a list that gets the providers left out, and why."""
     refusals = [] if refusals is None else refusals
     # Inductor otherwise compiles in a pool of worker processes that keep warming up in the
@@ -161,9 +162,10 @@ def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, d
         first = case.make_args(device, dtype)
         copies = input_copies(first, device) if rotate else 1
         arg_sets = [first] + [case.make_args(device, dtype, seed=seed) for seed in range(1, copies)]
+        case_reference = case.params.get("reference", reference)
         providers = {name: fn for name, fn in make_providers(case).items()
-                     if only is None or name in only or name == reference}
-        providers = agreeing_providers(op, case, providers, first, dtype, reference,
+                     if only is None or name in only or name == case_reference}
+        providers = agreeing_providers(op, case, providers, first, dtype, case_reference,
                                         any(m != "forward" for m in modes), refusals)
         providers = {name: fn for name, fn in providers.items() if only is None or name in only}
         for mode in modes:
@@ -190,8 +192,9 @@ def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, d
             bar.update(1)
     if bar is not None:
         bar.close()
-    baseline = {(r.case, r.mode): r.median_ms for r in records if r.provider == reference}
+    references = {case.name: case.params.get("reference", reference) for case in cases}
+    baseline = {(r.case, r.mode): r.median_ms for r in records if r.provider == references[r.case]}
     for r in records:
         if (r.case, r.mode) in baseline:
-            r.speedup, r.baseline = baseline[(r.case, r.mode)] / r.median_ms, reference
+            r.speedup, r.baseline = baseline[(r.case, r.mode)] / r.median_ms, references[r.case]
     return records
