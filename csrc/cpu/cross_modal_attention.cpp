@@ -67,12 +67,21 @@ struct Layout {
     const int64_t end = window_left >= 0 ? std::min(q_rows[b], k_rows[b] - d + window_left) : q_rows[b];
     return {first, k_rows[b] > 0 ? end : first};
   }
-  // Keys [first, end) of sample b that query rows [row0, row0 + rows) can see, end <= first if none.
-  std::pair<int64_t, int64_t> key_range(int64_t b, int64_t row0, int64_t rows) const {
+  // Keys [first, end) of sample b that query rows [row0, row0 + rows) can see, end <= first if none,
+  // within `kept`, the sample's keys from its first to its last the key mask keeps.
+  std::pair<int64_t, int64_t> key_range(int64_t b, int64_t row0, int64_t rows, std::pair<int64_t, int64_t> kept) const {
     const int64_t d = k_rows[b] - q_rows[b];
     const int64_t first = window_left >= 0 ? std::max<int64_t>(0, row0 + d - window_left) : 0;
     const int64_t end = window_right >= 0 ? std::min(k_rows[b], row0 + rows + d + window_right) : k_rows[b];
-    return {first, end};
+    return {std::max(first, kept.first), std::min(end, kept.second)};
+  }
+  // Sample b's keys [first, end) from the first to the last one the key mask keeps (all without one):
+  // a left-padded sample's chunks then skip its padding, as a right-padded one's skip past kv_lens.
+  std::pair<int64_t, int64_t> kept_keys(int64_t b) const {
+    if (!key_mask.has_value()) return {0, k_rows[b]};
+    const Tensor kept = keys_kept(b, 0, k_rows[b]).nonzero();
+    if (kept.size(0) == 0) return {0, 0};
+    return {kept[0].item<int64_t>(), kept[-1].item<int64_t>() + 1};
   }
 
   Tensor sample(const Tensor& x, int64_t b) const { return packed ? x : x.select(0, b); }
@@ -329,9 +338,11 @@ void for_each_chunk(const Layout& l, at::TensorOptions options, const Fn& fn) {
       continue;
     }
     const auto [first, end] = l.seeing_rows(b);
+    const auto kept = l.kept_keys(b);
     for (int64_t row0 = first; row0 < end; row0 += kFlashRows) {
       const int64_t rows = std::min(kFlashRows, end - row0);
-      const auto [key0, key_end] = l.key_range(b, row0, rows);
+      const auto [key0, key_end] = l.key_range(b, row0, rows, kept);
+      if (key_end <= key0) continue;  // these rows see no key: zeros and -inf, as they arrived
       const Tensor hidden = visible(l, b, row0, rows, key0, key_end - key0).logical_not();
       const Tensor mask = at::zeros({1, 1, rows, key_end - key0}, options).masked_fill_(hidden, -INFINITY);
       fn(Chunk{b, row0, rows, key0, key_end - key0, false, mask, hidden.all(-1)});
@@ -412,9 +423,10 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
     const Tensor out_b = l.sample(out, b).narrow(0, l.q_start[b], l.q_rows[b]);
     const Tensor keys_b = l.sample(k, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
     const Tensor values_b = l.sample(v, b).narrow(0, l.k_start[b], l.k_rows[b]).select(1, kv_head);
+    const auto kept = l.kept_keys(b);
     for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
       const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
-      const auto [key0, key_end] = l.key_range(b, row0, rows);
+      const auto [key0, key_end] = l.key_range(b, row0, rows, kept);
       if (key_end <= key0) continue;  // no row of the tile sees a key: zeros and -inf, as they arrived
       const int64_t keys = key_end - key0;
       const Tensor key_t = keys_b.narrow(0, key0, keys).to(acc).t();  // (D, keys)
@@ -455,9 +467,10 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
     const Tensor value = keys_of(v).to(acc);    // (keys, Dv)
     Tensor grad_key = at::zeros_like(key);
     Tensor grad_value = at::zeros_like(value);
+    const auto kept = l.kept_keys(b);
     for (int64_t row0 = 0; row0 < l.q_rows[b]; row0 += kQueryTile) {
       const int64_t rows = std::min(kQueryTile, l.q_rows[b] - row0);
-      const auto [key0, key_end] = l.key_range(b, row0, rows);
+      const auto [key0, key_end] = l.key_range(b, row0, rows, kept);
       if (key_end <= key0) continue;
       const int64_t keys = key_end - key0;
       const Tensor tile_key = key.narrow(0, key0, keys), tile_value = value.narrow(0, key0, keys);
