@@ -1,3 +1,8 @@
+"""attn_implementation="mmkern" on transformers' own model classes, built from tiny random configs:
+logits (at the positions that are not padding) within 2e-5 of attn_implementation="eager" in float32,
+generate() giving eager's tokens and scores (dynamic and static caches, greedy and beam search), how
+many attention calls ran the kernel, and the models and keywords that are refused."""
+
 import pytest
 import torch
 
@@ -7,18 +12,33 @@ from mmkern.integrations import huggingface  # noqa: E402
 from tests.numerics import assert_close_to_reference  # noqa: E402
 
 huggingface.register()
+TOLERANCE = dict(rtol=2e-5, atol=2e-5)
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    kernel = huggingface.ops.cross_modal_attention
-    monkeypatch.setattr(huggingface.ops, "cross_modal_attention", lambda *a, **k: calls.append(k) or kernel(*a, **k))
-    return calls
+def calls(monkeypatch):
+    """{"attention": calls of the mmkern attention function, "kernel": those that ran the kernel}."""
+    counts = {"attention": 0, "kernel": 0}
+    kernel, attention = huggingface.ops.cross_modal_attention, huggingface.mmkern_attention_forward
+
+    def counted_kernel(*args, **kwargs):
+        counts["kernel"] += 1
+        return kernel(*args, **kwargs)
+
+    def counted_attention(*args, **kwargs):
+        counts["attention"] += 1
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface.ops, "cross_modal_attention", counted_kernel)
+    transformers.AttentionInterface.register(huggingface.NAME, counted_attention)
+    yield counts
+    transformers.AttentionInterface.register(huggingface.NAME, attention)
 
 
-def logits_with(model, implementation, **inputs):
+def logits_with(model, implementation, calls=None, **inputs):
     model.set_attn_implementation(implementation)
+    if calls is not None:
+        calls.update(attention=0, kernel=0)
     with torch.no_grad():
         return model(**inputs).logits
 
@@ -27,7 +47,73 @@ def lengths_mask(lengths, width):
     return (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
 
 
-def test_encoder_decoder_with_padded_batches(kernel_calls):
+def left_padding_mask(lengths, width):
+    return (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
+
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+CAUSAL_LMS = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)),
+    "mistral_sliding_window": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL,
+                                                                                                sliding_window=3)),
+    "gemma2_softcap": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **SMALL, sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=30.0,
+        query_pre_attn_scalar=8)),
+    "gpt_oss_sinks": lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **{**SMALL, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)),
+}
+
+
+def causal_lm(name):
+    torch.manual_seed(0)
+    model = CAUSAL_LMS[name]().eval()
+    if name == "gpt_oss_sinks":
+        # Learned sinks large enough to matter (the init is small).
+        torch.nn.init.normal_(model.model.layers[0].self_attn.sinks, std=2.0)
+    return model
+
+
+PADDING = {"none": None, "right": lengths_mask([9, 5, 1], 9), "left": left_padding_mask([9, 4, 2], 9)}
+
+
+@pytest.mark.parametrize("padding", PADDING)
+@pytest.mark.parametrize("name", CAUSAL_LMS)
+def test_causal_language_models_run_the_kernel(name, padding, calls):
+    model = causal_lm(name)
+    inputs = dict(input_ids=torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(1)))
+    if PADDING[padding] is not None:
+        inputs["attention_mask"] = PADDING[padding]
+    expected = logits_with(model, "eager", **inputs)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    valid = torch.ones(3, 9, dtype=torch.bool) if padding == "none" else PADDING[padding].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    assert calls == {"attention": 2, "kernel": 2}
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", CAUSAL_LMS)
+def test_generate_gives_eager_tokens(name, cache, beams, calls):
+    model = causal_lm(name)
+    ids = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    options = dict(attention_mask=left_padding_mask([7, 4, 2], 7), max_new_tokens=5, do_sample=False, num_beams=beams,
+                   pad_token_id=0, output_scores=True, return_dict_in_generate=True, cache_implementation=cache)
+    results = {}
+    for implementation in ("eager", "mmkern"):
+        model.set_attn_implementation(implementation)
+        calls.update(attention=0, kernel=0)
+        results[implementation] = model.generate(ids, **options)
+    assert torch.equal(results["mmkern"].sequences, results["eager"].sequences)
+    for actual, expected in zip(results["mmkern"].scores, results["eager"].scores):
+        finite = expected.isfinite()
+        torch.testing.assert_close(actual[finite], expected[finite], **TOLERANCE)
+    # A prefill and four decode steps, two layers each.
+    assert calls == {"attention": 10, "kernel": 10}
+
+
+def test_encoder_decoder_with_padded_batches(calls):
     torch.manual_seed(0)
     config = transformers.BartConfig(vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=2,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
@@ -38,15 +124,30 @@ def test_encoder_decoder_with_padded_batches(kernel_calls):
                   decoder_input_ids=torch.randint(3, 50, (3, 6), generator=generator),
                   decoder_attention_mask=lengths_mask([6, 3, 6], 6))
     expected = logits_with(model, "eager", **inputs)
-    actual = logits_with(model, "mmkern", **inputs)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    # Encoder self-attention and decoder cross-attention over the right-padded source take the kernel,
-    # reading the mask as lengths; the decoder's causal self-attention stays on SDPA.
-    assert len(kernel_calls) == 4
-    assert all(call["kv_lens"].tolist() == [9, 5, 1] for call in kernel_calls)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    valid = inputs["decoder_attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    # Encoder self-attention, the decoder's causal self-attention and its cross-attention.
+    assert calls == {"attention": 6, "kernel": 6}
 
 
-def test_vision_language_model_with_cross_attention(kernel_calls):
+def test_speech_encoder_decoder(calls):
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(vocab_size=60, d_model=32, encoder_layers=2, decoder_layers=2,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                        decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=16,
+                                        max_target_positions=16, pad_token_id=0, decoder_start_token_id=1)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(input_features=torch.randn(2, 8, 32, generator=generator),
+                  decoder_input_ids=torch.randint(2, 60, (2, 5), generator=generator))
+    expected = logits_with(model, "eager", **inputs)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    assert calls == {"attention": 6, "kernel": 6}
+
+
+def test_vision_language_model_with_cross_attention(calls):
     torch.manual_seed(0)
     vision = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                                     image_size=16, patch_size=4, num_channels=3)
@@ -61,27 +162,99 @@ def test_vision_language_model_with_cross_attention(kernel_calls):
                   decoder_input_ids=torch.randint(1, 40, (3, 7), generator=generator),
                   decoder_attention_mask=lengths_mask([7, 4, 2], 7))
     expected = logits_with(model, "eager", **inputs)
-    actual = logits_with(model, "mmkern", **inputs)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    # The ViT's self-attention and the text decoder's cross-attention over the image run the kernel.
-    assert len(kernel_calls) == 4
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    valid = inputs["decoder_attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    # The ViT's self-attention, the text decoder's causal self-attention and its cross-attention.
+    assert calls == {"attention": 6, "kernel": 6}
 
 
-def test_left_padding_falls_back_to_sdpa_with_the_same_answer(kernel_calls):
+def test_left_padded_encoder_runs_the_kernel(calls):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=48, max_position_embeddings=32)
     model = transformers.BertModel(config).eval()
     ids = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = {}
+    for implementation in ("eager", "mmkern"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            hidden[implementation] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(hidden["mmkern"][mask.bool()], hidden["eager"][mask.bool()], **TOLERANCE)
+    assert calls == {"attention": 1, "kernel": 1}
+
+
+def test_position_bias_takes_the_exact_path(calls):
+    """T5 adds a learned position bias to the scores, which the kernel does not take yet."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   dropout_rate=0.0, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(input_ids=torch.randint(1, 40, (2, 7), generator=generator), attention_mask=lengths_mask([7, 3], 7),
+                  decoder_input_ids=torch.randint(1, 40, (2, 5), generator=generator))
+    expected = logits_with(model, "eager", **inputs)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    assert calls == {"attention": 6, "kernel": 0}
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_sinks", "gemma2_softcap"])
+def test_sinks_and_softcap_under_a_mask_the_kernel_cannot_take(name, calls):
+    """A 4-D float mask of the user's (here three packed causal sequences) goes to the attention as it
+    is; the exact path, which SDPA cannot be with sinks or softcap, is then the eager softmax."""
+    model = causal_lm(name)
+    ids = torch.randint(3, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+    sequence = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    allowed = (sequence[:, None] == sequence[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 10, 10).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected = logits_with(model, "eager", input_ids=ids, attention_mask=mask)
+    actual = logits_with(model, "mmkern", calls, input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    assert calls == {"attention": 2, "kernel": 0}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4,
+                                                                   attn_implementation="mmkern")),
+    lambda: transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        attn_implementation="mmkern")),
+    lambda: transformers.GitForCausalLM(transformers.GitConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                           image_size=16, patch_size=4), vocab_size=64, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=4, intermediate_size=48, attn_implementation="mmkern")),
+    lambda: transformers.BlipForConditionalGeneration(transformers.BlipConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=48),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                           image_size=16, patch_size=4), attn_implementation="mmkern")),
+], ids=["bloom", "gpt_neo", "git", "blip"])
+def test_models_that_do_not_call_the_interface_are_refused(build):
+    with pytest.raises(ValueError, match="does not call attention through transformers' AttentionInterface"):
+        build()
+
+
+def test_output_attentions_is_refused():
+    model = causal_lm("llama")
     model.set_attn_implementation("mmkern")
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=torch.randint(3, 64, (1, 4)), output_attentions=True)
+
+
+def test_compiled_fullgraph_with_left_padding(calls):
+    model = causal_lm("llama")
+    ids = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = left_padding_mask([9, 4, 2], 9)
+    expected = logits_with(model, "eager", input_ids=ids, attention_mask=mask)
+    model.set_attn_implementation("mmkern")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        actual = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    assert kernel_calls == []
+        actual = compiled(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], **TOLERANCE)
+    assert calls["kernel"] >= 2  # counted while tracing: both layers reached the kernel
 
 
 def test_training_gradients_match_eager():
@@ -105,3 +278,27 @@ def test_training_gradients_match_eager():
     exact = gradients["eager", torch.float64]
     for name, actual in gradients["mmkern", torch.float32].items():
         assert_close_to_reference(actual, exact[name], gradients["eager", torch.float32][name], name, factor=4.0)
+
+
+def test_sink_and_softcap_gradients_match_eager():
+    """GPT-OSS's learned sinks and Gemma 2's capped scores train through the kernel: every parameter's
+    gradient against float64 eager, within 4x float32 eager's own error."""
+    for name in ("gpt_oss_sinks", "gemma2_softcap"):
+        model = causal_lm(name).train()
+        if name == "gpt_oss_sinks":
+            model.set_experts_implementation("eager")  # grouped_mm has no float64
+        ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        mask = lengths_mask([8, 5], 8)
+        gradients = {}
+        for implementation, dtype in (("eager", torch.float64), ("eager", torch.float32), ("mmkern", torch.float32)):
+            model.to(dtype).set_attn_implementation(implementation)
+            model.zero_grad()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            (logits * mask[..., None]).square().sum().backward()
+            gradients[implementation, dtype] = {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}
+        exact = gradients["eager", torch.float64]
+        assert any("sinks" in n for n in exact) == (name == "gpt_oss_sinks")
+        for parameter, actual in gradients["mmkern", torch.float32].items():
+            assert_close_to_reference(actual, exact[parameter], gradients["eager", torch.float32][parameter],
+                                      f"{name} {parameter}", factor=4.0)

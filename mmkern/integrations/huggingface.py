@@ -1,24 +1,34 @@
 """mmkern as a Hugging Face transformers attention implementation: ``attn_implementation="mmkern"``.
 
-``register()`` adds it to transformers' ``AttentionInterface`` (with SDPA's boolean masks from
-``AttentionMaskInterface``), so every model that calls attention through that interface (BERT,
-BART, ViT, CLIP, Whisper, Llama, ...) can run on ``mmkern.ops.cross_modal_attention``:
+``register()`` adds it to transformers' ``AttentionInterface`` and its masks to
+``AttentionMaskInterface`` (see ``huggingface_mask``). Every model that calls attention through the
+interface (BERT, BART, ViT, CLIP, Whisper, Llama, Qwen2, Mistral, Gemma 2, GPT-OSS, ...) then runs on
+``mmkern.ops.cross_modal_attention``:
 
-- no mask (full attention, e.g. over image patches or unpadded encoder states): the kernel;
-- a padding mask that keeps each sample's first keys, the same for every query (encoders and
-  cross-attention over right-padded batches): the kernel, with the mask read as ``kv_lens``;
-- anything else (a causal mask, left padding, sliding windows, position biases): SDPA with the
-  model's mask, exactly as ``attn_implementation="sdpa"`` would run it.
+- no mask, or the compact (B, 1, 1, W) key mask: the kernel, causal (bottom right, so a decode step or
+  a chunk of queries after a cache lines up with its keys) where the layer is causal, with the
+  layer's sliding window, softcap (Gemma 2), sinks (GPT-OSS's ``s_aux``), scaling and dropout;
+- SDPA's (B, 1, Lq, Lk) boolean mask where it keeps each sample's first keys for every query
+  (right-padded encoders and cross-attention): the kernel, with the mask read as ``kv_lens`` (one
+  host read; under ``torch.compile`` such masks take the exact path below);
+- anything else (masks with overlays, position biases, head dims over 256): exactly what
+  ``attn_implementation="sdpa"`` computes, or, where SDPA cannot (softcap, sinks), the eager softmax.
 
-Reading a mask as lengths costs one device sync; under ``torch.compile`` masked calls stay on SDPA
-(there is no sync-free way to know a mask is right padding).
+A model whose attention does not go through the interface (it supports neither
+``attn_implementation="sdpa"`` nor ``"flex_attention"``: BLIP, Bloom, GIT, GPT-Neo, ...) is refused when it is built
+with ``"mmkern"``, with an error that says so, rather than given masks its own code would misread.
 """
 
 import torch
 
 from mmkern import ops
+from mmkern.integrations.huggingface_mask import calls_the_interface, is_compact, mmkern_mask
 
 NAME = "mmkern"
+MAX_HEAD_DIM = 256
+# flash-attention's packed-sequence keywords: without a mask they would be the only thing keeping
+# the sequences apart.
+_PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _right_padding_lengths(mask: torch.Tensor, batch: int, q_length: int) -> torch.Tensor | None:
@@ -32,36 +42,108 @@ def _right_padding_lengths(mask: torch.Tensor, batch: int, q_length: int) -> tor
     return kv_lens if torch.equal(rows, expected[:, None, :].expand_as(rows)) else None
 
 
+def _exact_attention(module, query, key, value, mask, dropout, scaling, is_causal, softcap, sinks, **kwargs):
+    """What transformers computes for a mask the kernel cannot take: SDPA's answer, or where SDPA cannot
+    run the call (softcap, sinks) the eager softmax, as the models' own eager attention does."""
+    if softcap is None and sinks is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if kwargs.get("position_bias") is not None:
+        scores = scores + kwargs["position_bias"]
+    if mask is None and is_causal and query.shape[2] > 1:
+        # SDPA's is_causal: top left
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if sinks is not None:
+        column = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, column], -1)
+    probs = torch.softmax(scores.float(), -1).to(query.dtype)
+    probs = probs[..., :-1] if sinks is not None else probs
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), None
+
+
+def _refuse_unsupported(kwargs) -> None:
+    if kwargs.get("output_attentions"):
+        raise ValueError('attn_implementation="mmkern" returns no attention weights (output_attentions=True); '
+                         'use attn_implementation="eager" to get them')
+
+
 def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                             is_causal: bool | None = None, **kwargs) -> tuple:
+                             is_causal: bool | None = None, softcap: float | None = None,
+                             sliding_window: int | None = None, s_aux: torch.Tensor | None = None,
+                             **kwargs) -> tuple:
     """transformers' attention signature: query ``(B, H, Lq, D)``, key and value ``(B, Hkv, Lk, D)``;
     returns ``((B, Lq, H, Dv), None)``."""
+    _refuse_unsupported(kwargs)
     batch, _, q_length, _ = query.shape
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    causal = bool(is_causal) and q_length > 1 and attention_mask is None
-    needs_sdpa = causal or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None \
-        or kwargs.get("sliding_window") is not None or query.shape[-1] > 256 or value.shape[-1] > 256
-    kv_lens = None
-    if attention_mask is not None and not needs_sdpa:
+    is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    dropout = dropout if module.training else 0.0
+    exact = dict(dropout=dropout, scaling=scaling, is_causal=is_causal, softcap=softcap, sinks=s_aux, **kwargs)
+    if (kwargs.get("position_bias") is not None or query.shape[-1] > MAX_HEAD_DIM
+            or value.shape[-1] > MAX_HEAD_DIM):
+        return _exact_attention(module, query, key, value, attention_mask, **exact)
+    variant = dict(softcap=softcap, sinks=s_aux)
+    kv_lens = key_mask = None
+    if attention_mask is None:
+        if any(kwargs.get(name) is not None for name in _PACKED_KEYWORDS):
+            raise ValueError('attn_implementation="mmkern" does not take packed sequences as cu_seq_lens_* '
+                             "keywords; pass position_ids (or an attention mask) so the mask keeps them apart")
+        causal = is_causal and q_length > 1
+        if causal and key.shape[2] > q_length:
+            # SDPA's causal None: the first Lq keys, top left (transformers' prefill into a static cache).
+            key, value = key[:, :, :q_length], value[:, :, :q_length]
+        variant.update(causal=causal, window=(sliding_window - 1, -1) if causal and sliding_window else None)
+    elif is_compact(attention_mask):
+        # huggingface_mask's compact mask: the first W keys, each sample's padding among them.
+        width = attention_mask.shape[-1]
+        key, value, key_mask = key[:, :, :width], value[:, :, :width], attention_mask[:, 0, 0].bool()
+        variant.update(causal=is_causal, window=(sliding_window - 1, -1) if is_causal and sliding_window else None)
+    else:
+        # SDPA's mask holds the pattern (causal, window): the kernel takes it only where it is right padding.
         kv_lens = _right_padding_lengths(attention_mask, batch, q_length)
-        needs_sdpa = kv_lens is None
-    if needs_sdpa:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        if kv_lens is None:
+            return _exact_attention(module, query, key, value, attention_mask, **exact)
+        variant.update(causal=False)
     out = ops.cross_modal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                    kv_lens=kv_lens, scale=scaling, dropout_p=dropout if module.training else 0.0)
+                                    kv_lens=kv_lens, key_mask=key_mask, scale=scaling, dropout_p=dropout, **variant)
     return out, None
+
+
+def _check_model_takes_the_interface(model, requested) -> None:
+    if requested == NAME and not calls_the_interface(type(model)):
+        raise ValueError(f"{type(model).__name__} does not call attention through transformers' AttentionInterface "
+                         f'(it supports neither attn_implementation="sdpa" nor "flex_attention"), so '
+                         f'attn_implementation="{NAME}" cannot run it; use attn_implementation="eager" for this '
+                         "model (or for its sub-config in a composite model)")
 
 
 def register() -> None:
     """Makes ``attn_implementation="mmkern"`` available to every transformers model (idempotent)."""
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers import AttentionInterface, PreTrainedModel
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError as error:
         raise ImportError("mmkern.integrations.huggingface needs transformers with AttentionInterface "
                           "(4.48 or newer): pip install -U transformers") from error
     AttentionInterface.register(NAME, mmkern_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mmkern_mask)
+    check = PreTrainedModel.get_correct_attn_implementation
+    if getattr(check, "_mmkern_checked", False):
+        return
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        _check_model_takes_the_interface(self, requested_attention)
+        return check(self, requested_attention, is_init_check)
+
+    get_correct_attn_implementation._mmkern_checked = True
+    PreTrainedModel.get_correct_attn_implementation = get_correct_attn_implementation
