@@ -115,6 +115,22 @@ def test_left_padding_is_the_same_as_the_unpadded_samples(device):
         torch.testing.assert_close(out[b:b + 1, pad:], alone, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_masks_hiding_whole_blocks(device, causal):
+    """Runs of hidden keys longer than any key block (the kernels skip such blocks): left padding of
+    200 keys, a hidden middle, hidden runs of 64 alternating, one key kept at the very end."""
+    q, k, v, _ = make_case(4, 37, 300, 4, 2, 16, 8, None, None, torch.float64, device)
+    keys = torch.arange(300)
+    key_mask = torch.stack([keys >= 200, (keys < 64) | (keys >= 256), (keys // 64) % 2 == 0, keys == 299]).to(device)
+    grad_out = torch.randn(4, 37, 4, 8, dtype=torch.float64, device=device)
+    actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, key_mask=key_mask, causal=causal)
+    expected = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, key_mask=key_mask,
+                                 causal=causal)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_within_a_window_is_the_reference_mask(device):
     q, k, v, lengths = make_case(2, 9, 21, 4, 2, 16, 8, [21, 13], [9, 4], torch.float64, device)

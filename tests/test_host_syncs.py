@@ -133,7 +133,6 @@ def test_no_host_read_in_any_module_forward_or_backward(name):
 
 
 @interpreter_only
-@pytest.mark.xfail(strict=True, reason="issue 17: a key_padding_mask is read on the host until the kernel takes it")
 def test_a_key_padding_mask_is_not_read_on_the_host():
     module, inputs, kwargs = MASKED_ATTENTION[1]("cpu")
     with stubbed_launches():

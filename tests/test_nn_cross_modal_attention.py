@@ -243,7 +243,12 @@ def test_causal_self_attention_runs_the_kernel_and_gives_torchs_answer(device, b
     monkeypatch.setattr(attention_module, "_exact_attention",
                         lambda *a, _exact=attention_module._exact_attention: exact.append(1) or _exact(*a))
     assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, need_weights=False)
+    # With a key padding mask too (every query keeps its first key, so torch gives no NaN rows).
+    padding = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)).to(device) < 0.4
+    padding[:, 0] = False
+    assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, key_padding_mask=padding,
+                need_weights=False)
     assert not exact  # the kernel ran
-    # With a key padding mask or the weights asked for, the exact path keeps torch's answer.
+    # With the weights asked for, the exact path keeps torch's answer.
     assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, need_weights=True)
     assert exact

@@ -154,6 +154,30 @@ def _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid):
 
 
 @triton.jit
+def _kept_range(key_mask_ptr, b, stride_mb, stride_ml, k_start, kv_len, BLOCK_N: tl.constexpr):
+    """[lo, hi): the key blocks from the one holding a sample's first kept key to the one after its last
+    (empty if it keeps none), so a left- or right-padded sample's loop skips its padding with no branch
+    in the loop. Scans the sample's key mask, kv_len bytes, 1024 at a time."""
+    first = tl.zeros((), tl.int64) + kv_len
+    last = tl.full((), -1, tl.int64)
+    for start in range(0, kv_len, 1024):
+        cols = start + tl.arange(0, 1024).to(tl.int64)
+        kept = _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, cols < kv_len)
+        first = tl.minimum(first, tl.min(tl.where(kept, cols, kv_len), 0))
+        last = tl.maximum(last, tl.max(tl.where(kept, cols, -1), 0))
+    return (first // BLOCK_N) * BLOCK_N, last + 1
+
+
+@triton.jit
+def _any_kept(seen, HAS_KEY_MASK: tl.constexpr):
+    """Whether a block of keys has one the key mask keeps; without a key mask, statically true (a check
+    per block, outside any loop over the other side)."""
+    if HAS_KEY_MASK:
+        return tl.max(seen.to(tl.int32), 0) > 0
+    return True
+
+
+@triton.jit
 def _window_mask(rows, cols, diagonal, window_left, window_right):
     """(rows, cols) booleans: whether query i sees key j under the window, i + d - left <= j <= i + d + right
     (a negative bound is unbounded), d = kv_len - q_len aligning the last query with the last key."""
@@ -245,6 +269,10 @@ def _forward_kernel(
         window_lo, window_hi = _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
         lo = tl.maximum(lo, window_lo)
         hi = tl.minimum(hi, window_hi)
+    if HAS_KEY_MASK:
+        kept_lo, kept_hi = _kept_range(key_mask_ptr, b, stride_mb, stride_ml, k_start, kv_len, BLOCK_N)
+        lo = tl.maximum(lo, kept_lo)
+        hi = tl.minimum(hi, kept_hi)
     for start in range(lo, hi, BLOCK_N):
         cols = start + cols0
         col_valid = cols < hi
@@ -438,9 +466,9 @@ def _grad_kv_kernel(
                   + v_dims[:, None] * stride_vd, mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, D_PAD), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, DV_PAD), ACC_DTYPE)
-    # A block past kv_len still writes its zeros; only blocks with keys visit the queries (within the
-    # window, those that see one of the block's keys).
-    q_end = tl.where(pid_n * BLOCK_N < kv_len, q_len, 0)
+    # A block past kv_len, or all hidden by the key mask, still writes its zeros; only blocks with keys
+    # visit the queries (within the window, those that see one of the block's keys).
+    q_end = tl.where((pid_n * BLOCK_N < kv_len) & _any_kept(col_seen, HAS_KEY_MASK), q_len, 0)
     q_begin = 0
     diagonal = kv_len - q_len
     if WINDOWED:
@@ -531,6 +559,10 @@ def _grad_q_kernel(
     if WINDOWED:
         keys_begin, window_end = _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
         keys_end = tl.minimum(keys_end, window_end)
+    if HAS_KEY_MASK:
+        kept_lo, kept_hi = _kept_range(key_mask_ptr, b, stride_mb, stride_ml, k_start, kv_len, BLOCK_N)
+        keys_begin = tl.maximum(keys_begin, kept_lo)
+        keys_end = tl.minimum(keys_end, kept_hi)
     for start in range(keys_begin, keys_end, BLOCK_N):
         cols = start + cols0
         col_valid = cols < kv_len

@@ -20,13 +20,14 @@ class CrossModalAttention(UsesBackend, nn.Module):
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None)`` returns
     ``(out, None)``. Batches whose lengths are known pass them instead of a mask: ``kv_lens`` (B,)
     valid keys per sample, and ``q_lens`` (B,) valid queries (later query rows come out as
-    ``out_proj``'s bias); batched inputs only. A ``key_padding_mask`` (True = ignore) becomes per-sample ``kv_lens``: padded
-    keys cost no work. A mask that is not right padding is made one by moving each sample's kept
-    keys to the front (attention does not depend on the keys' order). ``is_causal=True`` over
-    square self-attention without a key padding mask runs the kernel's causal attention (as
-    ``nn.MultiheadAttention``, it then trusts the hint over ``attn_mask``). ``need_weights=True``, an
-    ``attn_mask`` otherwise, take an exact eager path and give ``nn.MultiheadAttention``'s answer, weights
-    included. A sample whose keys are all masked gets zeros (``nn.MultiheadAttention`` gives NaN).
+    ``out_proj``'s bias); batched inputs only. A boolean ``key_padding_mask`` (True = ignore) is the
+    kernel's key mask, read on the device (no host read, eager or compiled; a sample's leading and
+    trailing padding cost no work). ``is_causal=True`` over square self-attention runs the kernel's
+    causal attention, with the padding mask if any (as ``nn.MultiheadAttention``, it then trusts the
+    hint over ``attn_mask``). ``need_weights=True``, an ``attn_mask`` otherwise, or a float padding mask
+    (but one of 0 and -inf, read back as booleans in eager calls) take an exact eager path and give
+    ``nn.MultiheadAttention``'s answer, weights included. A query whose keys are all masked gets zeros
+    (``nn.MultiheadAttention`` gives NaN).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
@@ -138,18 +139,17 @@ class CrossModalAttention(UsesBackend, nn.Module):
             # booleans they are the same mask, and take the kernel. Checking costs a sync, so compiled
             # calls keep the exact path.
             key_padding_mask, float_padding = torch.isneginf(key_padding_mask), False
-        if is_causal and key_padding_mask is None and not need_weights and q.shape[1] == k.shape[1]:
+        # The kernel reads a boolean padding mask as it is: no host read, no gather of the kept keys.
+        key_mask = None if key_padding_mask is None or float_padding else ~key_padding_mask.bool()
+        if is_causal and not need_weights and not float_padding and q.shape[1] == k.shape[1]:
             # nn.MultiheadAttention trusts the hint over attn_mask here too (it calls SDPA's is_causal); over
             # square self-attention its top-left causal mask is the kernel's bottom-right one.
-            out = self._ops.cross_modal_attention(q, k, v, dropout_p=dropout_p, causal=True)
+            out = self._ops.cross_modal_attention(q, k, v, key_mask=key_mask, dropout_p=dropout_p, causal=True)
         elif need_weights or attn_mask is not None or is_causal or float_padding:
             out, weights = _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p,
                                             average_attn_weights if need_weights else None)
         else:
-            kv_lens = None
-            if key_padding_mask is not None:
-                k, v, kv_lens = _kept_keys_first(k, v, key_padding_mask)
-            out = self._ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, dropout_p=dropout_p)
+            out = self._ops.cross_modal_attention(q, k, v, key_mask=key_mask, dropout_p=dropout_p)
         out = self.out_proj(out.flatten(-2))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -192,22 +192,6 @@ class CrossModalAttention(UsesBackend, nn.Module):
 
 def _only_zero_or_minus_infinity(mask: torch.Tensor) -> bool:
     return bool(((mask == 0) | torch.isneginf(mask)).all())
-
-
-def _kept_keys_first(k, v, key_padding_mask):
-    """(k, v, kv_lens) with each sample's kept keys moved to the front, in order: a right-padding
-    mask (the common case) is read as lengths; any other is turned into one by a stable sort, which
-    is exact because attention does not depend on the keys' order. Eager calls check for right
-    padding (a device sync) to skip the gather; compiled ones always gather (no data-dependent branch)."""
-    ignored = key_padding_mask.bool()
-    kv_lens = (~ignored).sum(1)
-    if not torch.compiler.is_compiling():
-        positions = torch.arange(ignored.shape[1], device=ignored.device)
-        if torch.equal(ignored, positions >= kv_lens[:, None]):
-            return k, v, kv_lens
-    order = torch.sort(ignored.to(torch.uint8), dim=1, stable=True).indices
-    gather = lambda x: x.gather(1, order[:, :, None, None].expand_as(x))  # noqa: E731
-    return gather(k), gather(v), kv_lens
 
 
 def _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, average_weights):
