@@ -62,15 +62,20 @@ TORCH_LIBRARY(mmkern, m) {
   // key_mask (B, Lk) bool (packed: (total_k,), one per row of k) hides the keys it holds False for.
   // softcap > 0 turns each scaled score s into softcap * tanh(s / softcap); 0 leaves it. sinks (Hq,)
   // adds exp(sinks[h]) to the softmax denominator of every row of head h, and to its lse (a row with
-  // no visible key then has lse sinks[h]); the backward needs only the lse, which holds it.
+  // no visible key then has lse sinks[h]); the backward needs only the lse, which holds it. bias
+  // (padded form only), a view of shape (B, Hq, Lq, Lk) (broadcast dims of stride 0), is added to the
+  // scores after the softcap; -inf there hides a key.
   m.def(
       "cross_modal_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? q_lens, float scale, "
       "float dropout_p, Tensor? dropout_seed, int window_left=-1, int window_right=-1, Tensor? key_mask=None, "
-      "float softcap=0., Tensor? sinks=None) -> (Tensor, Tensor)");
+      "float softcap=0., Tensor? sinks=None, Tensor? bias=None) -> (Tensor, Tensor)");
+  // bias_grad: also return the bias's gradient, (B, Hq, Lq, Lk) in the accumulation dtype (the score
+  // gradient, zero where no key is seen); else an empty tensor in its place.
   m.def(
       "cross_modal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? kv_lens, Tensor? q_lens, float scale, float dropout_p, Tensor? dropout_seed, int window_left=-1, "
-      "int window_right=-1, Tensor? key_mask=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
+      "int window_right=-1, Tensor? key_mask=None, float softcap=0., Tensor? bias=None, bool bias_grad=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // The packed form, as flash-attn's varlen API: q (total_q, Hq, D), k (total_k, Hkv, D),
   // v (total_k, Hkv, Dv); sample b owns rows [cu_seqlens[b], cu_seqlens[b + 1]). Returns
   // (out (total_q, Hq, Dv), lse (Hq, total_q)). Dropout indexes the (B, Hq, max_seqlen_q,

@@ -76,12 +76,13 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                           q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
                           dropout_seed: int | None = None, causal: bool = False, window: tuple | None = None,
                           key_mask: torch.Tensor | None = None, softcap: float = 0.0,
-                          sinks: torch.Tensor | None = None) -> tuple:
+                          sinks: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> tuple:
     """softmax(q k^T * scale over each sample's visible keys) v, per head, with grouped heads (head h of
     q reads head h // (Hq / Hkv) of k and v). A sample's visible keys are its first kv_lens keys, those
     ``key_mask`` (B, Lk) keeps, within ``window`` (left, right) of each query's diagonal, and at or
     before it with ``causal`` (see visible_keys). ``softcap`` > 0 replaces each scaled score s by
-    softcap * tanh(s / softcap); ``sinks`` (Hq,) adds exp(sinks[h]) to every row's softmax
+    softcap * tanh(s / softcap); ``bias`` (broadcastable to (B, Hq, Lq, Lk)) is then added to the
+    scores (-inf hides a key); ``sinks`` (Hq,) adds exp(sinks[h]) to every row's softmax
     denominator (a logit no value belongs to). Returns (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) in float32,
     float64 for float64 inputs; the sink is part of it). Rows with no visible key are zero, with
     lse = -inf (the sink's logit with sinks); query rows past q_lens are zero with lse = -inf. Scores
@@ -102,6 +103,9 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     all_rows = torch.full((batch,), q_len, device=q.device)
     valid = visible_keys(q_len, k_len, all_rows if q_lens is None else q_lens.to(q.device), kv_lens, (left, right),
                          q.device, key_mask)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+        valid = valid & ~torch.isneginf(scores)  # a bias of -inf hides the key
     empty = ~valid.any(-1, keepdim=True)
     # Rows without a visible key get finite scores and are zeroed after the softmax: no NaN, and no NaN
     # gradient either.

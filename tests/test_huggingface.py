@@ -185,8 +185,9 @@ def test_left_padded_encoder_runs_the_kernel(calls):
     assert calls == {"attention": 1, "kernel": 1}
 
 
-def test_position_bias_takes_the_exact_path(calls):
-    """T5 adds a learned position bias to the scores, which the kernel does not take yet."""
+def test_position_bias_runs_the_kernel(calls):
+    """T5 adds a learned relative position bias to the scores: the kernel's bias, with SDPA's boolean
+    masks (T5 takes no compact ones) folded into it."""
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                    dropout_rate=0.0, decoder_start_token_id=0)
@@ -197,13 +198,13 @@ def test_position_bias_takes_the_exact_path(calls):
     expected = logits_with(model, "eager", **inputs)
     actual = logits_with(model, "mmkern", calls, **inputs)
     torch.testing.assert_close(actual, expected, **TOLERANCE)
-    assert calls == {"attention": 6, "kernel": 0}
+    assert calls == {"attention": 6, "kernel": 6}
 
 
 @pytest.mark.parametrize("name", ["gpt_oss_sinks", "gemma2_softcap"])
-def test_sinks_and_softcap_under_a_mask_the_kernel_cannot_take(name, calls):
+def test_a_users_4d_mask_runs_the_kernel_as_a_bias(name, calls):
     """A 4-D float mask of the user's (here three packed causal sequences) goes to the attention as it
-    is; the exact path, which SDPA cannot be with sinks or softcap, is then the eager softmax."""
+    is, and into the kernel as a bias, with the sinks or the softcap."""
     model = causal_lm(name)
     ids = torch.randint(3, 64, (1, 10), generator=torch.Generator().manual_seed(1))
     sequence = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
@@ -212,7 +213,7 @@ def test_sinks_and_softcap_under_a_mask_the_kernel_cannot_take(name, calls):
     expected = logits_with(model, "eager", input_ids=ids, attention_mask=mask)
     actual = logits_with(model, "mmkern", calls, input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(actual, expected, **TOLERANCE)
-    assert calls == {"attention": 2, "kernel": 0}
+    assert calls == {"attention": 2, "kernel": 2}
 
 
 @pytest.mark.parametrize("build", [
@@ -302,3 +303,25 @@ def test_sink_and_softcap_gradients_match_eager():
         for parameter, actual in gradients["mmkern", torch.float32].items():
             assert_close_to_reference(actual, exact[parameter], gradients["eager", torch.float32][parameter],
                                       f"{name} {parameter}", factor=4.0)
+
+
+def test_position_bias_gradients_match_eager():
+    """T5's relative attention bias learns through the kernel's bias gradient: every parameter's
+    gradient against float64 eager, within 4x float32 eager's own error."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   dropout_rate=0.0, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    generator = torch.Generator().manual_seed(1)
+    inputs = dict(input_ids=torch.randint(1, 40, (2, 7), generator=generator), attention_mask=lengths_mask([7, 3], 7),
+                  decoder_input_ids=torch.randint(1, 40, (2, 5), generator=generator))
+    gradients = {}
+    for implementation, dtype in (("eager", torch.float64), ("eager", torch.float32), ("mmkern", torch.float32)):
+        model.to(dtype).set_attn_implementation(implementation)
+        model.zero_grad()
+        model(**inputs).logits.square().sum().backward()
+        gradients[implementation, dtype] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    exact = gradients["eager", torch.float64]
+    assert any("relative_attention_bias" in n for n in exact)
+    for name, actual in gradients["mmkern", torch.float32].items():
+        assert_close_to_reference(actual, exact[name], gradients["eager", torch.float32][name], name, factor=4.0)

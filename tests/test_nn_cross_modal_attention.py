@@ -202,7 +202,9 @@ def test_a_sample_with_every_key_masked_gets_the_bias_alone(device, how):
     assert torch.all(grads[1][1] == 0) and torch.all(grads[2][1] == 0)
 
 
-def test_additive_padding_masks_read_as_boolean(monkeypatch):
+def test_additive_masks_run_the_kernel_as_its_bias(monkeypatch):
+    """Additive padding masks (nn.Transformer*Layer's 0 / -inf, or genuine weights) and attn_masks
+    (boolean or additive, shared or per head) take the kernel, with nothing read on the host."""
     mha = make_mha("cpu")
     module = CrossModalAttention.from_torch(mha)
     args = inputs("cpu")
@@ -214,10 +216,16 @@ def test_additive_padding_masks_read_as_boolean(monkeypatch):
     monkeypatch.setattr(module_file, "_exact_attention", lambda *a: exact_calls.append(1) or exact(*a))
     torch.testing.assert_close(module(*args, key_padding_mask=additive)[0], mha(*args, key_padding_mask=mask)[0],
                                rtol=1e-10, atol=1e-10)
+    soft = additive.masked_fill(~mask, -0.5)
+    assert_same(module, mha, args, key_padding_mask=soft, need_weights=False)
+    q_len, k_len = args[0].shape[1], args[1].shape[1]
+    generator = torch.Generator().manual_seed(3)
+    boolean = torch.rand(q_len, k_len, generator=generator) < 0.3
+    boolean[:, 0] = False
+    per_head = torch.randn(args[0].shape[0] * mha.num_heads, q_len, k_len, generator=generator, dtype=torch.float64)
+    for attn_mask in (boolean, per_head):
+        assert_same(module, mha, args, attn_mask=attn_mask, key_padding_mask=mask, need_weights=False)
     assert exact_calls == []
-    soft = additive.masked_fill(~mask, -0.5)  # a genuine additive bias still takes the exact path
-    torch.testing.assert_close(module(*args, key_padding_mask=soft)[0], mha(*args, key_padding_mask=soft)[0])
-    assert exact_calls == [1]
 
 
 def test_lengths_refuse_masks_and_unbatched_inputs():

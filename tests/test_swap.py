@@ -26,6 +26,16 @@ def transformer_inputs(batch_first):
                             tgt_is_causal=True)
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """One entry per call of the attention kernel by mmkern's modules."""
+    calls = []
+    kernel = mmkern.nn.backend.ops.cross_modal_attention
+    monkeypatch.setattr(mmkern.nn.backend.ops, "cross_modal_attention",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_swapped_transformer_equals_the_original(batch_first):
     original = transformer(batch_first)
@@ -48,18 +58,27 @@ def test_swapped_transformer_equals_the_original(batch_first):
         torch.testing.assert_close(swapped(*args, **kwargs), original(*args, **kwargs), rtol=1e-10, atol=1e-10)
 
 
-def test_padding_masks_of_transformer_layers_run_the_kernel(monkeypatch):
+def test_padding_masks_of_transformer_layers_run_the_kernel(calls):
     # nn.TransformerEncoderLayer hands attention an additive (0 / -inf) padding mask: it must still
     # reach mmkern's kernel; so does the decoder's causal self-attention (tgt_is_causal).
     model = transformer(True)
     mmkern.swap(model)
-    calls = []
-    kernel = mmkern.nn.backend.ops.cross_modal_attention
-    monkeypatch.setattr(mmkern.nn.backend.ops, "cross_modal_attention",
-                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
     args, kwargs = transformer_inputs(True)
     model(*args, **kwargs)
     assert len(calls) == 6  # 2 encoder self-attentions, 2 decoder causal self-attentions, 2 cross-attentions
+
+
+def test_compiled_swapped_transformer_runs_the_kernel(calls):
+    """Under torch.compile(fullgraph=True) too: the layers' additive padding masks reach the kernel as
+    its bias, with no host read (which would break the graph)."""
+    original = transformer(True)
+    model = copy.deepcopy(original)
+    mmkern.swap(model)
+    args, kwargs = transformer_inputs(True)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(*args, **kwargs)
+    torch.testing.assert_close(out, original(*args, **kwargs), rtol=1e-10, atol=1e-10)
+    assert len(calls) == 6  # counted while tracing: every attention of the graph is the kernel
 
 
 def test_state_dicts_load_both_ways_and_parameters_are_shared():

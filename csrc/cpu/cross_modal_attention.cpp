@@ -50,10 +50,18 @@ struct Layout {
   // Which keys may be seen: (B, Lk) padded, one per row of k packed; none: all.
   std::optional<Tensor> key_mask;
   double softcap = 0.0;  // > 0: scores s become softcap * tanh(s / softcap)
+  // Added to the (softcapped) scores: a (B, Hq, Lq, Lk) view, broadcast dims of stride 0 (padded only).
+  std::optional<Tensor> bias;
 
   bool windowed() const { return window_left >= 0 || window_right >= 0; }
   // Whether some keys of a sample's range may be hidden from some of its rows.
   bool masked() const { return windowed() || key_mask.has_value(); }
+  // Query heads [head0, head0 + heads) of sample b's bias over rows [row0, row0 + rows) and keys
+  // [key0, key0 + keys), as (heads, rows, keys).
+  Tensor bias_tile(int64_t b, int64_t head0, int64_t heads, int64_t row0, int64_t rows, int64_t key0,
+                   int64_t keys) const {
+    return bias->select(0, b).narrow(0, head0, heads).narrow(1, row0, rows).narrow(2, key0, keys);
+  }
   // Sample b's key mask over keys [key0, key0 + keys), as (keys,) booleans.
   Tensor keys_kept(int64_t b, int64_t key0, int64_t keys) const {
     return packed ? key_mask->narrow(0, k_start[b] + key0, keys) : key_mask->select(0, b).narrow(0, key0, keys);
@@ -140,7 +148,8 @@ std::vector<int64_t> lengths(const std::optional<Tensor>& lens, int64_t batch, i
 
 Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tensor>& kv_lens,
                      const std::optional<Tensor>& q_lens, int64_t window_left, int64_t window_right,
-                     const std::optional<Tensor>& key_mask, double softcap) {
+                     const std::optional<Tensor>& key_mask, double softcap,
+                     const std::optional<Tensor>& bias = std::nullopt) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "mmkern::cross_modal_attention: q, k, v must be 4-D");
   Layout l;
   l.batch = q.size(0), l.q_len = q.size(1), l.q_heads = q.size(2), l.k_len = k.size(1), l.kv_heads = k.size(2);
@@ -151,6 +160,11 @@ Layout padded_layout(const Tensor& q, const Tensor& k, const std::optional<Tenso
   l.q_rows = lengths(q_lens, l.batch, l.q_len, "q_lens");
   l.k_rows = lengths(kv_lens, l.batch, l.k_len, "kv_lens");
   set_variants(l, window_left, window_right, key_mask, {l.batch, l.k_len}, softcap);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({l.batch, l.q_heads, l.q_len, l.k_len}),
+                "mmkern::cross_modal_attention: bias must be a (B, Hq, Lq, Lk) view");
+    l.bias = *bias;
+  }
   return l;
 }
 
@@ -279,7 +293,7 @@ bool whole_batch(const Layout& l) {
     return std::all_of(rows.begin(), rows.end(), [&](int64_t n) { return n == len; });
   };
   return !l.packed && l.batch > 0 && l.q_len > 0 && l.k_len > 0 && full(l.q_rows, l.q_len) && full(l.k_rows, l.k_len) &&
-         !l.key_mask.has_value() && (!l.windowed() || l.square_causal());
+         !l.key_mask.has_value() && !l.bias.has_value() && (!l.windowed() || l.square_causal());
 }
 
 std::tuple<Tensor, Tensor> flash_forward_chunk(const Layout& l, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -324,7 +338,7 @@ struct Chunk {
 };
 
 // Each sample's valid rows and keys in one chunk, causal where the window is causal over a square
-// sample (ATen's top-left causal is then the same mask); under any other window or a key mask,
+// sample (ATen's top-left causal is then the same mask); under any other window, a key mask or a bias,
 // chunks of kFlashRows rows that see a key, each with the keys they can see and the rest as a
 // 0 / -inf mask. Rows that see no key by the window are in no chunk: they keep the zeros and -inf
 // they arrived with.
@@ -333,7 +347,7 @@ void for_each_chunk(const Layout& l, at::TensorOptions options, const Fn& fn) {
   for (int64_t b = 0; b < l.batch; ++b) {
     if (l.q_rows[b] == 0 || l.k_rows[b] == 0) continue;
     const bool square_causal = l.window_left < 0 && l.window_right == 0 && l.q_rows[b] == l.k_rows[b];
-    if (!l.key_mask.has_value() && (!l.windowed() || square_causal)) {
+    if (!l.key_mask.has_value() && !l.bias.has_value() && (!l.windowed() || square_causal)) {
       fn(Chunk{b, 0, l.q_rows[b], 0, l.k_rows[b], square_causal, std::nullopt, std::nullopt});
       continue;
     }
@@ -343,9 +357,19 @@ void for_each_chunk(const Layout& l, at::TensorOptions options, const Fn& fn) {
       const int64_t rows = std::min(kFlashRows, end - row0);
       const auto [key0, key_end] = l.key_range(b, row0, rows, kept);
       if (key_end <= key0) continue;  // these rows see no key: zeros and -inf, as they arrived
-      const Tensor hidden = visible(l, b, row0, rows, key0, key_end - key0).logical_not();
-      const Tensor mask = at::zeros({1, 1, rows, key_end - key0}, options).masked_fill_(hidden, -INFINITY);
-      fn(Chunk{b, row0, rows, key0, key_end - key0, false, mask, hidden.all(-1)});
+      const int64_t keys = key_end - key0;
+      const Tensor hidden = visible(l, b, row0, rows, key0, keys).logical_not();
+      if (!l.bias.has_value()) {
+        const Tensor mask = at::zeros({1, 1, rows, keys}, options).masked_fill_(hidden, -INFINITY);
+        fn(Chunk{b, row0, rows, key0, keys, false, mask, hidden.all(-1)});
+        continue;
+      }
+      // The bias is the mask, per head, with the hidden keys at -inf, in the accumulation dtype (ATen takes
+      // a float32 mask for half-precision queries); a row it leaves no key is blind.
+      const auto mask_dtype = accumulate_type(c10::typeMetaToScalarType(options.dtype()));
+      const Tensor mask = l.bias_tile(b, 0, l.q_heads, row0, rows, key0, keys).to(mask_dtype)
+                              .masked_fill(hidden, -INFINITY).unsqueeze(0);
+      fn(Chunk{b, row0, rows, key0, keys, false, mask, at::isneginf(mask).all(-1)});
     }
   }
 }
@@ -390,10 +414,12 @@ void flash_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, co
   });
 }
 
-// The (G, rows, keys) scaled scores of a tile, softcapped, with the keys its rows do not see at -inf;
+// The (G, rows, keys) scaled scores of a tile, softcapped, plus the bias, with the keys its rows do not
+// see at -inf;
 // and with a softcap, the slope d scores / d (scaled q.k) = 1 - tanh^2 the backward needs.
-std::pair<Tensor, Tensor> tile_scores(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0,
-                                      int64_t keys, const Tensor& query, const Tensor& key_t, double scale) {
+std::pair<Tensor, Tensor> tile_scores(const Layout& l, int64_t b, int64_t kv_head, int64_t row0, int64_t rows,
+                                      int64_t key0, int64_t keys, const Tensor& query, const Tensor& key_t,
+                                      double scale) {
   Tensor scores = at::matmul(query, key_t).mul_(scale);
   Tensor slope;
   if (l.softcap > 0) {
@@ -401,6 +427,7 @@ std::pair<Tensor, Tensor> tile_scores(const Layout& l, int64_t b, int64_t row0, 
     slope = 1 - scores * scores;
     scores.mul_(l.softcap);
   }
+  if (l.bias.has_value()) scores.add_(l.bias_tile(b, kv_head * l.group, l.group, row0, rows, key0, keys));
   if (l.masked()) scores.masked_fill_(visible(l, b, row0, rows, key0, keys).logical_not(), -INFINITY);
   return {scores, slope};
 }
@@ -432,7 +459,7 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
       const Tensor key_t = keys_b.narrow(0, key0, keys).to(acc).t();  // (D, keys)
       const Tensor value = values_b.narrow(0, key0, keys).to(acc);    // (keys, Dv)
       const Tensor query = group_rows(q_b, kv_head, l.group, row0, rows, acc);  // (G, rows, D)
-      Tensor scores = tile_scores(l, b, row0, rows, key0, keys, query, key_t, scale).first;  // (G, rows, keys)
+      Tensor scores = tile_scores(l, b, kv_head, row0, rows, key0, keys, query, key_t, scale).first;  // (G, rows, keys)
       Tensor tile_lse = at::logsumexp(scores, -1, /*keepdim=*/true);
       if (group_sinks.defined()) tile_lse = at::logaddexp(tile_lse, group_sinks);
       Tensor probs = scores.sub_(finite_lse(tile_lse)).exp_();
@@ -447,11 +474,13 @@ void attention_forward(const Layout& l, const Tensor& q, const Tensor& k, const 
 }
 
 // Fills grad_q, grad_k, grad_v, which arrive zero.
+// grad_bias, where defined, is (B, Hq, Lq, Lk) zeros.
 void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, double scale, const Dropout& dropout, Tensor& grad_q,
-                        Tensor& grad_k, Tensor& grad_v) {
-  // The lse holds any sinks, so ATen's kernel, which recomputes the probabilities from it, serves them.
-  if (!dropout.active && l.softcap == 0) {
+                        Tensor& grad_k, Tensor& grad_v, Tensor grad_bias = Tensor()) {
+  // The lse holds any sinks, so ATen's kernel, which recomputes the probabilities from it, serves them;
+  // it gives no gradient of its mask, the bias.
+  if (!dropout.active && l.softcap == 0 && !grad_bias.defined()) {
     return flash_backward(l, grad_out, q, k, v, out, lse, scale, grad_q, grad_k, grad_v);
   }
   const auto acc = accumulate_type(q.scalar_type());
@@ -478,7 +507,8 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
       const Tensor d_out = group_rows(grad_out_b, kv_head, l.group, row0, rows, acc);   // (G, rows, Dv)
       const Tensor output = group_rows(out_b, kv_head, l.group, row0, rows, acc);
       const Tensor tile_lse = lse_b.narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).to(acc).unsqueeze(-1);
-      auto [scores, slope] = tile_scores(l, b, row0, rows, key0, keys, query, tile_key.t(), scale);  // (G, rows, keys)
+      auto [scores, slope] =
+          tile_scores(l, b, kv_head, row0, rows, key0, keys, query, tile_key.t(), scale);  // (G, rows, keys)
       const Tensor probs = scores.sub_(finite_lse(tile_lse)).exp_();
       Tensor d_probs = at::matmul(d_out, tile_value.t());
       Tensor kept = probs;
@@ -490,7 +520,13 @@ void attention_backward(const Layout& l, const Tensor& grad_out, const Tensor& q
       }
       // d scores = P * (dP - rowsum(dO * O)); rowsum(dO * O) = rowsum(P * dP), dropout included.
       const Tensor delta = (d_out * output).sum(-1, /*keepdim=*/true);
-      Tensor d_scores = d_probs.sub_(delta).mul_(probs).mul_(scale);
+      // The gradient of the scores after the softcap (the bias's own), then of the scaled q.k.
+      const Tensor d_capped = d_probs.sub_(delta).mul_(probs);
+      if (grad_bias.defined()) {
+        grad_bias.select(0, b).narrow(0, kv_head * l.group, l.group).narrow(1, row0, rows).narrow(2, key0, keys)
+            .copy_(d_capped);
+      }
+      Tensor d_scores = d_capped * scale;
       if (slope.defined()) d_scores.mul_(slope);
       grad_value.narrow(0, key0, keys).add_(at::matmul(kept.transpose(1, 2), d_out).sum(0));
       grad_key.narrow(0, key0, keys).add_(at::matmul(d_scores.transpose(1, 2), query).sum(0));
@@ -518,8 +554,9 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
                                                      double dropout_p, const std::optional<Tensor>& dropout_seed,
                                                      int64_t window_left, int64_t window_right,
                                                      const std::optional<Tensor>& key_mask, double softcap,
-                                                     const std::optional<Tensor>& sinks) {
-  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right, key_mask, softcap);
+                                                     const std::optional<Tensor>& sinks,
+                                                     const std::optional<Tensor>& bias) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right, key_mask, softcap, bias);
   check_sinks(sinks, l.q_heads);
   const Dropout dropout(dropout_p, dropout_seed);
   if (!dropout.active && softcap == 0 && !sinks.has_value() && whole_batch(l)) {
@@ -533,23 +570,28 @@ std::tuple<Tensor, Tensor> cross_modal_attention_cpu(const Tensor& q, const Tens
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_modal_attention_backward_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& kv_lens, const std::optional<Tensor>& q_lens, double scale, double dropout_p,
     const std::optional<Tensor>& dropout_seed, int64_t window_left, int64_t window_right,
-    const std::optional<Tensor>& key_mask, double softcap) {
-  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right, key_mask, softcap);
+    const std::optional<Tensor>& key_mask, double softcap, const std::optional<Tensor>& bias, bool bias_grad) {
+  const Layout l = padded_layout(q, k, kv_lens, q_lens, window_left, window_right, key_mask, softcap, bias);
+  TORCH_CHECK(!bias_grad || bias.has_value(), "mmkern::cross_modal_attention_backward: bias_grad needs a bias");
   const Dropout dropout(dropout_p, dropout_seed);
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  Tensor grad_bias = at::zeros(bias_grad ? at::IntArrayRef({l.batch, l.q_heads, l.q_len, l.k_len}) : at::IntArrayRef({0}),
+                               acc);
   if (!dropout.active && softcap == 0 && whole_batch(l)) {
     auto [grad_q, grad_k, grad_v] = flash_backward_chunk(l, grad_out, q, k, v, out, lse, scale, l.windowed(),
                                                           std::nullopt);
-    return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
+    return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), grad_bias};
   }
   Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
   Tensor grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
   Tensor grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
-  attention_backward(l, grad_out, q, k, v, out, lse, scale, dropout, grad_q, grad_k, grad_v);
-  return {grad_q, grad_k, grad_v};
+  attention_backward(l, grad_out, q, k, v, out, lse, scale, dropout, grad_q, grad_k, grad_v,
+                     bias_grad ? grad_bias : Tensor());
+  return {grad_q, grad_k, grad_v, grad_bias};
 }
 
 std::tuple<Tensor, Tensor> cross_modal_attention_packed_cpu(const Tensor& q, const Tensor& k, const Tensor& v,

@@ -5,14 +5,16 @@
 interface (BERT, BART, ViT, CLIP, Whisper, Llama, Qwen2, Mistral, Gemma 2, GPT-OSS, ...) then runs on
 ``mmkern.ops.cross_modal_attention``:
 
-- no mask, or the compact (B, 1, 1, W) key mask: the kernel, causal (bottom right, so a decode step or
-  a chunk of queries after a cache lines up with its keys) where the layer is causal, with the
-  layer's sliding window, softcap (Gemma 2), sinks (GPT-OSS's ``s_aux``), scaling and dropout;
-- SDPA's (B, 1, Lq, Lk) boolean mask where it keeps each sample's first keys for every query
-  (right-padded encoders and cross-attention): the kernel, with the mask read as ``kv_lens`` (one
-  host read; under ``torch.compile`` such masks take the exact path below);
-- anything else (masks with overlays, position biases, head dims over 256): exactly what
-  ``attn_implementation="sdpa"`` computes, or, where SDPA cannot (softcap, sinks), the eager softmax.
+- no mask, or the compact (B, 1, 1, W) key mask: causal (bottom right, so a decode step or a chunk
+  of queries after a cache lines up with its keys) where the layer is causal, with the layer's
+  sliding window;
+- any other mask (SDPA's (B, 1, Lq, Lk) boolean masks of models that do not take compact ones,
+  patterns with overlays, a user's 4-D mask, boolean or additive): added to the scores as a bias,
+  read through its broadcast strides;
+
+each with the layer's softcap (Gemma 2), sinks (GPT-OSS's ``s_aux``), position bias (T5), scaling
+and dropout, and no host read. Only head dims over 256 take an exact path: SDPA, or the eager softmax
+where SDPA cannot run the call (softcap, sinks).
 
 A model whose attention does not go through the interface (it supports neither
 ``attn_implementation="sdpa"`` nor ``"flex_attention"``: BLIP, Bloom, GIT, GPT-Neo, ...) is refused when it is built
@@ -29,17 +31,6 @@ MAX_HEAD_DIM = 256
 # flash-attention's packed-sequence keywords: without a mask they would be the only thing keeping
 # the sequences apart.
 _PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def _right_padding_lengths(mask: torch.Tensor, batch: int, q_length: int) -> torch.Tensor | None:
-    """kv_lens if ``mask`` (True = attend, (B or 1, 1, Lq or 1, Lk)) keeps each sample's first keys for
-    every query, else None."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or torch.compiler.is_compiling():
-        return None
-    rows = mask[:, 0].expand(batch, q_length, mask.shape[-1])
-    kv_lens = rows[:, 0].sum(-1)
-    expected = torch.arange(mask.shape[-1], device=mask.device) < kv_lens[:, None]
-    return kv_lens if torch.equal(rows, expected[:, None, :].expand_as(rows)) else None
 
 
 def _exact_attention(module, query, key, value, mask, dropout, scaling, is_causal, softcap, sinks, **kwargs):
@@ -85,15 +76,16 @@ def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers' attention signature: query ``(B, H, Lq, D)``, key and value ``(B, Hkv, Lk, D)``;
     returns ``((B, Lq, H, Dv), None)``."""
     _refuse_unsupported(kwargs)
-    batch, _, q_length, _ = query.shape
+    q_length = query.shape[2]
     is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     dropout = dropout if module.training else 0.0
-    exact = dict(dropout=dropout, scaling=scaling, is_causal=is_causal, softcap=softcap, sinks=s_aux, **kwargs)
-    if (kwargs.get("position_bias") is not None or query.shape[-1] > MAX_HEAD_DIM
-            or value.shape[-1] > MAX_HEAD_DIM):
-        return _exact_attention(module, query, key, value, attention_mask, **exact)
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        return _exact_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, softcap=softcap, sinks=s_aux, **kwargs)
+    # T5's learned relative position bias (shared by the batch), added to the scores in the kernel.
+    bias = kwargs.get("position_bias")
     variant = dict(softcap=softcap, sinks=s_aux)
-    kv_lens = key_mask = None
+    key_mask = None
     if attention_mask is None:
         if any(kwargs.get(name) is not None for name in _PACKED_KEYWORDS):
             raise ValueError('attn_implementation="mmkern" does not take packed sequences as cu_seq_lens_* '
@@ -102,20 +94,24 @@ def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         if causal and key.shape[2] > q_length:
             # SDPA's causal None: the first Lq keys, top left (transformers' prefill into a static cache).
             key, value = key[:, :, :q_length], value[:, :, :q_length]
+            bias = None if bias is None else bias[..., :q_length]
         variant.update(causal=causal, window=(sliding_window - 1, -1) if causal and sliding_window else None)
     elif is_compact(attention_mask):
         # huggingface_mask's compact mask: the first W keys, each sample's padding among them.
         width = attention_mask.shape[-1]
         key, value, key_mask = key[:, :, :width], value[:, :, :width], attention_mask[:, 0, 0].bool()
+        bias = None if bias is None else bias[..., :width]
         variant.update(causal=is_causal, window=(sliding_window - 1, -1) if is_causal and sliding_window else None)
     else:
-        # SDPA's mask holds the pattern (causal, window): the kernel takes it only where it is right padding.
-        kv_lens = _right_padding_lengths(attention_mask, batch, q_length)
-        if kv_lens is None:
-            return _exact_attention(module, query, key, value, attention_mask, **exact)
-        variant.update(causal=False)
+        # A 4-D mask (SDPA's, or the user's) holds the whole pattern, as it does for SDPA: it joins the bias
+        # (0 / -inf for a boolean one), kept at its own (B or 1, 1 or H, Lq, Lk) shape; nothing is read on
+        # the host.
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, float("-inf"))
+        bias = attention_mask if bias is None else bias + attention_mask
     out = ops.cross_modal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                    kv_lens=kv_lens, key_mask=key_mask, scale=scaling, dropout_p=dropout, **variant)
+                                    key_mask=key_mask, bias=bias, scale=scaling, dropout_p=dropout, **variant)
     return out, None
 
 

@@ -154,6 +154,16 @@ def _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid):
 
 
 @triton.jit
+def _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk, valid, ln2,
+               ACC_DTYPE: tl.constexpr):
+    """The (rows, cols) tile of head h's bias in base-2 units (the scores' own), 0 outside ``valid``.
+    Broadcast dims have stride 0: a bias shared by the batch or the heads is read where it lies."""
+    bias = tl.load(bias_ptr + b * stride_bb + h * stride_bh + rows[:, None] * stride_bq + cols[None, :] * stride_bk,
+                   mask=valid, other=0.0)
+    return bias.to(ACC_DTYPE) / ln2
+
+
+@triton.jit
 def _kept_range(key_mask_ptr, b, stride_mb, stride_ml, k_start, kv_len, BLOCK_N: tl.constexpr):
     """[lo, hi): the key blocks from the one holding a sample's first kept key to the one after its last
     (empty if it keeps none), so a left- or right-padded sample's loop skips its padding with no branch
@@ -219,18 +229,18 @@ def _store_rows(ptr, values, rows, cols, stride_row, stride_col, length, write_l
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, sinks_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, sinks_ptr, bias_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od, stride_os,
-    stride_lb, stride_lh, stride_ll, stride_ls, stride_mb, stride_ml,
+    stride_lb, stride_lh, stride_ll, stride_ls, stride_mb, stride_ml, stride_bb, stride_bh, stride_bq, stride_bk,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
     softcap_hi, softcap_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
     WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -280,6 +290,9 @@ def _forward_kernel(
                     mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
         s, _ = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
                             cap_out, SOFTCAP)
+        if HAS_BIAS:
+            s = s + _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
+                               row_valid[:, None] & col_valid[None, :], ln2, ACC_DTYPE)
         seen = col_valid
         if HAS_KEY_MASK:
             seen = seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
@@ -288,7 +301,7 @@ def _forward_kernel(
             s = tl.where(_window_mask(rows, cols, diagonal, window_left, window_right), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
-        if WINDOWED or HAS_KEY_MASK:
+        if WINDOWED or HAS_KEY_MASK or HAS_BIAS:
             # A row may have seen no key yet: its maximum stays -inf, and its terms are shifted by 0
             # instead, so they come out exp2(-inf) = 0 rather than NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -406,13 +419,16 @@ def _delta_kernel(
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in, cap_out, diagonal,
-                   window_left, window_right, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp, zero outside
-    the valid rows and seen keys and outside the window; and the softcap's slope (see _scores_log2)."""
+def _probabilities(q, k, lse_log2, bias_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in, cap_out,
+                   diagonal, window_left, window_right, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp (with the bias's
+    tile added to the scores), zero outside the valid rows and seen keys and outside the window; and
+    the softcap's slope (see _scores_log2)."""
     s, slope = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
                             cap_out, SOFTCAP)
+    if HAS_BIAS:
+        s = s + bias_log2
     p = tl.exp2(s - lse_log2[:, None])
     valid = row_valid[:, None] & col_seen[None, :]
     if WINDOWED:
@@ -421,21 +437,31 @@ def _probabilities(q, k, lse_log2, rows, cols, row_valid, col_seen, scale_log2, 
 
 
 @triton.jit
+def _finite_lse(lse_log2, HAS_BIAS: tl.constexpr):
+    """A row's lse for recomputing its probabilities: a row a bias of -inf left with no key has lse -inf,
+    and +inf in its place makes every exp2(s - lse) 0 (-inf - -inf would be NaN)."""
+    if HAS_BIAS:
+        lse_log2 = tl.where(lse_log2 == float("-inf"), float("inf"), lse_log2)
+    return lse_log2
+
+
+@triton.jit
 def _grad_kv_kernel(
     q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, bias_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ll,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvl, stride_dvh, stride_dvd, stride_mb, stride_ml,
+    stride_dvb, stride_dvl, stride_dvh, stride_dvd, stride_mb, stride_ml, stride_bb, stride_bh, stride_bq, stride_bk,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
     softcap_hi, softcap_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -487,11 +513,15 @@ def _grad_kv_kernel(
                         mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
             grad = tl.load(g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
                            mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
-            lse_log2 = tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2
+            lse_log2 = _finite_lse(tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2, HAS_BIAS)
             delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
-            p, slope = _probabilities(q, k_t, lse_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in, cap_out,
-                                      diagonal, window_left, window_right, WINDOWED, SOFTCAP, ACC_DTYPE,
-                                      INPUT_PRECISION)
+            bias_log2 = 0.0
+            if HAS_BIAS:
+                bias_log2 = _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
+                                       row_valid[:, None] & col_valid[None, :], ln2, ACC_DTYPE)
+            p, slope = _probabilities(q, k_t, lse_log2, bias_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in,
+                                      cap_out, diagonal, window_left, window_right, WINDOWED, SOFTCAP, HAS_BIAS,
+                                      ACC_DTYPE, INPUT_PRECISION)
             dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             kept = p
             if DROPOUT:
@@ -511,18 +541,20 @@ def _grad_kv_kernel(
 @triton.jit
 def _grad_q_kernel(
     q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr,
+    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, bias_ptr, dbias_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_gb, stride_gl, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ll,
-    stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_mb, stride_ml,
+    stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_mb, stride_ml, stride_bb, stride_bh, stride_bq, stride_bk,
+    stride_dbb, stride_dbh, stride_dbq, stride_dbk,
     Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
     scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
     softcap_hi, softcap_lo,
     PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -548,7 +580,7 @@ def _grad_q_kernel(
     grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
                    + v_dims[None, :] * stride_gd, mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
     row_offsets = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll  # lse and delta share a layout
-    lse_log2 = tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) / ln2
+    lse_log2 = _finite_lse(tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) / ln2, HAS_BIAS)
     delta = tl.load(delta_ptr + row_offsets, mask=row_valid, other=0.0)
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + k_start * stride_kl
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
@@ -573,14 +605,24 @@ def _grad_q_kernel(
         col_seen = col_valid
         if HAS_KEY_MASK:
             col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
-        p, slope = _probabilities(q, tl.trans(k), lse_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in,
-                                  cap_out, diagonal, window_left, window_right, WINDOWED, SOFTCAP, ACC_DTYPE,
-                                  INPUT_PRECISION)
+        tile_valid = row_valid[:, None] & col_valid[None, :]
+        bias_log2 = 0.0
+        if HAS_BIAS:
+            bias_log2 = _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
+                                   tile_valid, ln2, ACC_DTYPE)
+        p, slope = _probabilities(q, tl.trans(k), lse_log2, bias_log2, rows, cols, row_valid, col_seen, scale_log2,
+                                  cap_in, cap_out, diagonal, window_left, window_right, WINDOWED, SOFTCAP, HAS_BIAS,
+                                  ACC_DTYPE, INPUT_PRECISION)
         dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
             keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None]) * slope
+        # The gradient of the scores after the softcap (the bias's own), then before it.
+        d_scores = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(dbias_ptr + b * stride_dbb + h * stride_dbh + rows[:, None] * stride_dbq
+                     + cols[None, :] * stride_dbk, d_scores, mask=tile_valid)
+        ds = d_scores * slope
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql, dq * scale, rows, dims,
                 stride_dql, stride_dqd, q_len, write_limit, HEAD_DIM)
@@ -600,7 +642,7 @@ class Problem:
 
     def __init__(self, q, k, v, *, kv_lens=None, q_lens=None, cu_seqlens_q=None, cu_seqlens_k=None,
                  max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed, window=(-1, -1), key_mask=None,
-                 softcap=0.0, sinks=None):
+                 softcap=0.0, sinks=None, bias=None):
         self.packed = cu_seqlens_q is not None
         if self.packed:
             self.batch = cu_seqlens_q.shape[0] - 1
@@ -631,6 +673,9 @@ class Problem:
         self.softcap = softcap
         self.sinks = self.placeholder if sinks is None else sinks
         self.has_sinks = sinks is not None
+        # (B, Hq, Lq, Lk), broadcast dims of stride 0 (padded form only).
+        self.bias = self.placeholder if bias is None else bias
+        self.has_bias = bias is not None
         self.dropout_threshold = math.ceil(dropout_p * 2**24)
         self.dropout_scale = 1.0 / (1.0 - dropout_p)
         self.acc_dtype = accumulate_dtype(q.dtype)
@@ -650,6 +695,9 @@ class Problem:
         if not self.has_key_mask:
             return 0, 0
         return (0, self.key_mask.stride(0)) if self.packed else self.key_mask.stride()
+
+    def bias_strides(self):
+        return self.bias.stride() if self.has_bias else (0, 0, 0, 0)
 
     def batch_stride(self, t):
         return 0 if self.packed else t.stride(0)
@@ -675,7 +723,8 @@ class Problem:
     def common_flags(self):
         return {
             **self.span_flags(), "DROPOUT": self.dropout, "WINDOWED": self.window != (-1, -1),
-            "HAS_KEY_MASK": self.has_key_mask, "SOFTCAP": self.softcap > 0, "ACC_DTYPE": self.acc_tl_dtype,
+            "HAS_KEY_MASK": self.has_key_mask, "SOFTCAP": self.softcap > 0, "HAS_BIAS": self.has_bias,
+            "ACC_DTYPE": self.acc_tl_dtype,
             "INPUT_PRECISION": input_precision(self.q.dtype), "D_PAD": self.d_pad, "DV_PAD": self.dv_pad,
         }
 
@@ -709,8 +758,9 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     if grid[0] == 0 or grid[1] == 0:
         return
     traceable(_forward_kernel)[grid](
-        p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(), p.key_mask, p.sinks,
+        p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(), p.key_mask, p.sinks, p.bias,
         *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides, *p.key_mask_strides(),
+        *p.bias_strides(),
         p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
         *p.scalars(),
         HAS_SINKS=p.has_sinks, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tile.num_warps,
@@ -730,8 +780,9 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         )
 
 
-def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
-    """Writes grad_q, grad_k, grad_v (shaped as q, k, v; packed ones (total, H, D))."""
+def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, grad_bias=None):
+    """Writes grad_q, grad_k, grad_v (shaped as q, k, v; packed ones (total, H, D)), and grad_bias
+    ((B, Hq, Lq, Lk), zeros, in the accumulation dtype) where given."""
     unsqueeze = (lambda t: t.unsqueeze(0)) if p.packed else (lambda t: t)
     grad_out, out, grad_q, grad_k, grad_v = (unsqueeze(t) for t in (grad_out, out, grad_q, grad_k, grad_v))
     tile = p.backward_tile()
@@ -753,40 +804,48 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v):
                        *p.lse_strides(lse))
     if p.batch * p.kv_heads and p.k_len:
         traceable(_grad_kv_kernel)[(cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
-            *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask,
-            *operand_strides, *p.strides(grad_k), *p.strides(grad_v), *p.key_mask_strides(),
+            *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask, p.bias,
+            *operand_strides, *p.strides(grad_k), *p.strides(grad_v), *p.key_mask_strides(), *p.bias_strides(),
             p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars,
             **tiles,
         )
     if p.batch * p.q_heads and p.q_len:
         traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
-            *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask,
-            *operand_strides, *p.strides(grad_q), *p.key_mask_strides(),
-            p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars, **tiles,
+            *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask, p.bias,
+            p.placeholder if grad_bias is None else grad_bias,
+            *operand_strides, *p.strides(grad_q), *p.key_mask_strides(), *p.bias_strides(),
+            *((0, 0, 0, 0) if grad_bias is None else grad_bias.stride()),
+            p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars,
+            BIAS_GRAD=grad_bias is not None, **tiles,
         )
 
 
 def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None,
-            softcap=0.0, sinks=None) -> tuple:
+            softcap=0.0, sinks=None, bias=None) -> tuple:
     """mmkern::cross_modal_attention: (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)); every row is written."""
     batch, q_len, q_heads, _ = q.shape
     out = q.new_empty((batch, q_len, q_heads, v.shape[3]))
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     _launch_forward(Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
                             dropout_seed=dropout_seed, window=(window_left, window_right), key_mask=key_mask,
-                            softcap=softcap, sinks=sinks), out, lse)
+                            softcap=softcap, sinks=sinks, bias=bias), out, lse)
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
-             window_right=-1, key_mask=None, softcap=0.0) -> tuple:
-    """mmkern::cross_modal_attention_backward: (grad q, grad k, grad v); every row is written."""
+             window_right=-1, key_mask=None, softcap=0.0, bias=None, bias_grad=False) -> tuple:
+    """mmkern::cross_modal_attention_backward: (grad q, grad k, grad v, grad bias (B, Hq, Lq, Lk) in the
+    accumulation dtype, or an empty tensor without bias_grad); every row is written."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    batch, q_len, q_heads, _ = q.shape
+    acc = accumulate_dtype(q.dtype)
+    # Written only where a query sees a key: zeros first.
+    grad_bias = q.new_zeros((batch, q_heads, q_len, k.shape[1]) if bias_grad else (0,), dtype=acc)
     problem = Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
                       dropout_seed=dropout_seed, window=(window_left, window_right), key_mask=key_mask,
-                      softcap=softcap)
-    _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
-    return tuple(grads)
+                      softcap=softcap, bias=bias)
+    _launch_backward(problem, grad_out, out, lse.contiguous(), *grads, grad_bias if bias_grad else None)
+    return (*grads, grad_bias)
 
 
 def packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,

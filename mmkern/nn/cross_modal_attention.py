@@ -20,12 +20,12 @@ class CrossModalAttention(UsesBackend, nn.Module):
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None)`` returns
     ``(out, None)``. Batches whose lengths are known pass them instead of a mask: ``kv_lens`` (B,)
     valid keys per sample, and ``q_lens`` (B,) valid queries (later query rows come out as
-    ``out_proj``'s bias); batched inputs only. A boolean ``key_padding_mask`` (True = ignore) is the
-    kernel's key mask, read on the device (no host read, eager or compiled; a sample's leading and
-    trailing padding cost no work). ``is_causal=True`` over square self-attention runs the kernel's
-    causal attention, with the padding mask if any (as ``nn.MultiheadAttention``, it then trusts the
-    hint over ``attn_mask``). ``need_weights=True``, an ``attn_mask`` otherwise, or a float padding mask
-    (but one of 0 and -inf, read back as booleans in eager calls) take an exact eager path and give
+    ``out_proj``'s bias); batched inputs only. Every mask is read in the kernel, nothing on the host,
+    eager or compiled: a boolean ``key_padding_mask`` (True = ignore) as its key mask (a sample's
+    leading and trailing padding cost no work), an additive one and an ``attn_mask`` (boolean, True =
+    masked, or additive; ``(Lq, Lk)`` or ``(B * H, Lq, Lk)``) as its bias. ``is_causal=True`` over
+    square self-attention runs the kernel's causal attention (as ``nn.MultiheadAttention``, it then
+    trusts the hint over ``attn_mask``). ``need_weights=True`` takes an exact eager path and gives
     ``nn.MultiheadAttention``'s answer, weights included. A query whose keys are all masked gets zeros
     (``nn.MultiheadAttention`` gives NaN).
     """
@@ -133,23 +133,22 @@ class CrossModalAttention(UsesBackend, nn.Module):
         q, k, v = self._projections(query, key, value)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        float_padding = key_padding_mask is not None and key_padding_mask.is_floating_point()
-        if float_padding and not torch.compiler.is_compiling() and _only_zero_or_minus_infinity(key_padding_mask):
-            # nn.Transformer*Layer turn boolean padding masks into additive ones (0 / -inf): read back as
-            # booleans they are the same mask, and take the kernel. Checking costs a sync, so compiled
-            # calls keep the exact path.
-            key_padding_mask, float_padding = torch.isneginf(key_padding_mask), False
-        # The kernel reads a boolean padding mask as it is: no host read, no gather of the kept keys.
-        key_mask = None if key_padding_mask is None or float_padding else ~key_padding_mask.bool()
-        if is_causal and not need_weights and not float_padding and q.shape[1] == k.shape[1]:
-            # nn.MultiheadAttention trusts the hint over attn_mask here too (it calls SDPA's is_causal); over
-            # square self-attention its top-left causal mask is the kernel's bottom-right one.
-            out = self._ops.cross_modal_attention(q, k, v, key_mask=key_mask, dropout_p=dropout_p, causal=True)
-        elif need_weights or attn_mask is not None or is_causal or float_padding:
+        if need_weights:
             out, weights = _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p,
-                                            average_attn_weights if need_weights else None)
+                                            average_attn_weights)
+        elif is_causal and q.shape[1] == k.shape[1]:
+            # nn.MultiheadAttention trusts the hint over attn_mask here (it calls SDPA's is_causal); over
+            # square self-attention its top-left causal mask is the kernel's bottom-right one.
+            out = self._ops.cross_modal_attention(q, k, v, **_padding(key_padding_mask), dropout_p=dropout_p,
+                                                  causal=True)
         else:
-            out = self._ops.cross_modal_attention(q, k, v, key_mask=key_mask, dropout_p=dropout_p)
+            # Everything else is read in the kernel, nothing on the host: a boolean padding mask as its key
+            # mask, an additive one and any attn_mask as its bias.
+            padding = _padding(key_padding_mask)
+            bias = _attn_mask_bias(attn_mask, q)
+            if "bias" in padding:
+                bias = padding.pop("bias") if bias is None else bias + padding.pop("bias")
+            out = self._ops.cross_modal_attention(q, k, v, **padding, bias=bias, dropout_p=dropout_p)
         out = self.out_proj(out.flatten(-2))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -190,8 +189,26 @@ class CrossModalAttention(UsesBackend, nn.Module):
                 f"kdim={self.kdim}, vdim={self.vdim}, dropout={self.dropout}, batch_first={self.batch_first}")
 
 
-def _only_zero_or_minus_infinity(mask: torch.Tensor) -> bool:
-    return bool(((mask == 0) | torch.isneginf(mask)).all())
+def _padding(key_padding_mask) -> dict:
+    """The kernel's keywords for a key_padding_mask (True or a float added: the key is ignored or
+    weighed): a boolean one is its key mask, (B, Lk); an additive one a bias, (B, 1, 1, Lk)."""
+    if key_padding_mask is None:
+        return {}
+    if key_padding_mask.is_floating_point():
+        return {"bias": key_padding_mask[:, None, None, :]}
+    return {"key_mask": ~key_padding_mask.bool()}
+
+
+def _attn_mask_bias(attn_mask, q):
+    """nn.MultiheadAttention's attn_mask ((Lq, Lk) or (B * H, Lq, Lk), True = masked, or additive) as
+    the kernel's bias, broadcastable to (B, H, Lq, Lk)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 3:
+        attn_mask = attn_mask.reshape(q.shape[0], q.shape[2], *attn_mask.shape[1:])
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(attn_mask, float("-inf"))
+    return attn_mask
 
 
 def _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, average_weights):

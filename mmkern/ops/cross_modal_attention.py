@@ -22,7 +22,8 @@ MAX_HEAD_DIM = 256
 def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                           q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
                           causal: bool = False, window: tuple | None = None, key_mask: torch.Tensor | None = None,
-                          softcap: float | None = None, sinks: torch.Tensor | None = None, return_lse: bool = False):
+                          softcap: float | None = None, sinks: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None, return_lse: bool = False):
     """Attention of one modality's queries over another's keys and values, each sample with its own
     lengths: ``softmax(q k^T * scale) v`` per head, over the first ``kv_lens[b]`` keys of sample b.
 
@@ -58,6 +59,11 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
             softmax denominator with no value of its own (GPT-OSS's attention sinks): rows sum to less
             than one, and a row that sees no key gets zeros with lse ``sinks[h]``. It gets a gradient
             when it requires one.
+        bias: optional float tensor broadcastable to ``(B, Hq, Lq, Lk)``, added to the scores after
+            the softcap (T5's relative position bias, ALiBi, an additive 0 / -inf mask; -inf hides a
+            key). It is read through its broadcast strides, never expanded in memory; when it requires
+            grad, the backward builds its ``(B, Hq, Lq, Lk)`` float32 gradient and sums it to the
+            bias's shape. Padded form only.
         return_lse: also return the log-sum-exp of each row's scaled scores (the sink included),
             ``(B, Hq, Lq)``, float32 (float64 for float64 inputs), ``-inf`` for rows with no valid key;
             it carries no gradient.
@@ -79,8 +85,9 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     scale = _check_scale(scale, head_dim)
     dropout_p, seed = _dropout(dropout_p, q.device)
     variants = _check_variants(key_mask, (batch, k.shape[1]), "(batch, k_len)", softcap, sinks, q_heads, q.device)
-    arguments = (q, k, v, kv_lens, q_lens, scale, dropout_p, seed, *window, *variants)
-    if takes_eager_path((q, k, v, kv_lens, q_lens, variants[0], variants[2])):
+    bias = _check_bias(bias, (batch, q_heads, q_len, k.shape[1]), q.device)
+    arguments = (q, k, v, kv_lens, q_lens, scale, dropout_p, seed, *window, *variants, bias)
+    if takes_eager_path((q, k, v, kv_lens, q_lens, variants[0], variants[2], bias)):
         out, lse = _eager_attention("", *arguments)
     else:
         out, lse = torch.ops.mmkern.cross_modal_attention.default(*arguments)
@@ -278,6 +285,23 @@ def _check_variants(key_mask, mask_shape, mask_layout, softcap, sinks, q_heads, 
     return key_mask, float(softcap), sinks
 
 
+def _check_bias(bias, scores_shape, device):
+    """The bias as a (B, Hq, Lq, Lk) view of itself (broadcast dims of stride 0), or None."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a float tensor broadcastable to {scores_shape} or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+    if bias.device != device:
+        raise ValueError(f"bias is on {bias.device} but q is on {device}")
+    try:
+        return bias.expand(scores_shape)
+    except RuntimeError:
+        raise ValueError(f"bias must be broadcastable to (batch, q_heads, q_len, k_len) = {scores_shape}, got shape "
+                         f"{tuple(bias.shape)}") from None
+
+
 def _check_scale(scale, head_dim) -> float:
     if scale is None:
         return head_dim ** -0.5 if head_dim else 1.0
@@ -289,7 +313,7 @@ def _check_scale(scale, head_dim) -> float:
 
 @torch.library.register_fake("mmkern::cross_modal_attention")
 def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
-                                window_right=-1, key_mask=None, softcap=0.0, sinks=None):
+                                window_right=-1, key_mask=None, softcap=0.0, sinks=None, bias=None):
     batch, q_len, q_heads, _ = q.shape
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     return q.new_empty((batch, q_len, q_heads, v.shape[3])), lse
@@ -297,8 +321,11 @@ def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, drop
 
 @torch.library.register_fake("mmkern::cross_modal_attention_backward")
 def _cross_modal_attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p,
-                                         dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                                         dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0,
+                                         bias=None, bias_grad=False):
+    scores = (q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if bias_grad else (0,)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(scores, dtype=accumulate_dtype(q.dtype)))
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed")
@@ -316,9 +343,10 @@ def _cross_modal_attention_packed_backward_fake(grad_out, q, k, v, out, lse, cu_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _save(ctx, q, k, v, rest, out, lse) -> None:
+def _save(ctx, q, k, v, rest, out, lse, has_bias: bool) -> None:
     """What both forms' backward needs: q, k, v, out, lse and the forward's arguments after v (tensors
-    saved, the others kept; the last is sinks)."""
+    saved, the others kept; they end with sinks, then, in the padded form, bias)."""
+    ctx.has_bias = has_bias
     ctx.is_tensor = [isinstance(x, torch.Tensor) for x in rest]
     ctx.constants = [None if is_tensor else x for x, is_tensor in zip(rest, ctx.is_tensor)]
     ctx.save_for_backward(q, k, v, out, lse, *(x for x in rest if isinstance(x, torch.Tensor)))
@@ -327,17 +355,30 @@ def _save(ctx, q, k, v, rest, out, lse) -> None:
 
 
 def _gradients(ctx, grad_out, backward) -> tuple:
-    """(grad q, grad k, grad v, None for each argument after v but sinks, grad sinks) by ``backward``
-    (the backward op, or on the eager path its launcher), which takes (grad_out, q, k, v, out, lse)
-    and the forward's arguments after v but sinks."""
+    """(grad q, grad k, grad v, None for each argument after v but sinks and bias, grad sinks[, grad
+    bias]) by ``backward`` (the backward op, or on the eager path its launcher), which takes (grad_out,
+    q, k, v, out, lse), the forward's arguments after v but sinks and, in the padded form, bias and
+    whether its gradient is wanted."""
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     tensors = iter(tensors)
     rest = [next(tensors) if is_tensor else x for x, is_tensor in zip(ctx.constants, ctx.is_tensor)]
     if grad_out is None:
-        return (None,) * (3 + len(rest))
-    *rest, sinks = rest
-    grad_sinks = _sinks_gradient(grad_out, out, lse, sinks) if ctx.needs_input_grad[-1] else None
-    return (*backward(grad_out, q, k, v, out, lse, *rest), *(None for _ in rest), grad_sinks)
+        return (None,) * len(ctx.needs_input_grad)
+    # The registered autograd's needs_input_grad leaves out trailing arguments at their defaults (a bias
+    # of None, say): read it by position, and return no more gradients than it has entries.
+    wanted = lambda i: i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]  # noqa: E731
+    if ctx.has_bias:
+        *rest, sinks, bias = rest
+        bias_grad = bias is not None and wanted(3 + len(rest) + 1)
+        grad_q, grad_k, grad_v, grad_bias = backward(grad_out, q, k, v, out, lse, *rest, bias, bias_grad)
+        last = (grad_bias.to(bias.dtype) if bias_grad else None,)
+    else:
+        *rest, sinks = rest
+        grad_q, grad_k, grad_v = backward(grad_out, q, k, v, out, lse, *rest)
+        last = ()
+    grad_sinks = _sinks_gradient(grad_out, out, lse, sinks) if sinks is not None and wanted(3 + len(rest)) else None
+    grads = (grad_q, grad_k, grad_v, *(None for _ in rest), grad_sinks, *last)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 def _sinks_gradient(grad_out, out, lse, sinks) -> torch.Tensor:
@@ -351,10 +392,10 @@ def _sinks_gradient(grad_out, out, lse, sinks) -> torch.Tensor:
     return (grad.sum(0) if grad.dim() == 2 else grad).to(sinks.dtype)
 
 
-def _register_autograd(qualname: str, backward_op) -> None:
+def _register_autograd(qualname: str, backward_op, has_bias: bool) -> None:
     def setup_context(ctx, inputs, output):
         q, k, v, *rest = inputs
-        _save(ctx, q, k, v, rest, *output)
+        _save(ctx, q, k, v, rest, *output, has_bias)
 
     def backward(ctx, grad_out, _grad_lse):
         return _gradients(ctx, grad_out, backward_op)
@@ -362,7 +403,7 @@ def _register_autograd(qualname: str, backward_op) -> None:
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
-def _eager_function(forward, backward):
+def _eager_function(forward, backward, has_bias: bool):
     """The eager fast path's autograd for one form (see mmkern.ops._eager): its launchers, with the
     registered autograd's math."""
 
@@ -370,7 +411,7 @@ def _eager_function(forward, backward):
         @staticmethod
         def forward(ctx, q, k, v, *rest):
             out, lse = forward(q, k, v, *rest)
-            _save(ctx, q, k, v, rest, out, lse)
+            _save(ctx, q, k, v, rest, out, lse, has_bias)
             return out, lse
 
         @staticmethod
@@ -381,21 +422,26 @@ def _eager_function(forward, backward):
 
 
 def _eager_attention(form: str, q, k, v, *rest) -> tuple:
+    """The fast path of one form; rest ends with sinks, and in the padded form bias, cast as the op's
+    autocast kernel casts every floating input."""
     device_type = q.device.type
-    *rest, sinks = rest
-    q, k, v, sinks = autocast_inputs((q, k, v, sinks), device_type)
+    learned = 2 if not form else 1  # sinks and bias, or sinks
+    rest = list(rest)
+    q, k, v, *tail = autocast_inputs((q, k, v, *rest[-learned:]), device_type)
+    rest[-learned:] = tail
     with without_autocast(device_type):
-        if needs_gradient((q, k, v, sinks)):
-            return _EAGER_FUNCTIONS[form].apply(q, k, v, *rest, sinks)
-        return _LAUNCHERS[f"{form}forward"](q, k, v, *rest, sinks)
+        if needs_gradient((q, k, v, *tail)):
+            return _EAGER_FUNCTIONS[form].apply(q, k, v, *rest)
+        return _LAUNCHERS[f"{form}forward"](q, k, v, *rest)
 
 
 _LAUNCHERS = {name: triton_implementation(f"mmkern.kernels.cross_modal_attention:{name}")
               for name in ("forward", "backward", "packed_forward", "packed_backward")}
-_EAGER_FUNCTIONS = {form: _eager_function(_LAUNCHERS[f"{form}forward"], _LAUNCHERS[f"{form}backward"])
+_EAGER_FUNCTIONS = {form: _eager_function(_LAUNCHERS[f"{form}forward"], _LAUNCHERS[f"{form}backward"], not form)
                     for form in ("", "packed_")}
-_register_autograd("mmkern::cross_modal_attention", torch.ops.mmkern.cross_modal_attention_backward.default)
-_register_autograd("mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default)
+_register_autograd("mmkern::cross_modal_attention", torch.ops.mmkern.cross_modal_attention_backward.default, True)
+_register_autograd("mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default,
+                   False)
 for _op, _launcher in (("cross_modal_attention", "forward"), ("cross_modal_attention_backward", "backward"),
                        ("cross_modal_attention_packed", "packed_forward"),
                        ("cross_modal_attention_packed_backward", "packed_backward")):
