@@ -9,7 +9,8 @@ is_causal where it means the same, square and unpadded), flex_attention a mask_m
 causal and window_size. Left-padded cases keep each sample's last keys (a key mask, as a left-padded
 batch in a Hugging Face model has) instead of its first. With sinks (one learned logit per head, as
 GPT-OSS), SDPA gets them the way a user can give them: one more key, of zeros, whose score is the sink
-through an additive float mask. SDPA cannot cap scores, so softcap cases (as Gemma 2) are measured
+through an additive float mask; a learned position bias reaches SDPA as its float mask (with -inf where
+the padding hides a key). SDPA cannot cap scores, so softcap cases (as Gemma 2) are measured
 against the eager composition, and flex_attention and flash-attn get their own softcap.
 """
 
@@ -22,12 +23,14 @@ from mmkern.bench.suite import Suite, cases_by_preset
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, fraction of valid keys[, variant]), the variant a dict of
 # cross_modal_attention's causal / window / softcap keywords, "sinks": True for random per-head sinks
-# and "left_padding": True for the valid keys at the end of each sample.
+# "left_padding": True for the valid keys at the end of each sample, and "bias": True for a learned
+# (1, Hq, Lq, Lk) position bias shared by the batch, as T5's.
 CAUSAL = {"causal": True}
 LEFT_PADDED_CAUSAL = {"causal": True, "left_padding": True}
 # Gemma 2's cap on attention logits.
 SOFTCAP = {"causal": True, "softcap": 50.0}
 SINKS = {"causal": True, "sinks": True}
+POSITION_BIAS = {"bias": True}
 CPU = {
     "dense": (4, 512, 1024, 8, 8, 64, 64, 1.0),
     "padded_50": (4, 512, 1024, 8, 8, 64, 64, 0.5),
@@ -40,6 +43,7 @@ CPU = {
     "causal_q128_k512_left_padded_70": (4, 128, 512, 8, 8, 64, 64, 0.7, LEFT_PADDED_CAUSAL),
     "softcap_causal_1k": (4, 1024, 1024, 8, 8, 64, 64, 1.0, SOFTCAP),
     "sinks_causal_1k": (4, 1024, 1024, 8, 8, 64, 64, 1.0, SINKS),
+    "position_bias_512_padded_70": (4, 512, 512, 8, 8, 64, 64, 0.7, POSITION_BIAS),
 }
 CUDA = {
     **{f"equal_{n // 1024}k_d{d}": (16384 // n, n, n, 2048 // d, 2048 // d, d, d, 1.0)
@@ -56,6 +60,7 @@ CUDA = {
     "causal_q512_k2k_left_padded_70_d128": (8, 512, 2048, 16, 16, 128, 128, 0.7, LEFT_PADDED_CAUSAL),
     "softcap_causal_2k_gqa_d128": (4, 2048, 2048, 16, 8, 128, 128, 1.0, SOFTCAP),
     "sinks_causal_4k_gqa_d64": (2, 4096, 4096, 64, 8, 64, 64, 1.0, SINKS),
+    "position_bias_1k_padded_70_d64": (16, 1024, 1024, 8, 8, 64, 64, 0.7, POSITION_BIAS),
 }
 QUICK_CPU = {"small_padded_50": (2, 128, 256, 4, 4, 64, 64, 0.5), "padded_50": CPU["padded_50"],
              "small_causal": (2, 256, 256, 4, 4, 64, 64, 1.0, CAUSAL)}
@@ -132,9 +137,10 @@ def make_case(name, spec, dtype) -> Case:
         kv_lens = torch.tensor(lengths, device=device) if fraction < 1.0 and not left_padded else None
         key_mask = left_padding_mask(k_len, lengths, device) if left_padded else None
         sinks = randn(q_heads).detach().float().requires_grad_() if variant.get("sinks") else None
+        bias = randn(1, q_heads, q_len, k_len) if variant.get("bias") else None
         return (randn(batch, q_len, q_heads, head_dim), randn(batch, k_len, kv_heads, head_dim),
                 randn(batch, k_len, kv_heads, v_dim), kv_lens, sdpa_mask(q_len, k_len, lengths, variant, device),
-                key_mask, sinks)
+                key_mask, sinks, bias)
 
     params = {"batch": batch, "q_len": q_len, "k_len": k_len, "q_heads": q_heads, "kv_heads": kv_heads,
               "head_dim": head_dim, "v_dim": v_dim, "kv_lens": lengths, "variant": variant}
@@ -166,11 +172,13 @@ def sdpa_provider(case):
     sinks, an extra key whose score the mask sets to the sink."""
     causal = bool(case.params["variant"].get("causal"))
 
-    def call(q, k, v, kv_lens, mask, key_mask, sinks):
+    def call(q, k, v, kv_lens, mask, key_mask, sinks, bias):
         q, k, v = _heads_first(q, k, v)
         gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         if sinks is not None:
             k, v, mask = _with_sinks(q, k, v, mask, sinks, causal)
+        if bias is not None:  # a float mask: the bias, -inf where the boolean mask hides a key
+            mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                               **gqa).transpose(1, 2)
 
@@ -198,6 +206,8 @@ def flex_attention_provider(case):
     variant = p["variant"]
     if variant.get("sinks"):
         raise ImportError("flex_attention: no sinks (it has no extra softmax column); left out")
+    if variant.get("bias"):
+        raise ImportError("flex_attention: a learned bias is a captured buffer with a gradient; left out")
     if variant.get("left_padding"):
         lengths = torch.full_like(lengths, p["k_len"])
         first = p["k_len"] - torch.tensor(p["kv_lens"], device="cuda")
@@ -214,7 +224,7 @@ def flex_attention_provider(case):
     block_mask = create_block_mask(visible, p["batch"], None, p["q_len"], p["k_len"], device="cuda")
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    def call(q, k, v, kv_lens, mask, key_mask, sinks):
+    def call(q, k, v, kv_lens, mask, key_mask, sinks, bias):
         q, k, v = _heads_first(q, k, v)
         gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, **gqa).transpose(1, 2)
@@ -241,8 +251,8 @@ def flash_attn_varlen_provider(case):
     from flash_attn import flash_attn_varlen_func
 
     p = case.params
-    if p["variant"].get("sinks"):
-        raise ImportError("flash_attn_varlen: no sinks in flash-attn 2; left out")
+    if p["variant"].get("sinks") or p["variant"].get("bias"):
+        raise ImportError("flash_attn_varlen: no sinks or bias in flash-attn 2; left out")
     unpad, cu_q, cu_k = _unpadding(case)
 
     left, right = _window(p["variant"])
@@ -251,7 +261,7 @@ def flash_attn_varlen_provider(case):
     if p["variant"].get("softcap"):
         window["softcap"] = p["variant"]["softcap"]
 
-    def call(q, k, v, kv_lens, mask, key_mask, sinks):
+    def call(q, k, v, kv_lens, mask, key_mask, sinks, bias):
         out = flash_attn_varlen_func(q.flatten(0, 1), unpad(k), unpad(v), cu_q, cu_k, p["q_len"], p["k_len"], **window)
         return out.view(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
@@ -263,11 +273,11 @@ def xformers_provider(case):
 
     p = case.params
     if p["variant"]:
-        raise ImportError("xformers: causal and windowed cases are not set up for it; left out")
+        raise ImportError("xformers: the variant cases are not set up for it; left out")
     unpad, _, _ = _unpadding(case)
     bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens([p["q_len"]] * p["batch"], p["kv_lens"])
 
-    def call(q, k, v, kv_lens, mask, key_mask, sinks):
+    def call(q, k, v, kv_lens, mask, key_mask, sinks, bias):
         group = q.shape[2] // k.shape[2]
         # xFormers takes (1, tokens, heads, dim), each query head with its own key head.
         k, v = (unpad(x).repeat_interleave(group, dim=1).unsqueeze(0) for x in (k, v))
@@ -280,8 +290,8 @@ def xformers_provider(case):
 def make_providers(case, options) -> dict:
     p = case.params
     keywords = kernel_keywords(p["variant"])
-    providers = {"mmkern": lambda q, k, v, kv_lens, mask, key_mask, sinks: ops.cross_modal_attention(
-        q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, **keywords)}
+    providers = {"mmkern": lambda q, k, v, kv_lens, mask, key_mask, sinks, bias: ops.cross_modal_attention(
+        q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, bias=bias, **keywords)}
     if "softcap" in keywords:
         options.notes.add("sdpa: cannot cap scores, so softcap cases are measured against eager attention")
     else:
@@ -309,8 +319,8 @@ def make_providers(case, options) -> dict:
         options.notes.add("flex_attention, flash_attn_varlen and xformers: CUDA only; left out on CPU")
     score_bytes = 4 * p["batch"] * p["q_heads"] * p["q_len"] * p["k_len"]
     if score_bytes <= EAGER_SCORE_LIMIT_BYTES:
-        providers["eager"] = lambda q, k, v, kv_lens, mask, key_mask, sinks: reference.cross_modal_attention(
-            q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, **keywords)[0]
+        providers["eager"] = lambda q, k, v, kv_lens, mask, key_mask, sinks, bias: reference.cross_modal_attention(
+            q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, bias=bias, **keywords)[0]
     else:
         options.notes.add(f"eager attention: left out where its score matrix passes "
                           f"{EAGER_SCORE_LIMIT_BYTES / 2**30:.0f} GiB")
