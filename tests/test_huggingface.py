@@ -169,6 +169,77 @@ def test_vision_language_model_with_cross_attention(calls):
     assert calls == {"attention": 6, "kernel": 6}
 
 
+def llava():
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=4)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**SMALL),
+                                      image_token_index=63, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="default", image_seq_length=16)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def llava_inputs():
+    """Three left-padded prompts of 24, 22 and 20 tokens, each a text token, an image's 16 patch tokens, then text."""
+    generator = torch.Generator().manual_seed(1)
+    mask = left_padding_mask([24, 22, 20], 24)
+    ids = torch.randint(3, 60, (3, 24), generator=generator) * mask
+    for sample, start in enumerate([0, 2, 4]):
+        ids[sample, start + 1:start + 17] = 63
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 16, 16, generator=generator))
+
+
+def test_llava_runs_the_kernel_in_both_towers(calls):
+    model, inputs = llava(), llava_inputs()
+    expected = logits_with(model, "eager", **inputs)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    # The CLIP vision tower's two layers and the left-padded causal Llama's two.
+    assert calls == {"attention": 4, "kernel": 4}
+
+
+def test_llava_generate_gives_eager_tokens(calls):
+    model, inputs = llava(), llava_inputs()
+    results = {}
+    for implementation in ("eager", "mmkern"):
+        model.set_attn_implementation(implementation)
+        calls.update(attention=0, kernel=0)
+        results[implementation] = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(results["mmkern"], results["eager"])
+    # The prefill runs both towers; three decode steps run the text tower's two layers.
+    assert calls == {"attention": 10, "kernel": 10}
+
+
+def test_clip_text_and_vision_towers(calls):
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        projection_dim=16)
+    model = transformers.CLIPModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    mask = lengths_mask([9, 5, 2], 9)
+    inputs = dict(input_ids=torch.randint(3, 50, (3, 9), generator=generator), attention_mask=mask,
+                  pixel_values=torch.randn(3, 3, 16, 16, generator=generator))
+    outputs = {}
+    for implementation in ("eager", "mmkern"):
+        model.set_attn_implementation(implementation)
+        calls.update(attention=0, kernel=0)
+        with torch.no_grad():
+            outputs[implementation] = model(**inputs)
+    actual, expected = outputs["mmkern"], outputs["eager"]
+    # The text tower is causal and right-padded; its padded positions are not compared.
+    torch.testing.assert_close(actual.text_model_output.last_hidden_state[mask.bool()],
+                               expected.text_model_output.last_hidden_state[mask.bool()], **TOLERANCE)
+    torch.testing.assert_close(actual.vision_model_output.last_hidden_state,
+                               expected.vision_model_output.last_hidden_state, **TOLERANCE)
+    torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, **TOLERANCE)
+    assert calls == {"attention": 4, "kernel": 4}
+
+
 def test_left_padded_encoder_runs_the_kernel(calls):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
