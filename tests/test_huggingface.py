@@ -92,6 +92,20 @@ def test_causal_language_models_run_the_kernel(name, padding, calls):
     assert calls == {"attention": 2, "kernel": 2}
 
 
+@pytest.mark.parametrize("name", CAUSAL_LMS)
+def test_head_dims_over_the_kernels_take_every_variant_exactly(name, calls, monkeypatch):
+    # Head dim 288: the reference runs the call, with the layer's window, softcap and sinks and the padding.
+    monkeypatch.setitem(SMALL, "head_dim", 288)
+    model = causal_lm(name)
+    inputs = dict(input_ids=torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(1)),
+                  attention_mask=PADDING["left"])
+    expected = logits_with(model, "eager", **inputs)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    valid = PADDING["left"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    assert calls == {"attention": 2, "kernel": 0}
+
+
 @pytest.mark.parametrize("beams", [1, 2])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("name", CAUSAL_LMS)

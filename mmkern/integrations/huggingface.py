@@ -13,8 +13,8 @@ interface (BERT, BART, ViT, CLIP, Whisper, Llama, Qwen2, Mistral, Gemma 2, GPT-O
   read through its broadcast strides;
 
 each with the layer's softcap (Gemma 2), sinks (GPT-OSS's ``s_aux``), position bias (T5), scaling
-and dropout, and no host read. Only head dims over 256 take an exact path: SDPA, or the eager softmax
-where SDPA cannot run the call (softcap, sinks).
+and dropout, and no host read. Only head dims over 256 take an exact path: mmkern's eager reference, on the
+arguments the kernel would have had.
 
 A model whose attention does not go through the interface (it supports neither
 ``attn_implementation="sdpa"`` nor ``"flex_attention"``: BLIP, Bloom, GIT, GPT-Neo, ...) is refused when it is built
@@ -23,7 +23,8 @@ with ``"mmkern"``, with an error that says so, rather than given masks its own c
 
 import torch
 
-from mmkern import ops
+from mmkern import ops, reference
+from mmkern.ops.masks import hiding_bias
 from mmkern.integrations.huggingface_mask import calls_the_interface, is_compact, mmkern_mask
 
 NAME = "mmkern"
@@ -33,33 +34,12 @@ MAX_HEAD_DIM = 256
 _PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _exact_attention(module, query, key, value, mask, dropout, scaling, is_causal, softcap, sinks, **kwargs):
-    """What transformers computes for a mask the kernel cannot take: SDPA's answer, or where SDPA cannot
-    run the call (softcap, sinks) the eager softmax, as the models' own eager attention does."""
-    if softcap is None and sinks is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    if kwargs.get("position_bias") is not None:
-        scores = scores + kwargs["position_bias"]
-    if mask is None and is_causal and query.shape[2] > 1:
-        # SDPA's is_causal: top left
-        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if sinks is not None:
-        column = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        scores = torch.cat([scores, column], -1)
-    probs = torch.softmax(scores.float(), -1).to(query.dtype)
-    probs = probs[..., :-1] if sinks is not None else probs
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return (probs @ value).transpose(1, 2).contiguous(), None
+def _reference_attention(q, k, v, *, dropout_p=0.0, softcap=None, **keywords):
+    """The kernel's arguments on the eager reference, for the head dims the kernel does not take: every
+    mask, window, softcap, sink and bias as the kernel would apply them, at eager attention's cost."""
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else None
+    return reference.cross_modal_attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed, softcap=softcap or 0.0,
+                                           **keywords)[0]
 
 
 def _refuse_unsupported(kwargs) -> None:
@@ -79,9 +59,6 @@ def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q_length = query.shape[2]
     is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     dropout = dropout if module.training else 0.0
-    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
-        return _exact_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                is_causal=is_causal, softcap=softcap, sinks=s_aux, **kwargs)
     # T5's learned relative position bias (shared by the batch), added to the scores in the kernel.
     bias = kwargs.get("position_bias")
     variant = dict(softcap=softcap, sinks=s_aux)
@@ -107,11 +84,12 @@ def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         # (0 / -inf for a boolean one), kept at its own (B or 1, 1 or H, Lq, Lk) shape; nothing is read on
         # the host.
         if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
-                ~attention_mask, float("-inf"))
+            attention_mask = hiding_bias(~attention_mask, query.dtype)
         bias = attention_mask if bias is None else bias + attention_mask
-    out = ops.cross_modal_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                    key_mask=key_mask, bias=bias, scale=scaling, dropout_p=dropout, **variant)
+    fits = query.shape[-1] <= MAX_HEAD_DIM and value.shape[-1] <= MAX_HEAD_DIM
+    attention = ops.cross_modal_attention if fits else _reference_attention
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                    key_mask=key_mask, bias=bias, scale=scaling, dropout_p=dropout, **variant)
     return out, None
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkern.nn.backend import UsesBackend
+from mmkern.ops.masks import hiding_bias
 
 
 class CrossModalAttention(UsesBackend, nn.Module):
@@ -206,9 +207,7 @@ def _attn_mask_bias(attn_mask, q):
         return None
     if attn_mask.dim() == 3:
         attn_mask = attn_mask.reshape(q.shape[0], q.shape[2], *attn_mask.shape[1:])
-    if attn_mask.dtype == torch.bool:
-        return torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(attn_mask, float("-inf"))
-    return attn_mask
+    return hiding_bias(attn_mask, q.dtype) if attn_mask.dtype == torch.bool else attn_mask
 
 
 def _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, average_weights):
