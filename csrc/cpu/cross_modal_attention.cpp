@@ -17,6 +17,7 @@
 // Groups run in parallel when there are enough of them to fill the threads; otherwise they run one
 // after the other and each GEMM is multi-threaded by BLAS instead.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -118,17 +119,55 @@ void set_variants(Layout& l, int64_t window_left, int64_t window_right, const st
   }
 }
 
+// For query rows [row0, row0 + rows) of sample b and keys [key0, key0 + keys), row by row (no index
+// tensors: a chunk's mask costs one pass over it): out[i * keys + j] = seen where row i sees key j (the
+// span its window leaves, then the key mask), else hidden; blind[i] (if given): whether row i sees none.
+template <typename T>
+void fill_visibility(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0, int64_t keys, T seen,
+                     T hidden, T* out, bool* blind) {
+  std::vector<T> kept(keys, seen);           // the key mask's verdict on each key
+  std::vector<int64_t> kept_before(keys + 1);  // how many of the first j keys it keeps
+  for (int64_t j = 0; j <= keys; ++j) kept_before[j] = j;
+  if (l.key_mask.has_value()) {
+    const Tensor mask = l.keys_kept(b, key0, keys).contiguous();
+    const bool* keep = mask.data_ptr<bool>();
+    for (int64_t j = 0; j < keys; ++j) {
+      kept[j] = keep[j] ? seen : hidden;
+      kept_before[j + 1] = kept_before[j] + keep[j];
+    }
+  }
+  const int64_t d = l.k_rows[b] - l.q_rows[b];
+  for (int64_t i = 0; i < rows; ++i) {
+    // Keys j with i + d - window_left <= j <= i + d + window_right, in the chunk's own indices.
+    const int64_t diagonal = row0 + i + d - key0;
+    const int64_t lo = l.window_left >= 0 ? std::clamp<int64_t>(diagonal - l.window_left, 0, keys) : 0;
+    const int64_t hi = l.window_right >= 0 ? std::clamp<int64_t>(diagonal + l.window_right + 1, lo, keys) : keys;
+    T* row = out + i * keys;
+    std::fill(row, row + lo, hidden);
+    std::copy(kept.begin() + lo, kept.begin() + hi, row + lo);
+    std::fill(row + hi, row + keys, hidden);
+    if (blind != nullptr) blind[i] = kept_before[hi] == kept_before[lo];
+  }
+}
+
 // (rows, keys) booleans: whether query rows [row0, row0 + rows) of sample b see keys [key0, key0 + keys).
 Tensor visible(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0, int64_t keys) {
-  const auto options = at::TensorOptions().dtype(at::kLong);
-  // j - (i + d) for every (i, j) of the tile
-  const Tensor offset = at::arange(key0, key0 + keys, options).unsqueeze(0) -
-                        at::arange(row0, row0 + rows, options).unsqueeze(1) - (l.k_rows[b] - l.q_rows[b]);
-  Tensor seen = at::ones({rows, keys}, options.dtype(at::kBool));
-  if (l.window_left >= 0) seen.logical_and_(offset >= -l.window_left);
-  if (l.window_right >= 0) seen.logical_and_(offset <= l.window_right);
-  if (l.key_mask.has_value()) seen.logical_and_(l.keys_kept(b, key0, keys).unsqueeze(0));
+  Tensor seen = at::empty({rows, keys}, at::TensorOptions().dtype(at::kBool));
+  fill_visibility<bool>(l, b, row0, rows, key0, keys, true, false, seen.data_ptr<bool>(), nullptr);
   return seen;
+}
+
+// The same tile as an additive (rows, keys) mask of 0 and -inf in `dtype` (float or double), and which
+// of its rows see no key, (rows,) booleans.
+std::pair<Tensor, Tensor> hiding_mask(const Layout& l, int64_t b, int64_t row0, int64_t rows, int64_t key0,
+                                      int64_t keys, at::ScalarType dtype) {
+  Tensor mask = at::empty({rows, keys}, at::TensorOptions().dtype(dtype));
+  Tensor blind = at::empty({rows}, at::TensorOptions().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "hiding_mask", [&] {
+    fill_visibility<scalar_t>(l, b, row0, rows, key0, keys, scalar_t(0), -std::numeric_limits<scalar_t>::infinity(),
+                              mask.data_ptr<scalar_t>(), blind.data_ptr<bool>());
+  });
+  return {mask, blind};
 }
 
 // Per-sample lengths, checked to lie in [0, limit] (the kernels index with them).
@@ -359,17 +398,16 @@ void for_each_chunk(const Layout& l, at::TensorOptions options, const Fn& fn) {
       const auto [key0, key_end] = l.key_range(b, row0, rows, kept);
       if (key_end <= key0) continue;  // these rows see no key: zeros and -inf, as they arrived
       const int64_t keys = key_end - key0;
-      const Tensor hidden = visible(l, b, row0, rows, key0, keys).logical_not();
+      // ATen takes a float32 mask for half-precision queries (float64 for float64 ones).
+      const auto mask_dtype = accumulate_type(c10::typeMetaToScalarType(options.dtype()));
+      const auto [hiding, blind] = hiding_mask(l, b, row0, rows, key0, keys, mask_dtype);
       if (!l.bias.has_value()) {
-        const Tensor mask = at::zeros({1, 1, rows, keys}, options).masked_fill_(hidden, -INFINITY);
-        fn(Chunk{b, row0, rows, key0, keys, false, mask, hidden.all(-1)});
+        fn(Chunk{b, row0, rows, key0, keys, false, hiding.view({1, 1, rows, keys}), blind});
         continue;
       }
-      // The bias is the mask, per head, with the hidden keys at -inf, in the accumulation dtype (ATen takes
-      // a float32 mask for half-precision queries); a row it leaves no key is blind.
-      const auto mask_dtype = accumulate_type(c10::typeMetaToScalarType(options.dtype()));
+      // The bias is the mask, per head, with the hidden keys at -inf; a row it leaves no key is blind.
       const Tensor mask = l.bias_tile(b, 0, l.q_heads, row0, rows, key0, keys).to(mask_dtype)
-                              .masked_fill(hidden, -INFINITY).unsqueeze(0);
+                              .masked_fill(at::isneginf(hiding), -INFINITY).unsqueeze(0);
       fn(Chunk{b, row0, rows, key0, keys, false, mask, at::isneginf(mask).all(-1)});
     }
   }
