@@ -105,7 +105,8 @@ def _list(args, device) -> None:
 def _compare(old_path: str, new_path: str, threshold) -> int:
     old_saved, old = load_records(old_path)
     new_saved, new = load_records(new_path)
-    changes, only_old, only_new = compare_records(old, new)
+    changes, only_old, only_new = compare_records(old, new, old_saved["environment"].get("device_type", "cpu"),
+                                                  new_saved["environment"].get("device_type", "cpu"))
     print(format_comparison(changes, only_old, only_new, old_saved["environment"], new_saved["environment"],
                             threshold))
     return 1 if threshold is not None and regressions(changes, threshold) else 0

@@ -62,7 +62,7 @@ class Record:
     provider: str
     mode: str
     dtype: str
-    median_ms: float
+    median_ms: float  # device time per call (see mmkern.bench.timing), as are p20, p80 and min
     p20_ms: float
     p80_ms: float
     min_ms: float
@@ -72,7 +72,8 @@ class Record:
     peak_memory_mb: float
     speedup: float | None = None  # the baseline provider's median time over this one's
     baseline: str | None = None
-    graphed: bool = False  # timed as CUDA-graph replays
+    timing: str = "cpu-wall"  # how the device time was taken: one of timing.METHODS
+    host_ms: float | None = None  # the host's time per call (CUDA only)
     input_copies: int = 1  # copies of the inputs the timed calls took in turn
     flops_fraction: float | None = None  # of the device's measured matrix-product ceiling
     bandwidth_fraction: float | None = None  # of the device's measured copy bandwidth
@@ -113,22 +114,33 @@ def load_records(path: str) -> tuple:
     return saved, records
 
 
+def timing_method(record: dict, device_type: str) -> str:
+    """How a saved record's device time was taken. Records from before the method was recorded were
+    CUDA-graph replays where marked "graphed", else one call between two events from an idle GPU
+    ("events-idle": the host's latency included) or, on a CPU, wall time."""
+    if "timing" in record:
+        return record["timing"]
+    if record.get("graphed"):
+        return "cuda-graph"
+    return "events-idle" if device_type == "cuda" else "cpu-wall"
+
+
 def _percent(fraction) -> str:
     return "" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def format_table(records: list) -> str:
-    """One line per record; 'of peak' is the larger of its fractions of the device's measured
-    matrix-product and copy ceilings, and (g) marks CUDA-graph timing."""
+    """One line per record: device time (median and spread), host time, and 'of peak', the larger of its
+    fractions of the device's measured matrix-product and copy ceilings."""
     baseline = next((r.baseline for r in records if r.baseline), "baseline")
-    header = ["case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "of peak", "peak MB",
-              f"vs {baseline}"]
+    header = ["case", "mode", "provider", "device ms", "p20-p80 ms", "host ms", "timing", "TFLOP/s", "GB/s",
+              "of peak", "peak MB", f"vs {baseline}"]
     lines = [header]
     for r in records:
         fractions = [f for f in (r.flops_fraction, r.bandwidth_fraction) if f is not None]
         lines.append([
-            r.case, r.mode, r.provider + (" (g)" if r.graphed else ""), f"{r.median_ms:.3f}",
-            f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+            r.case, r.mode, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+            "" if r.host_ms is None else f"{r.host_ms:.3f}", r.timing,
             "" if r.tflops is None else f"{r.tflops:.3f}",
             "" if r.gbps is None else f"{r.gbps:.1f}",
             _percent(max(fractions, default=None)),

@@ -184,8 +184,8 @@ def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, d
                     median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, min_ms=stats.min_ms,
                     repeats=stats.repeats, tflops=flops / seconds / 1e12 if flops else None,
                     gbps=moved / seconds / 1e9 if moved else None,
-                    peak_memory_mb=peak_memory_bytes(steps[0], device) / 2**20, graphed=stats.graphed,
-                    input_copies=len(arg_sets), params=case.params,
+                    peak_memory_mb=peak_memory_bytes(steps[0], device) / 2**20, timing=stats.method,
+                    host_ms=stats.host_ms, input_copies=len(arg_sets), params=case.params,
                 ))
             del calls  # frees retained backward graphs before the next case allocates
         if bar is not None:
