@@ -1,9 +1,9 @@
-"""The ``mmkern`` console command: ``mmkern train ...`` (``python -m mmkern.train``) and ``mmkern bench ...``
-(``python -m mmkern.bench``)."""
+"""The ``mmkern`` console command: ``mmkern train ...`` (``python -m mmkern.train``), ``mmkern bench ...``
+(``python -m mmkern.bench``) and ``mmkern tune ...`` (``python -m mmkern.bench.tune``)."""
 
 import sys
 
-COMMANDS = {"train": "mmkern.train", "bench": "mmkern.bench.command"}
+COMMANDS = {"train": "mmkern.train", "bench": "mmkern.bench.command", "tune": "mmkern.bench.tune"}
 
 
 def main(argv=None) -> int:

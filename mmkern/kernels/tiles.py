@@ -1,17 +1,25 @@
-"""Every Triton launch's tile, in one place apart from the kernels, chosen from the shape alone.
+"""Every Triton launch's tile, in one place apart from the kernels.
 
-Nothing is autotuned at run time: the same inputs take the same tile, and so the same summation order,
-in every process (results are bitwise reproducible), and a new shape costs no benchmarking pass.
-``override(family, choose)`` hands a family's choice to ``choose`` instead, for a tuning sweep or a
-test; ``choose`` returns a tile, or None to keep the default for that shape.
+A family's tile comes from the table the tuning sweep (``mmkern tune``) wrote for this GPU model,
+``mmkern/kernels/tuned/<gpu>.json``, looked up by shape class (sizes rounded up to powers of 2, dtype
+and padded head dims exact), and where the table has no entry (or there is no table) from the shape
+alone. Nothing is autotuned at run time: the same inputs take the same tile, and so the same
+summation order, in every process (results are bitwise reproducible), and a new shape costs no
+benchmarking pass. ``override(family, choose)`` hands a family's choice to ``choose`` instead, for the
+sweep or a test; ``choose`` returns a tile, or None to keep the table's or the default for that shape.
+``use_table(table)`` puts a table in place of the GPU's own. A table changes speed and summation
+order, not correctness: the sweep checked every entry against the reference before timing it.
 
 Through Triton's interpreter every family takes its smallest tile, which keeps the CPU tests quick.
 """
 
 import contextlib
 import functools
+import json
+import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -68,13 +76,122 @@ def override(family: str, choose: Callable):
 
 
 def overridden() -> bool:
-    """Whether some family's choice is overridden now (cached launch plans are then bypassed)."""
-    return bool(_overrides)
+    """Whether some family's choice is overridden now, or a table put in place (cached launch plans are
+    then bypassed)."""
+    return bool(_overrides) or _installed is not None
 
 
 def _overridden(family: str, *args):
     choose = _overrides.get(family)
     return None if choose is None else choose(*args)
+
+
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+_TILE_TYPES = {"gemm": GemmTile, "attention_forward": AttentionTile, "attention_backward": AttentionTile}
+# Shape classes round sizes up to powers of 2 in [16, LARGEST_CLASS].
+LARGEST_CLASS = 8192
+
+
+def gpu_slug(name: str) -> str:
+    """A GPU model's table name: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def table_path(gpu_name: str) -> str:
+    return os.path.join(TUNED_DIR, gpu_slug(gpu_name) + ".json")
+
+
+def shape_class(family: str, *args):
+    """The table key of a family's arguments (those its tile function takes), e.g. "bfloat16/m1024/n256";
+    None where a size is symbolic (torch.compile's dynamic shapes keep the shape-only choice)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family == "gemm":
+        (m, n, dtype, _), sizes = args, {"m": args[0], "n": args[1]}
+    elif family == "attention_forward":
+        (_, d_pad, dv_pad, dtype), sizes = args, {"q": args[0], "d": args[1], "dv": args[2]}
+    else:
+        (d_pad, dv_pad, dtype), sizes = args, {"d": args[0], "dv": args[1]}
+    if any(type(size) is not int for size in sizes.values()):
+        return None
+    rounded = {name: size if name in ("d", "dv") else power_of_2_at_least(size, 16, LARGEST_CLASS)
+               for name, size in sizes.items()}
+    return "/".join([str(dtype).replace("torch.", ""), *(f"{name}{size}" for name, size in rounded.items())])
+
+
+class TunedTable:
+    """A GPU model's tuned tiles: {"gpu": name, "families": {family: {shape class: {"tile": {...}, ...}}}}."""
+
+    def __init__(self, table: dict):
+        for family, entries in table.get("families", {}).items():
+            if family not in _TILE_TYPES:
+                raise ValueError(f"tuned table: unknown family {family!r}")
+            for key, entry in entries.items():
+                _TILE_TYPES[family](**entry["tile"])  # a malformed entry fails here, not mid-run
+        self.table = table
+
+    @functools.lru_cache(maxsize=4096)
+    def tile(self, family: str, key: str):
+        entry = self.table.get("families", {}).get(family, {}).get(key)
+        return None if entry is None else _TILE_TYPES[family](**entry["tile"])
+
+    @functools.lru_cache(maxsize=4096)
+    def choice(self, family: str, *args):
+        """The tile for a family's (concrete) arguments: their class looked up once per distinct call."""
+        key = shape_class(family, *args)
+        return None if key is None else self.tile(family, key)
+
+
+def tile_entry(tile) -> dict:
+    """A tile as a table stores it."""
+    return asdict(tile)
+
+
+def load_table(gpu_name: str):
+    """The committed table of a GPU model, or None."""
+    path = table_path(gpu_name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return TunedTable(json.load(handle))
+
+
+_installed = None  # a table use_table put in place of the GPU's own
+# The table of the GPU model the process first chooses a tile on (a process that mixes GPU models gets
+# that model's tiles on every GPU: slower there, never wrong), loaded once; False before that.
+_gpu_table = False
+
+
+@contextlib.contextmanager
+def use_table(table: dict):
+    """Within the block, ``table`` (a dict as the sweep writes it) is the tuned table, on any device."""
+    global _installed
+    previous, _installed = _installed, TunedTable(table)
+    try:
+        yield
+    finally:
+        _installed = previous
+
+
+def _table():
+    global _gpu_table
+    if _installed is not None:
+        return _installed
+    if _gpu_table is False:
+        on_gpu = not _config.TRITON_ON_CPU and torch.cuda.is_available()
+        _gpu_table = load_table(torch.cuda.get_device_name(torch.cuda.current_device())) if on_gpu else None
+    return _gpu_table
+
+
+def _chosen(family: str, *args):
+    """The override's tile, else the table's for the shape class; None: the shape-only default."""
+    tile = _overridden(family, *args)
+    if tile is not None:
+        return tile
+    table = _table()
+    if table is None or any(isinstance(arg, torch.SymInt) for arg in args):  # symbolic sizes: the default
+        return None
+    return table.choice(family, *args)
 
 
 INTERPRETER_GEMM = GemmTile(16, 16, 16, 4, 1, 1)
@@ -86,7 +203,7 @@ def gemm_tile(M, N, operand_dtype: torch.dtype, multiprocessors: int) -> GemmTil
     fp16/bf16, 32 fp32, 128 int8 elements); rows and columns shrink while the output has fewer tiles
     than the GPU has multiprocessors, so small outputs still fill it. float64 takes a small tile: its
     operands are 8 bytes and its dot has no wide tensor-core form."""
-    tile = _overridden("gemm", M, N, operand_dtype, multiprocessors)
+    tile = _chosen("gemm", M, N, operand_dtype, multiprocessors)
     if tile is not None:
         return tile
     if type(M) is int and type(N) is int:  # torch.compile's symbolic sizes cannot be cache keys
@@ -114,7 +231,7 @@ def _default_gemm_tile(M, N, operand_dtype, multiprocessors) -> GemmTile:
 def attention_forward_tile(q_len, d_pad: int, dv_pad: int, dtype: torch.dtype) -> AttentionTile:
     """The forward's tile for padded head dims ``d_pad``, ``dv_pad``; a short query side takes a
     short tile, and fp32/fp64 operands half the rows and keys (twice the bytes, and no wide MMA)."""
-    tile = _overridden("attention_forward", q_len, d_pad, dv_pad, dtype)
+    tile = _chosen("attention_forward", q_len, d_pad, dv_pad, dtype)
     if tile is not None:
         return tile
     if _config.TRITON_ON_CPU:
@@ -128,7 +245,7 @@ def attention_forward_tile(q_len, d_pad: int, dv_pad: int, dtype: torch.dtype) -
 
 def attention_backward_tile(d_pad: int, dv_pad: int, dtype: torch.dtype) -> AttentionTile:
     """The backward's tile (square: one block of queries and one of keys per step)."""
-    tile = _overridden("attention_backward", d_pad, dv_pad, dtype)
+    tile = _chosen("attention_backward", d_pad, dv_pad, dtype)
     if tile is not None:
         return tile
     if _config.TRITON_ON_CPU:
