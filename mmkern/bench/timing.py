@@ -222,7 +222,7 @@ def _time_on_cpu(rotations: dict, repeats: int, budget_s: float) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     # Kineto prints a line to fd 2 at every profiler start and stop, with no setting to turn it
     # off; silence just those two calls, never the timed function.
     sys.stderr.flush()
@@ -244,12 +244,12 @@ def _profiled_cpu_peak(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():
+    with quiet_stderr():
         prof.start()
     try:
         fn()
     finally:
-        with _quiet_stderr():
+        with quiet_stderr():
             prof.stop()
     peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
     while pending:
