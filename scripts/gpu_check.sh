@@ -66,7 +66,7 @@ if [ "${TUNE:-1}" = 1 ]; then
   # The sweep stops starting shape classes at its budget; the limit's extra 30 s only catches a hang.
   tune_limit=$(limit $((${TUNE_BUDGET:-90} + 30)))
   run_stage tune "$tune_limit" "$OUT/tune.log" \
-    "$PYTHON" -m mmkern.bench.tune --budget $((tune_limit > 30 ? tune_limit - 30 : tune_limit / 2))
+    "$PYTHON" -m mmkern.bench.tune --preset "${TUNE_PRESET:-quick}" --budget $((tune_limit > 30 ? tune_limit - 30 : tune_limit / 2))
   mkdir -p "$OUT/tuned" && cp mmkern/kernels/tuned/*.json "$OUT/tuned/" 2>/dev/null
 fi
 if [ "${BENCH:-1}" = 1 ]; then

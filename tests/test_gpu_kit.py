@@ -57,7 +57,7 @@ def test_every_stage_runs_in_order(kit, tmp_path):
     result, calls = kit()
     assert result.returncode == 0, result.stderr
     stages = [line for line in calls if line.startswith("python")]
-    expected = ["pip install", "pytest", "sanitize_workload.py", "mmkern.bench.tune --budget 90",
+    expected = ["pip install", "pytest", "sanitize_workload.py", "mmkern.bench.tune --preset quick --budget 90",
                 "mmkern.bench --preset quick", "mmkern.bench.profile_ops", "mmkern.bench --preset models"]
     order = [next(i for i, line in enumerate(stages) if part in line) for part in expected]
     assert order == sorted(order)

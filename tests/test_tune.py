@@ -109,6 +109,8 @@ def test_candidates_that_fail_or_disagree_are_dropped_and_the_rest_timed():
     assert kept == [tune._default(target)]
     assert "disagrees with the reference" in dropped[GemmTile(32, 32, 16, 4, 1, 1)]
     assert dropped[broken].startswith("fails:")
+    # Past its deadline a class tries its default alone (each candidate is a compile).
+    assert tune.checked(target, [tune._default(target), broken], torch.device("cpu"), deadline=0.0) == (kept, {})
     medians = tune.timed(target, kept, torch.device("cpu"), repeats=3, budget_s=1.0)
     assert list(medians) == kept and medians[kept[0]] > 0
 

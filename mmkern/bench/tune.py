@@ -142,8 +142,9 @@ def _with_tile(fn, target, tile):
     return call
 
 
-def checked(target: Target, tile_list: list, device: torch.device) -> tuple:
-    """(the candidates whose output and gradients match the case's reference, {tile: why it was dropped})."""
+def checked(target: Target, tile_list: list, device: torch.device, deadline: float = math.inf) -> tuple:
+    """(the candidates whose output and gradients match the case's reference, {tile: why it was dropped});
+    candidates after ``deadline`` (a time.perf_counter() value) are not tried (each is a compile)."""
     suite, case, dtype = target.suite, target.case, target.dtype
     providers = suite.make_providers(case, ProviderOptions(device, dtype, with_compile=False))
     reference = providers[case.params.get("reference", suite.reference)]
@@ -151,7 +152,9 @@ def checked(target: Target, tile_list: list, device: torch.device) -> tuple:
     with_grads = target.mode != "forward"
     expected, grad_out = _results(reference, args, with_grads)
     kept, dropped = [], {}
-    for tile in tile_list:
+    for index, tile in enumerate(tile_list):
+        if index > 0 and time.perf_counter() > deadline:
+            break
         try:
             actual, _ = _results(_with_tile(providers["mmkern"], target, tile), args, with_grads, grad_out)
         except Exception as failure:  # noqa: BLE001 - a tile that cannot compile or launch is a tile to drop
@@ -176,22 +179,27 @@ def timed(target: Target, tile_list: list, device: torch.device, repeats: int, b
     return {tile: s.median_ms for tile, s in stats.items()}
 
 
-def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 10, log=print) -> dict:
+def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 10, log=print, start=None,
+          progress=None) -> dict:
     """The table (a dict as tiles.use_table takes it) from timing each target's candidates; stops
-    starting targets once ``budget_s`` is spent, and says which it left."""
+    starting targets once ``budget_s`` from ``start`` (a time.perf_counter() value; default now) is
+    spent, and says which it left. ``progress(table)`` is called after each target, so a sweep cut
+    short keeps what it measured."""
     environment = describe_environment(device)
     families = {family: {} for family in tiles.FAMILIES}
     table = {"gpu": environment["device"], "environment": environment, "budget_s": budget_s, "families": families,
-             "kept_default": {}, "dropped": {}, "left_out": []}
-    start = time.perf_counter()
+             "kept_default": {}, "dropped": {}, "left_out": [f"{t.family} {t.key}" for t in targets]}
+    start = time.perf_counter() if start is None else start
     for index, target in enumerate(targets):
         left = budget_s - (time.perf_counter() - start)
         if left <= 0:
-            table["left_out"] = [f"{t.family} {t.key}" for t in targets[index:]]
             log(f"budget spent: {len(table['left_out'])} shape class(es) left untuned")
             break
+        table["left_out"] = table["left_out"][1:]
+        # Each remaining target gets an equal share of what is left: half to check candidates, half to time them.
+        share = left / (len(targets) - index)
         tile_list = candidates(target)
-        kept, dropped = checked(target, tile_list, device)
+        kept, dropped = checked(target, tile_list, device, deadline=time.perf_counter() + share / 2)
         label = f"{target.family} {target.key}"
         if dropped:
             table["dropped"][label] = {str(tiles.tile_entry(t)): why for t, why in dropped.items()}
@@ -199,13 +207,12 @@ def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 1
         if default not in kept:
             raise RuntimeError(f"{label}: the default tile fails its own check ({dropped.get(default)}); "
                                "that is a kernel bug, not a tuning result")
-        # Each remaining target gets an equal share of what is left; each candidate a share of that.
-        share = left / (len(targets) - index)
         medians = timed(target, kept, device, repeats, budget_s=share / (2 * len(kept)))
         best = min(kept, key=medians.get)
         summary = {"case": target.case.name, "dtype": str(target.dtype).replace("torch.", ""), "mode": target.mode,
                    "cases": target.cases, "default": tiles.tile_entry(default), "default_ms": medians[default],
                    "candidates": len(tile_list), "timed": len(kept)}
+        untried = len(tile_list) - len(kept) - len(dropped)
         if best != default and medians[best] < (1 - MARGIN) * medians[default]:
             families[target.family][target.key] = {"tile": tiles.tile_entry(best), "median_ms": medians[best],
                                                     **summary}
@@ -214,6 +221,10 @@ def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 1
         else:
             table["kept_default"][label] = summary
             log(f"{label}: default kept ({medians[default]:.4f} ms; {len(kept)} of {len(tile_list)} timed)")
+        if untried:
+            log(f"{label}: {untried} candidate(s) not tried in its share of the budget")
+        if progress is not None:
+            progress(table)
     return table
 
 
@@ -246,16 +257,22 @@ def main(argv=None) -> int:
     if args.cases is not None:
         names = set(args.cases.split(","))
         chosen = [_only_cases(s, names) for s in chosen]
+    start = time.perf_counter()  # the budget covers the plan too
     targets = plan(chosen, dtypes, device, args.preset)
     if not targets:
         parser.error("no shape class to tune: the chosen cases reach no tile family")
-    print(f"mmkern tune: {len(targets)} shape classes, budget {args.budget:g} s", file=sys.stderr)
-    table = sweep(targets, device, args.budget, args.repeats)
-    path = args.out or tiles.table_path(table["gpu"])
+    print(f"mmkern tune: {len(targets)} shape classes, budget {args.budget:g} s "
+          f"({time.perf_counter() - start:.0f} s of it to plan)", file=sys.stderr)
+    path = args.out or tiles.table_path(describe_environment(device)["device"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    table["written"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(path, "w") as handle:
-        json.dump(table, handle, indent=1, sort_keys=True)
+
+    def write(table):
+        table["written"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        with open(path, "w") as handle:
+            json.dump(table, handle, indent=1, sort_keys=True)
+
+    table = sweep(targets, device, args.budget, args.repeats, start=start, progress=write)
+    write(table)
     tuned = sum(len(entries) for entries in table["families"].values())
     print(f"table: {path} ({tuned} tuned class(es), {len(table['kept_default'])} kept the default, "
           f"{len(table['left_out'])} left out)")
