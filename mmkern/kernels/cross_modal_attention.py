@@ -141,10 +141,14 @@ def _scores_log2(qk, scale_log2, cap_in, cap_out, SOFTCAP: tl.constexpr):
     """(base-2 scores, slope) of the q.k dot products: qk * scale / ln 2, or with a softcap c,
     c * tanh(qk * scale / c) / ln 2 (cap_in = scale / c, cap_out = c / ln 2) and its slope 1 - tanh^2
     (1 without a softcap)."""
+    # One return after a constexpr if/else: Triton's compiler types every return of a function alike,
+    # pruned branch or not, and the slope is a tile with a softcap, a scalar without.
     if SOFTCAP:
         t = _tanh(qk * cap_in)
-        return t * cap_out, 1 - t * t
-    return qk * scale_log2, 1.0
+        scores, slope = t * cap_out, 1 - t * t
+    else:
+        scores, slope = qk * scale_log2, 1.0
+    return scores, slope
 
 
 @triton.jit
@@ -288,8 +292,9 @@ def _forward_kernel(
         col_valid = cols < hi
         k = tl.load(k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
                     mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
-        s, _ = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
-                            cap_out, SOFTCAP)
+        # Not unpacked into `_`: the unused scale above is `_` too, and Triton would carry it round the loop.
+        s = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
+                         cap_out, SOFTCAP)[0]
         if HAS_BIAS:
             s = s + _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
                                row_valid[:, None] & col_valid[None, :], ln2, ACC_DTYPE)
