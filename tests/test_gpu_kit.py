@@ -11,6 +11,8 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The script is a repository file: the wheel check, which copies the tests alone, leaves these out with the slow ones.
+pytestmark = pytest.mark.slow
 
 
 def _stub(folder, name, body):
