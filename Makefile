@@ -8,7 +8,7 @@ BUILT := $(VENV)/.mmkern-built
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 BENCH_ARGS ?=
 
-.PHONY: setup test test-cpu test-interpreter fuzz bench bench-models sanitize wheel test-wheel clean
+.PHONY: setup test test-cpu test-interpreter fuzz bench bench-models kernel-audit sanitize wheel test-wheel clean
 
 setup: $(BUILT)
 
@@ -48,6 +48,11 @@ bench: $(BUILT)
 # Training steps of the complete models (minutes even on CPU).
 bench-models: $(BUILT)
 	$(PY) -m mmkern.bench --preset models --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# Every production Triton launch of the benchmark's cases compiled for sm_90 and sm_80 without a GPU:
+# registers, spills, shared memory, CTAs per SM, waves, MMA path and TMA, under benchmarks/audit/.
+kernel-audit: $(BUILT)
+	$(PY) -m mmkern.bench.audit --out benchmarks/audit
 
 # compute-sanitizer's memcheck, racecheck and initcheck over every GPU kernel (needs a GPU); the run's
 # logs and summary.md go to $(SANITIZE_OUT), by default benchmarks/sanitizer/<time>-<GPU>/.

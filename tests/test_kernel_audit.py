@@ -1,0 +1,37 @@
+"""The kernel audit's invariants (mmkern.bench.audit.violations) over every production launch of the quick
+preset's cases, compiled for sm_90 here with no GPU: each compiles, none spills, shared memory fits, and
+dot tiles of 64 rows or more take warpgroup MMA. The launches that break one today are named below,
+with the issue that mends them; one that stops breaking fails the test too, so the list stays true."""
+
+import pytest
+import torch
+
+from mmkern import _config
+from mmkern.bench import audit
+
+pytestmark = [pytest.mark.slow,  # about a minute of compiling
+              pytest.mark.skipif(_config.TRITON_ON_CPU, reason="compiles Triton's JIT kernels, not interpreted ones")]
+
+# (op, case, mode, kernel): why, and what mends it.
+KNOWN = {
+    ("cross_modal_attention", "text_over_image_q128_k1024_50", "backward", "_grad_kv_kernel"):
+        "255 registers and spills at 64x64, 8 warps, d128: the restructured backward of the Hopper-attention issue",
+    ("cross_modal_attention", "causal_4k_d128", "backward", "_grad_kv_kernel"):
+        "as above, with the causal mask's extra live values",
+}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return audit.audit(audit.capture_in_child("quick", torch.bfloat16), capability=90)
+
+
+def test_every_production_launch_keeps_the_invariants_but_the_known_ones(rows):
+    assert len(rows) > 20 and {r.op for r in rows} == set(audit.AUDITED_OPS) - {"quantize_per_token"}
+    breaking = {(r.op, r.case, r.mode, r.kernel): audit.violations(r) for r in rows if audit.violations(r)}
+    assert set(breaking) == set(KNOWN), breaking
+
+
+def test_the_big_dot_tiles_take_warpgroup_mma_and_fit_the_sm(rows):
+    big = [r for r in rows if r.dot_rows >= 64]
+    assert big and all(r.warpgroup_mma > 0 and r.ctas_per_sm >= 1 for r in big)
