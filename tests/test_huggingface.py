@@ -43,6 +43,16 @@ def logits_with(model, implementation, calls=None, **inputs):
         return model(**inputs).logits
 
 
+def generated(model, calls, *args, **options) -> dict:
+    """{implementation: model.generate(...)} for eager then mmkern; ``calls`` counts mmkern's run."""
+    results = {}
+    for implementation in ("eager", "mmkern"):
+        model.set_attn_implementation(implementation)
+        calls.update(attention=0, kernel=0)
+        results[implementation] = model.generate(*args, **options)
+    return results
+
+
 def lengths_mask(lengths, width):
     return (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
 
@@ -114,11 +124,7 @@ def test_generate_gives_eager_tokens(name, cache, beams, calls):
     ids = torch.randint(3, 64, (3, 7), generator=torch.Generator().manual_seed(1))
     options = dict(attention_mask=left_padding_mask([7, 4, 2], 7), max_new_tokens=5, do_sample=False, num_beams=beams,
                    pad_token_id=0, output_scores=True, return_dict_in_generate=True, cache_implementation=cache)
-    results = {}
-    for implementation in ("eager", "mmkern"):
-        model.set_attn_implementation(implementation)
-        calls.update(attention=0, kernel=0)
-        results[implementation] = model.generate(ids, **options)
+    results = generated(model, calls, ids, **options)
     assert torch.equal(results["mmkern"].sequences, results["eager"].sequences)
     for actual, expected in zip(results["mmkern"].scores, results["eager"].scores):
         finite = expected.isfinite()
@@ -215,11 +221,7 @@ def test_llava_runs_the_kernel_in_both_towers(calls):
 
 def test_llava_generate_gives_eager_tokens(calls):
     model, inputs = llava(), llava_inputs()
-    results = {}
-    for implementation in ("eager", "mmkern"):
-        model.set_attn_implementation(implementation)
-        calls.update(attention=0, kernel=0)
-        results[implementation] = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    results = generated(model, calls, **inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(results["mmkern"], results["eager"])
     # The prefill runs both towers; three decode steps run the text tower's two layers.
     assert calls == {"attention": 10, "kernel": 10}
