@@ -43,6 +43,13 @@ def logits_with(model, implementation, calls=None, **inputs):
         return model(**inputs).logits
 
 
+def assert_logits_match_eager(model, calls, valid, **inputs):
+    """mmkern's logits at the ``valid`` positions within TOLERANCE of eager's; ``calls`` counts mmkern's run."""
+    expected = logits_with(model, "eager", **inputs)
+    actual = logits_with(model, "mmkern", calls, **inputs)
+    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+
+
 def generated(model, calls, *args, **options) -> dict:
     """{implementation: model.generate(...)} for eager then mmkern; ``calls`` counts mmkern's run."""
     results = {}
@@ -143,10 +150,7 @@ def test_encoder_decoder_with_padded_batches(calls):
     inputs = dict(input_ids=torch.randint(3, 50, (3, 9), generator=generator), attention_mask=lengths_mask([9, 5, 1], 9),
                   decoder_input_ids=torch.randint(3, 50, (3, 6), generator=generator),
                   decoder_attention_mask=lengths_mask([6, 3, 6], 6))
-    expected = logits_with(model, "eager", **inputs)
-    actual = logits_with(model, "mmkern", calls, **inputs)
-    valid = inputs["decoder_attention_mask"].bool()
-    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    assert_logits_match_eager(model, calls, inputs["decoder_attention_mask"].bool(), **inputs)
     # Encoder self-attention, the decoder's causal self-attention and its cross-attention.
     assert calls == {"attention": 6, "kernel": 6}
 
@@ -181,10 +185,7 @@ def test_vision_language_model_with_cross_attention(calls):
     inputs = dict(pixel_values=torch.randn(3, 3, 16, 16, generator=generator),
                   decoder_input_ids=torch.randint(1, 40, (3, 7), generator=generator),
                   decoder_attention_mask=lengths_mask([7, 4, 2], 7))
-    expected = logits_with(model, "eager", **inputs)
-    actual = logits_with(model, "mmkern", calls, **inputs)
-    valid = inputs["decoder_attention_mask"].bool()
-    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    assert_logits_match_eager(model, calls, inputs["decoder_attention_mask"].bool(), **inputs)
     # The ViT's self-attention, the text decoder's causal self-attention and its cross-attention.
     assert calls == {"attention": 6, "kernel": 6}
 
@@ -211,10 +212,7 @@ def llava_inputs():
 
 def test_llava_runs_the_kernel_in_both_towers(calls):
     model, inputs = llava(), llava_inputs()
-    expected = logits_with(model, "eager", **inputs)
-    actual = logits_with(model, "mmkern", calls, **inputs)
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(actual[valid], expected[valid], **TOLERANCE)
+    assert_logits_match_eager(model, calls, inputs["attention_mask"].bool(), **inputs)
     # The CLIP vision tower's two layers and the left-padded causal Llama's two.
     assert calls == {"attention": 4, "kernel": 4}
 

@@ -361,7 +361,6 @@ def main(argv=None) -> int:
     launches = capture_in_child(args.preset, dtype, ops, cases)
     environment = describe_environment(torch.device("cpu"))
     os.makedirs(args.out, exist_ok=True)
-    worst = 0
     for capability in (int(t) for t in args.targets.split(",")):
         rows = audit(launches, capability)
         stem = os.path.join(args.out, f"sm{capability}")
@@ -371,7 +370,6 @@ def main(argv=None) -> int:
             json.dump({"environment": environment, "capability": capability, "rows": [asdict(r) for r in rows]},
                       handle, indent=1)
         broken = [r for r in rows if violations(r, capability)]
-        worst = max(worst, len(broken))
         print(f"sm_{capability}: {len(rows)} launches, {len(broken)} breaking an invariant; {stem}.md")
     return 0
 

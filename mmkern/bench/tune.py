@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -280,8 +280,6 @@ def main(argv=None) -> int:
 
 
 def _only_cases(suite, names: set):
-    from dataclasses import replace
-
     def cases(preset, device_type):
         return {n: spec for n, spec in suite.cases(preset, device_type).items() if n in names}
     return replace(suite, cases=cases)
