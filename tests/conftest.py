@@ -21,6 +21,18 @@ def value_checks():
 
 
 @pytest.fixture
+def short_k_splits(monkeypatch):
+    """Split-K from 16 elements of K on, so small test shapes take the GEMM's split path (planned, as on a
+    GPU, from 512 on); launch plans cached under the usual rule are dropped before and after."""
+    from mmkern.kernels import segmented_matmul, tiles
+
+    segmented_matmul._launch_plan.cache_clear()
+    monkeypatch.setattr(tiles, "MIN_K_PER_SPLIT", 16)
+    yield
+    segmented_matmul._launch_plan.cache_clear()
+
+
+@pytest.fixture
 def poisoned_memory():
     """Every tensor that ``empty`` allocates comes back filled with NaN (the largest value for integer
     dtypes): torch.empty and new_empty in Python, at::empty inside the C++ kernels and the buffers the

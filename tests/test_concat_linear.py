@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from mmkern import _config, ops, reference
+from mmkern.kernels import tiles
 from mmkern.kernels.launch import runs_on_triton
+from mmkern.kernels.tiles import GemmTile
 from tests.tracing import needs_fake_cuda_tracing, traced_calls
 from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for, skip_unless_float64_runs_on
 
@@ -83,6 +85,43 @@ def test_matches_reference(case, device):
 def test_every_activation_and_dtype(activation, device):
     for dtype in dtypes_for(device):
         check_against_reference([(2, 9, 24), (2, 1, 40)], 31, True, activation, dtype, device)
+
+
+# Tiles that take each of the GEMM's paths on small shapes: the epilogue in halves (64 wide) and in
+# quarters (256 wide), a K step longer than some segments (masked K) and one that divides them all.
+PATH_TILES = {"halves": GemmTile(16, 64, 16, 4, 4, 2), "quarters": GemmTile(16, 256, 16, 4, 4, 2),
+              "long_k_step": GemmTile(32, 32, 64, 4, 4, 2)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", list(PATH_TILES))
+def test_every_gemm_path_matches_the_reference(path, device):
+    """Forward (addend broadcast through the row map, bias, a smooth activation's saved pre-activation)
+    and backward with each path's tile forced; the interpreter's own tile is 16 wide, which takes none
+    of the epilogue's pieces."""
+    if not runs_on_triton(torch.device(device)):
+        pytest.skip("the C++ CPU kernels take no tiles")
+    with tiles.override("gemm", lambda *shape: PATH_TILES[path]):
+        for dtype in dtypes_for(device):
+            check_against_reference([(2, 21, 48), (2, 1, 20), (21, 7)], 200, True, "gelu", dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["pooled_vector", "four_mixed", "three_kept_runs"])
+def test_split_k_matches_the_reference_and_repeats_bitwise(case, device, short_k_splits):
+    """The weight gradients, input gradients and per-sample projections with K split (ragged K, several
+    segments), each result the same bits on a second run: the splits are added in a fixed order."""
+    if not runs_on_triton(torch.device(device)):
+        pytest.skip("split-K is the Triton GEMM's")
+    shapes, out_features, with_bias, activation = CASES[case]
+    for dtype in dtypes_for(device):
+        check_against_reference(shapes, out_features, with_bias, activation, dtype, device)
+    inputs, weight, bias = make_case(shapes, out_features, with_bias, torch.float32, device)
+    runs = [forward_and_grads(ops.concat_linear, leaves(inputs, weight, bias), len(shapes), with_bias, activation,
+                              torch.ones(*torch.broadcast_shapes(*(s[:-1] for s in shapes)), out_features,
+                                         device=device)) for _ in range(2)]
+    for first, second in zip([runs[0][0], *runs[0][1]], [runs[1][0], *runs[1][1]]):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("device", DEVICES)

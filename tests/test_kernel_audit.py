@@ -35,3 +35,10 @@ def test_every_production_launch_keeps_the_invariants_but_the_known_ones(rows):
 def test_the_big_dot_tiles_take_warpgroup_mma_and_fit_the_sm(rows):
     big = [r for r in rows if r.dot_rows >= 64]
     assert big and all(r.warpgroup_mma > 0 and r.ctas_per_sm >= 1 for r in big)
+
+
+def test_the_gemm_keeps_two_ctas_per_sm_for_its_128x128_tiles(rows):
+    """The register diet of the segmented GEMM: a 128x128 16-bit tile, with the addend and bias epilogue
+    or without, stays within 128 registers a thread (two CTAs per SM hide each other's epilogue)."""
+    gemm = [r for r in rows if r.kernel == "segmented_matmul_kernel" and r.tile.startswith("128x128x64")]
+    assert gemm and all(r.ctas_per_sm >= 2 for r in gemm), [(r.op, r.case, r.mode, r.registers) for r in gemm]

@@ -12,7 +12,7 @@ from mmkern import ops
 from mmkern.kernels import tiles
 from mmkern.kernels.concat_linear import projection_plan
 from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS, power_of_2_at_least
-from mmkern.kernels.tiles import GemmTile, cdiv, gemm_tile, key_splits
+from mmkern.kernels.tiles import MIN_K_PER_SPLIT, GemmTile, cdiv, epilogue_split, gemm_splits, gemm_tile, key_splits
 
 segmented_matmul = importlib.import_module("mmkern.kernels.segmented_matmul")
 H100_MULTIPROCESSORS = 132
@@ -34,21 +34,42 @@ def test_float_halves_keep_float64_precision(x):
 
 @pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter always takes its one small tile")
 def test_gemm_tiles_follow_the_shape_alone():
-    big = gemm_tile(8192, 8192, torch.bfloat16, H100_MULTIPROCESSORS)
-    assert (big.block_m, big.block_n, big.block_k, big.num_warps) == (128, 128, 64, 8)
-    # Each K step reads 128 bytes of a row, whatever the dtype.
-    assert gemm_tile(8192, 8192, torch.float32, H100_MULTIPROCESSORS).block_k == 32
-    assert gemm_tile(8192, 8192, torch.int8, H100_MULTIPROCESSORS).block_k == 128
+    big = gemm_tile(8192, 8192, 8192, torch.bfloat16, H100_MULTIPROCESSORS)
+    # A large 16-bit output takes 128x256 tiles; fewer than 4 waves of them stay at 128x128.
+    assert (big.block_m, big.block_n, big.block_k, big.num_warps) == (128, 256, 64, 8)
+    mid = gemm_tile(4096, 768, 768, torch.bfloat16, H100_MULTIPROCESSORS)
+    assert (mid.block_m, mid.block_n, mid.block_k, mid.num_warps, mid.num_stages) == (128, 128, 64, 8, 3)
+    # Each K step reads 128 bytes of a row, whatever the dtype, or all of a shorter K.
+    assert gemm_tile(8192, 8192, 8192, torch.float32, H100_MULTIPROCESSORS).block_k == 32
+    assert gemm_tile(8192, 8192, 8192, torch.int8, H100_MULTIPROCESSORS).block_k == 128
+    assert gemm_tile(8192, 8192, 64, torch.int8, H100_MULTIPROCESSORS).block_k == 64
+    assert gemm_tile(8192, 8192, 20, torch.bfloat16, H100_MULTIPROCESSORS).block_k == 32
+    assert gemm_tile(8192, 8192, 8, torch.bfloat16, H100_MULTIPROCESSORS).block_k == 16
     # A per-sample projection (8 rows) takes a short tile rather than wasting 120 of 128 rows.
-    assert gemm_tile(8, 4096, torch.float16, H100_MULTIPROCESSORS).block_m == 16
+    assert gemm_tile(8, 4096, 1024, torch.float16, H100_MULTIPROCESSORS).block_m == 16
     # An output of few 128-wide tiles is cut into more, smaller ones to reach every multiprocessor.
-    small = gemm_tile(512, 1024, torch.float16, H100_MULTIPROCESSORS)
+    small = gemm_tile(512, 1024, 1024, torch.float16, H100_MULTIPROCESSORS)
     assert (small.block_m, small.block_n) == (64, 64)
     # The same shape gives the same tile every time: no timing decides it.
-    assert all(gemm_tile(1000, 777, torch.float16, H100_MULTIPROCESSORS) == gemm_tile(1000, 777, torch.float16,
-                                                                                     H100_MULTIPROCESSORS)
-               for _ in range(3))
-    assert gemm_tile(64, 64, torch.float64, H100_MULTIPROCESSORS).block_k == 16
+    assert all(gemm_tile(1000, 777, 300, torch.float16, H100_MULTIPROCESSORS)
+               == gemm_tile(1000, 777, 300, torch.float16, H100_MULTIPROCESSORS) for _ in range(3))
+    assert gemm_tile(64, 64, 64, torch.float64, H100_MULTIPROCESSORS).block_k == 16
+
+
+def test_skinny_products_split_k_to_fill_the_gpu():
+    # A weight gradient of 4 output tiles over 65536 tokens: 32 splits of 2048 (128 CTAs on 132 SMs).
+    assert gemm_splits(4, 65536, H100_MULTIPROCESSORS) == 32
+    # Each split keeps at least MIN_K_PER_SPLIT of K; an output that fills the GPU is not split.
+    assert gemm_splits(4, 1024, H100_MULTIPROCESSORS) == 1024 // MIN_K_PER_SPLIT
+    assert gemm_splits(4, 500, H100_MULTIPROCESSORS) == 1
+    assert gemm_splits(132, 65536, H100_MULTIPROCESSORS) == 1
+    assert gemm_splits(50, 65536, H100_MULTIPROCESSORS) == 2
+
+
+@pytest.mark.parametrize("epilogue, block_n, pieces", [(True, 256, 4), (True, 128, 2), (True, 64, 2), (True, 32, 1),
+                                                      (False, 256, 1)])
+def test_a_wide_epilogue_runs_in_column_pieces(epilogue, block_n, pieces):
+    assert epilogue_split(GemmTile(128, block_n, 64, 8, 8, 3), epilogue) == pieces
 
 
 def test_few_queries_over_long_keys_split_the_keys():
@@ -77,7 +98,7 @@ def test_an_override_picks_the_tiles_and_the_result_stays_right():
     torch.testing.assert_close(actual, expected)
     if _config.TRITON_ON_CPU:  # the C++ kernels take no tiles
         assert [shape[:2] for shape in chosen] == [(3, 36), (60, 36)]  # the image vector, then the tokens
-    assert gemm_tile(60, 36, torch.float32, 132) != tile  # and ends with the block
+    assert gemm_tile(60, 36, 40, torch.float32, 132) != tile  # and ends with the block
 
 
 def test_override_refuses_an_unknown_family():

@@ -60,6 +60,14 @@ def test_matches_reference(case, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", [[(4, 37, 64), (4, 1, 100)], [(4, 5, 16), (4, 1, 300), (4, 1, 45)]])
+def test_split_k_keeps_the_int32_sums_exact(shapes, device, short_k_splits):
+    """Per-sample projections (one and two segments, ragged K) with K split: each split's int32 sum is
+    scaled by its token scale, and the fp32 partials add to within the same few roundings."""
+    check_case(shapes, 9, True, "gelu", device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
 def test_every_activation(activation, device):
     check_case([(2, 9, 24), (2, 1, 40)], 31, True, activation, device)

@@ -24,8 +24,8 @@ def _table(entries: dict) -> dict:
 
 
 def test_shape_classes_round_sizes_up_and_keep_head_dims_and_dtypes():
-    assert tiles.shape_class("gemm", 1000, 300, torch.bfloat16, 132) == "bfloat16/m1024/n512"
-    assert tiles.shape_class("gemm", 1, 20000, torch.int8, 132) == "int8/m16/n8192"
+    assert tiles.shape_class("gemm", 1000, 300, 700, torch.bfloat16, 132) == "bfloat16/m1024/n512/k1024"
+    assert tiles.shape_class("gemm", 1, 20000, 0, torch.int8, 132) == "int8/m16/n8192/k16"
     assert tiles.shape_class("attention_forward", 5, 64, 32, torch.float16) == "float16/q16/d64/dv32"
     assert tiles.shape_class("attention_backward", 128, 128, torch.float32) == "float32/d128/dv128"
     with pytest.raises(ValueError, match="family must be one of"):
@@ -33,27 +33,27 @@ def test_shape_classes_round_sizes_up_and_keep_head_dims_and_dtypes():
 
 
 def test_a_table_chooses_the_tile_of_its_classes_and_only_those():
-    default, other_dtype = (tiles.gemm_tile(1000, 300, dtype, 132) for dtype in (torch.bfloat16, torch.float16))
-    table = _table({"gemm": {"bfloat16/m1024/n512": WIDE},
+    default, other_dtype = (tiles.gemm_tile(1000, 300, 700, dtype, 132) for dtype in (torch.bfloat16, torch.float16))
+    table = _table({"gemm": {"bfloat16/m1024/n512/k1024": WIDE},
                     "attention_forward": {"float16/q64/d64/dv64": AttentionTile(64, 32, 4, 2)},
                     "attention_backward": {"float16/d64/dv64": AttentionTile(32, 64, 8, 1)}})
     with tiles.use_table(table):
         assert tiles.overridden()  # cached launch plans step aside
-        assert tiles.gemm_tile(1000, 300, torch.bfloat16, 132) == WIDE
-        assert tiles.gemm_tile(600, 257, torch.bfloat16, 132) == WIDE  # the same class
-        assert tiles.gemm_tile(1000, 300, torch.float16, 132) == other_dtype  # a class the table lacks
+        assert tiles.gemm_tile(1000, 300, 700, torch.bfloat16, 132) == WIDE
+        assert tiles.gemm_tile(600, 257, 513, torch.bfloat16, 132) == WIDE  # the same class
+        assert tiles.gemm_tile(1000, 300, 700, torch.float16, 132) == other_dtype  # a class the table lacks
         assert tiles.attention_forward_tile(40, 64, 64, torch.float16) == AttentionTile(64, 32, 4, 2)
         assert tiles.attention_backward_tile(64, 64, torch.float16) == AttentionTile(32, 64, 8, 1)
         with tiles.override("gemm", lambda *args: GemmTile(16, 16, 16, 4, 1, 1)):
-            assert tiles.gemm_tile(1000, 300, torch.bfloat16, 132).block_m == 16  # an override beats the table
-    assert tiles.gemm_tile(1000, 300, torch.bfloat16, 132) == default and not tiles.overridden()
+            assert tiles.gemm_tile(1000, 300, 700, torch.bfloat16, 132).block_m == 16  # an override beats the table
+    assert tiles.gemm_tile(1000, 300, 700, torch.bfloat16, 132) == default and not tiles.overridden()
 
 
 def test_a_gpu_models_committed_table_is_found_by_its_name(tmp_path, monkeypatch):
     monkeypatch.setattr(tiles, "TUNED_DIR", str(tmp_path))
-    (tmp_path / "nvidia-h200.json").write_text(json.dumps(_table({"gemm": {"bfloat16/m16/n32": WIDE}})))
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps(_table({"gemm": {"bfloat16/m16/n32/k16": WIDE}})))
     table = tiles.load_table("NVIDIA H200")
-    assert table.tile("gemm", "bfloat16/m16/n32") == WIDE and table.tile("gemm", "bfloat16/m32/n32") is None
+    assert table.tile("gemm", "bfloat16/m16/n32/k16") == WIDE and table.tile("gemm", "bfloat16/m32/n32/k16") is None
     assert tiles.load_table("NVIDIA H100 80GB HBM3") is None
 
 
@@ -83,7 +83,7 @@ def _tiny_suites():
 def test_the_plan_finds_every_familys_shape_classes():
     targets = tune.plan(_tiny_suites(), [torch.float32], torch.device("cpu"), "full")
     assert {(t.family, t.key, t.mode) for t in targets} == {
-        ("gemm", "float32/m16/n16", "forward"), ("attention_forward", "float32/q16/d16/dv16", "forward"),
+        ("gemm", "float32/m16/n16/k16", "forward"), ("attention_forward", "float32/q16/d16/dv16", "forward"),
         ("attention_backward", "float32/d16/dv16", "forward+backward")}
     for target in targets:
         tile_list = tune.candidates(target)
@@ -98,7 +98,7 @@ def test_candidates_that_fail_or_disagree_are_dropped_and_the_rest_timed():
         def wrong_for_block_32(xs, w, b):
             out = ops.concat_linear(xs, w, b, activation="gelu")
             # The tile this call's class was forced to: a candidate whose answer is off.
-            return out + 1 if tiles.gemm_tile(16, 16, torch.float32, 1).block_m == 32 else out
+            return out + 1 if tiles.gemm_tile(16, 16, 16, torch.float32, 1).block_m == 32 else out
         return {"mmkern": wrong_for_block_32, "eager": lambda xs, w, b: reference.concat_linear(xs, w, b, activation="gelu")}
 
     target = tune.plan([dataclasses.replace(concat, make_providers=providers)], [torch.float32],
@@ -127,9 +127,9 @@ def test_the_command_writes_a_table_the_tiles_then_read(tmp_path, monkeypatch):
     table = json.loads(out.read_text())
     tuned = table["families"]
     assert {family: set(entries) for family, entries in tuned.items()} == {
-        "gemm": {"float32/m16/n16"}, "attention_forward": {"float32/q16/d16/dv16"},
+        "gemm": {"float32/m16/n16/k16"}, "attention_forward": {"float32/q16/d16/dv16"},
         "attention_backward": {"float32/d16/dv16"}}
-    entry = tuned["gemm"]["float32/m16/n16"]
+    entry = tuned["gemm"]["float32/m16/n16/k16"]
     assert entry["tile"] != entry["default"] and entry["timed"] == entry["candidates"] == 2
     assert (entry["median_ms"], entry["default_ms"]) == (0.5, 1.0) and table["kept_default"] == {}
     assert table["left_out"] == [] and table["environment"]["torch"] == torch.__version__

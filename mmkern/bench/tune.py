@@ -107,8 +107,8 @@ def candidates(target: Target) -> list:
         else:
             others = [AttentionTile(32, 32, 1, 1)]
     elif target.family == "gemm":
-        m, n, dtype, _ = target.args
-        block_k = 128 // dtype.itemsize if dtype != torch.float64 else 16
+        m, n, _, dtype, _ = target.args
+        block_k = default.block_k
         shapes = [(64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)]
         if dtype in (torch.float32, torch.float64):
             shapes = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]

@@ -12,14 +12,22 @@ sliced inputs are read in place. ``addend`` is an accumulation-dtype matrix whos
 m is ``sum_t ((m // div_t) % mod_t) * mul_t`` over two terms: that is how a projection computed
 once per sample (or per position) is broadcast over the other leading dims without materialising
 it. The pre-activation can be stored beside the output for the backward of smooth activations.
+
+Built for Hopper's register file (``make kernel-audit`` shows each launch's machine code): index
+arithmetic is 32-bit unless an operand spans 2^31 elements; the main loop masks rows and columns with
+loop-invariant predicates and K only where a segment's K is ragged; the epilogue runs on column pieces
+of the tile so its operands do not double the register count; and an output too small to fill the GPU
+splits K (split-K) into partial sums that are added in a fixed order, so results stay reproducible.
 """
+
+import operator
 
 import torch
 import triton
 import triton.language as tl
 
 from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, planned, traceable
-from mmkern.kernels.tiles import cdiv, gemm_tile, overridden as tiles_overridden
+from mmkern.kernels.tiles import cdiv, epilogue_split, gemm_splits, gemm_tile, overridden as tiles_overridden
 
 MAX_SEGMENTS = 4
 
@@ -27,16 +35,30 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
 @triton.jit
-def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K,
+def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, split, splits,
                         offs_m, offs_n, mask_m, mask_n,
-                        BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                        BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+                        EVEN_K: tl.constexpr):
+    # This program's share of K: whole BLOCK_K steps of a split (all of K without split-K).
+    chunk = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    k_start = split * chunk
+    k_len = tl.maximum(tl.minimum(K - k_start, chunk), 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INDEX_64:
+        offs_k = offs_k.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    # Rows and columns are masked by loop-invariant predicates; K only where some segment's K is not a
+    # whole number of steps (EVEN_K: every step is full, and the loop reads unmasked along K).
+    for k0 in range(0, k_len, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < k_len - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -45,18 +67,24 @@ def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stri
 
 @triton.jit
 def _add_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, scale_ptr, stride_scale,
-                 offs_m, offs_n, mask_m, mask_n,
+                 split, splits, offs_m, offs_n, mask_m, mask_n,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, QUANTIZED: tl.constexpr):
+                 INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, EVEN_K: tl.constexpr,
+                 QUANTIZED: tl.constexpr, FIRST: tl.constexpr):
     if QUANTIZED:
+        # The first segment's int32 sum becomes the fp32 accumulator, so two accumulators are live only
+        # from the second segment on.
         products = _accumulate_segment(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), a_ptr, stride_am, stride_ak,
-                                       b_ptr, stride_bk, stride_bn, K, offs_m, offs_n, mask_m, mask_n,
-                                       BLOCK_K, INPUT_PRECISION)
+                                       b_ptr, stride_bk, stride_bn, K, split, splits, offs_m, offs_n, mask_m,
+                                       mask_n, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K)
         token_scale = tl.load(scale_ptr + offs_m * stride_scale, mask=mask_m, other=0.0)
-        acc += products.to(acc.dtype) * token_scale[:, None]
+        if FIRST:
+            acc = products.to(acc.dtype) * token_scale[:, None]
+        else:
+            acc += products.to(acc.dtype) * token_scale[:, None]
     else:
-        acc = _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K,
-                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION)
+        acc = _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, split, splits,
+                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K)
     return acc
 
 
@@ -76,61 +104,28 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def segmented_matmul_kernel(
-    out_ptr, stride_om, stride_on,
-    saved_ptr, stride_sm, stride_sn,
-    addend_ptr, stride_pm, stride_pn, div0, mod0, mul0, div1, mod1, mul1,
-    bias_ptr, stride_bias,
-    column_scale_ptr, stride_column_scale,
-    a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0, s0_ptr, stride_s0,
-    a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1, s1_ptr, stride_s1,
-    a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2, s2_ptr, stride_s2,
-    a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3, s3_ptr, stride_s3,
-    M, N,
-    NUM_SEGMENTS: tl.constexpr, QUANTIZED: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
-    HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
-    STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Grouped ordering: GROUP_M row blocks share each column block of B while it sits in L2.
-    pid = tl.program_id(0).to(tl.int64)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * blocks_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+def _column_half(acc, UPPER: tl.constexpr):
+    """The left (UPPER 0) or right (1) half of a tile's columns."""
+    left, right = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, acc.shape[1] // 2)), (0, 2, 1)))
+    if UPPER:
+        left = right
+    return left
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    mask_m = offs_m < M
+
+@triton.jit
+def _epilogue(acc, offs_m, rows, mask_m, first_column, N,
+              out_ptr, stride_om, stride_on, saved_ptr, stride_sm, stride_sn, addend_ptr, stride_pm, stride_pn,
+              bias_ptr, stride_bias, column_scale_ptr, stride_column_scale,
+              HAS_COLUMN_SCALE: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
+              STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """act(acc * column_scale + addend[rows] + bias) stored for the WIDTH columns from first_column."""
+    offs_n = first_column + tl.arange(0, WIDTH)
     mask_n = offs_n < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if NUM_SEGMENTS > 0:
-        acc = _add_segment(acc, a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
-                           s0_ptr, stride_s0, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
-    if NUM_SEGMENTS > 1:
-        acc = _add_segment(acc, a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
-                           s1_ptr, stride_s1, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
-    if NUM_SEGMENTS > 2:
-        acc = _add_segment(acc, a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
-                           s2_ptr, stride_s2, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
-    if NUM_SEGMENTS > 3:
-        acc = _add_segment(acc, a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
-                           s3_ptr, stride_s3, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, QUANTIZED)
-
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_COLUMN_SCALE:
         acc *= tl.load(column_scale_ptr + offs_n * stride_column_scale, mask=mask_n, other=0.0)[None, :]
     if HAS_ADDEND:
-        rows = ((offs_m // div0) % mod0) * mul0 + ((offs_m // div1) % mod1) * mul1
         acc += tl.load(addend_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
@@ -142,24 +137,139 @@ def segmented_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def segmented_matmul_kernel(
+    out_ptr, stride_om, stride_on, stride_osplit,
+    saved_ptr, stride_sm, stride_sn,
+    addend_ptr, stride_pm, stride_pn, div0, mod0, mul0, div1, mod1, mul1,
+    bias_ptr, stride_bias,
+    column_scale_ptr, stride_column_scale,
+    a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0, s0_ptr, stride_s0,
+    a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1, s1_ptr, stride_s1,
+    a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2, s2_ptr, stride_s2,
+    a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3, s3_ptr, stride_s3,
+    M, N, splits,
+    NUM_SEGMENTS: tl.constexpr, QUANTIZED: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, ADDEND_TERMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row blocks share each column block of B while it sits in L2.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    # 32-bit index arithmetic unless some operand spans 2^31 elements (the host decides INDEX_64).
+    if INDEX_64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if NUM_SEGMENTS > 0:
+        acc = _add_segment(acc, a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
+                           s0_ptr, stride_s0, split, splits, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, True)
+    if NUM_SEGMENTS > 1:
+        acc = _add_segment(acc, a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
+                           s1_ptr, stride_s1, split, splits, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, False)
+    if NUM_SEGMENTS > 2:
+        acc = _add_segment(acc, a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
+                           s2_ptr, stride_s2, split, splits, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, False)
+    if NUM_SEGMENTS > 3:
+        acc = _add_segment(acc, a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
+                           s3_ptr, stride_s3, split, splits, offs_m, offs_n, mask_m, mask_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, False)
+
+    # The addend's row for each output row: sum_t ((m // div_t) % mod_t) * mul_t over ADDEND_TERMS terms
+    # (-1 terms: the identity; 0: every row reads row 0).
+    if ADDEND_TERMS < 0:
+        rows = offs_m
+    else:
+        rows = tl.zeros_like(offs_m)
+        if ADDEND_TERMS > 0:
+            rows += ((offs_m // div0) % mod0) * mul0
+        if ADDEND_TERMS > 1:
+            rows += ((offs_m // div1) % mod1) * mul1
+    # A split-K program writes its partial sum to its own slice of the workspace.
+    out_ptr += split * stride_osplit
+    # The epilogue runs on EPILOGUE_SPLIT column pieces of the tile in turn (halves, or quarters of a
+    # 256-wide one): only a piece's addend, pointers and output are live at a time, so the epilogue does
+    # not set the kernel's register count.
+    for piece in tl.static_range(EPILOGUE_SPLIT):
+        columns = acc
+        if EPILOGUE_SPLIT > 1:
+            columns = _column_half(columns, piece // (EPILOGUE_SPLIT // 2))
+        if EPILOGUE_SPLIT > 2:
+            columns = _column_half(columns, piece % 2)
+        _epilogue(columns, offs_m, rows, mask_m, pid_n * BLOCK_N + piece * (BLOCK_N // EPILOGUE_SPLIT), N,
+                  out_ptr, stride_om, stride_on, saved_ptr, stride_sm, stride_sn, addend_ptr, stride_pm, stride_pn,
+                  bias_ptr, stride_bias, column_scale_ptr, stride_column_scale, HAS_COLUMN_SCALE, HAS_ADDEND,
+                  HAS_BIAS, STORE_PREACTIVATION, ACTIVATION, ACC_DTYPE, BLOCK_N // EPILOGUE_SPLIT)
+
+
 def _operand(tensor, dims: int) -> tuple:
     """(tensor, its strides), or Nones for an absent operand."""
     return (None,) * (dims + 1) if tensor is None else (tensor, *tensor.stride())
 
 
+def _needs_64_bit_indices(tensors) -> bool:
+    """Whether an element offset into one of ``tensors`` can reach 2^31, where int32 index arithmetic
+    would wrap. sum(size * stride) bounds the largest offset from above (strides are non-negative),
+    and costs a fraction of a microsecond per tensor."""
+    for tensor in tensors:
+        if tensor is not None and sum(map(operator.mul, tensor.shape, tensor.stride())) >= 2**31:
+            return True
+    return False
+
+
+def addend_terms(row_map, M) -> tuple:
+    """The row map as the kernel evaluates it: None for the identity on M rows, else its (div, mod, mul)
+    terms with a non-zero mul (none: every row reads row 0)."""
+    terms = tuple(term for term in row_map if term[2] != 0)
+    if len(terms) == 1 and terms[0][0] == 1 and terms[0][2] == 1 and terms[0][1] >= M:
+        return None
+    return terms
+
+
 @planned
-def _launch_plan(M, N, num_segments: int, quantized: bool, operand_dtype, out_dtype, has_column_scale: bool,
-                 has_addend: bool, has_bias: bool, stores_preactivation: bool, activation: str, multiprocessors: int,
-                 precision: str) -> tuple:
-    """(grid, constexprs) of one launch; cached while no tile override is active (tiles.override)."""
-    tile = gemm_tile(M, N, operand_dtype, multiprocessors)
-    grid = (cdiv(M, tile.block_m) * cdiv(N, tile.block_n),)
-    return grid, {
-        "NUM_SEGMENTS": num_segments, "QUANTIZED": quantized, "HAS_COLUMN_SCALE": has_column_scale,
-        "HAS_ADDEND": has_addend, "HAS_BIAS": has_bias, "STORE_PREACTIVATION": stores_preactivation,
-        "ACTIVATION": ACTIVATION_CODES[activation],
+def _launch_plan(M, N, Ks: tuple, quantized: bool, operand_dtype, out_dtype, has_column_scale: bool, row_map,
+                 has_bias: bool, stores_preactivation: bool, activation: str, multiprocessors: int, precision: str,
+                 index_64: bool) -> tuple:
+    """(grid, K splits, the row map's six scalars, constexprs) of one launch; cached while no tile override
+    is active (tiles.override). ``Ks`` are the segments' K; ``row_map`` is None without an addend. Only a
+    launch whose epilogue is linear (no addend, bias, activation or saved pre-activation) splits K: its
+    partial sums are added afterwards."""
+    K = max(Ks, default=0)
+    tile = gemm_tile(M, N, K, operand_dtype, multiprocessors)
+    blocks = cdiv(M, tile.block_m) * cdiv(N, tile.block_n)
+    has_addend = row_map is not None
+    linear = not (has_addend or has_bias or stores_preactivation or activation != "none")
+    splits = gemm_splits(blocks, K, multiprocessors) if linear else 1
+    index_64 = index_64 or splits * M * N >= 2**31  # the split-K workspace's offsets
+    terms = addend_terms(row_map, M) if has_addend else None
+    row_args = sum((*(terms or ()), (1, 1, 0), (1, 1, 0))[:2], ())
+    return (blocks, splits), splits, row_args, {
+        "NUM_SEGMENTS": len(Ks), "QUANTIZED": quantized, "HAS_COLUMN_SCALE": has_column_scale,
+        "HAS_ADDEND": has_addend, "ADDEND_TERMS": -1 if terms is None else len(terms), "HAS_BIAS": has_bias,
+        "STORE_PREACTIVATION": stores_preactivation, "ACTIVATION": ACTIVATION_CODES[activation],
         "ACC_DTYPE": tl.float64 if accumulate_dtype(out_dtype) == torch.float64 else tl.float32,
-        "INPUT_PRECISION": precision, **tile.launch_options(),
+        "INPUT_PRECISION": precision, "INDEX_64": index_64, "EVEN_K": all(k % tile.block_k == 0 for k in Ks),
+        "EPILOGUE_SPLIT": epilogue_split(tile, has_addend or stores_preactivation),
+        **tile.launch_options(),
     }
 
 
@@ -168,29 +278,37 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     """Writes act((sum_s a_s @ b_s) * column_scale + addend[row_map] + bias) into ``out`` (M, N), and
     the pre-activation into ``saved`` when given. ``segments`` is a list of at most MAX_SEGMENTS
     (a (M, K_s), b (K_s, N)) pairs, or (a, b, token_scale (M,)) triples of int8 operands, possibly
-    empty (then only the epilogue runs)."""
+    empty (then only the epilogue runs). ``row_map`` maps output rows to ``addend`` rows as
+    ``sum_t ((m // div_t) % mod_t) * mul_t``."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
     assert len(segments) <= MAX_SEGMENTS
     quantized = bool(segments) and len(segments[0]) == 3
-    segment_args = []
+    segment_args, operands, Ks = [], [out, saved, addend, bias, column_scale], []
     for segment in segments:
         a, b = segment[0], segment[1]
         token_scale = segment[2] if quantized else None
         segment_args += [a, *a.stride(), b, *b.stride(), a.shape[1], token_scale,
                          token_scale.stride(0) if quantized else None]
+        operands += [a, b, token_scale]
+        Ks.append(a.shape[1])
     # The segments a launch does not have, and absent epilogue operands, are None: constants the
     # kernel never reads (its flags leave their code out), and nothing for the launcher to bind.
     segment_args += [None] * (9 * (MAX_SEGMENTS - len(segments)))
-    (div0, mod0, mul0), (div1, mod1, mul1) = row_map
     operand_dtype = segments[0][0].dtype if segments else out.dtype
     plan = _launch_plan if not tiles_overridden() else _launch_plan.__wrapped__
-    grid, constexprs = plan(M, N, len(segments), quantized, operand_dtype, out.dtype, column_scale is not None,
-                            addend is not None, bias is not None, saved is not None, activation,
-                            multiprocessors(out.device), input_precision(operand_dtype))
+    grid, splits, row_args, constexprs = plan(
+        M, N, tuple(Ks), quantized, operand_dtype, out.dtype, column_scale is not None,
+        None if addend is None else row_map, bias is not None, saved is not None, activation,
+        multiprocessors(out.device), input_precision(operand_dtype), _needs_64_bit_indices(operands))
+    target = out if splits == 1 else out.new_empty((splits, M, N), dtype=accumulate_dtype(out.dtype))
     traceable(segmented_matmul_kernel)[grid](
-        out, *out.stride(), *_operand(saved, 2), *_operand(addend, 2), div0, mod0, mul0, div1, mod1, mul1,
-        *_operand(bias, 1), *_operand(column_scale, 1), *segment_args, M, N, **constexprs,
+        target, *target.stride()[-2:], target.stride(0) if splits > 1 else 0, *_operand(saved, 2),
+        *_operand(addend, 2), *row_args, *_operand(bias, 1), *_operand(column_scale, 1), *segment_args, M, N, splits,
+        **constexprs,
     )
+    if splits > 1:
+        # Split-K's partial sums, added in a fixed order: the same shapes give the same bits every run.
+        out.copy_(target.sum(0))
     return out

@@ -102,12 +102,12 @@ def table_path(gpu_name: str) -> str:
 
 
 def shape_class(family: str, *args):
-    """The table key of a family's arguments (those its tile function takes), e.g. "bfloat16/m1024/n256";
+    """The table key of a family's arguments (those its tile function takes), e.g. "bfloat16/m1024/n256/k512";
     None where a size is symbolic (torch.compile's dynamic shapes keep the shape-only choice)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if family == "gemm":
-        (m, n, dtype, _), sizes = args, {"m": args[0], "n": args[1]}
+        (m, n, k, dtype, _), sizes = args, {"m": args[0], "n": args[1], "k": args[2]}
     elif family == "attention_forward":
         (_, d_pad, dv_pad, dtype), sizes = args, {"q": args[0], "d": args[1], "dv": args[2]}
     else:
@@ -198,26 +198,36 @@ INTERPRETER_GEMM = GemmTile(16, 16, 16, 4, 1, 1)
 INTERPRETER_ATTENTION = AttentionTile(16, 16, 1, 1)
 
 
-def gemm_tile(M, N, operand_dtype: torch.dtype, multiprocessors: int) -> GemmTile:
-    """The segmented GEMM's tile for an (M, N) output. Each K step reads 128 bytes of a row (64
-    fp16/bf16, 32 fp32, 128 int8 elements); rows and columns shrink while the output has fewer tiles
-    than the GPU has multiprocessors, so small outputs still fill it. float64 takes a small tile: its
-    operands are 8 bytes and its dot has no wide tensor-core form."""
-    tile = _chosen("gemm", M, N, operand_dtype, multiprocessors)
+def gemm_tile(M, N, K, operand_dtype: torch.dtype, multiprocessors: int) -> GemmTile:
+    """The segmented GEMM's tile for an (M, N) output over segments of at most K. Each K step reads up
+    to 128 bytes of a row (64 fp16/bf16, 32 fp32, 128 int8 elements), fewer where K is shorter; rows and
+    columns shrink while the output has fewer tiles than the GPU has multiprocessors, so small outputs
+    still fill it, and a large 16-bit output takes 128x256 tiles (half the operand traffic per FLOP of
+    128x128). float64 takes a small tile: its operands are 8 bytes and its dot has no wide tensor-core
+    form."""
+    tile = _chosen("gemm", M, N, K, operand_dtype, multiprocessors)
     if tile is not None:
         return tile
-    if type(M) is int and type(N) is int:  # torch.compile's symbolic sizes cannot be cache keys
-        return _default_gemm_tile(M, N, operand_dtype, multiprocessors)
-    return _default_gemm_tile.__wrapped__(M, N, operand_dtype, multiprocessors)
+    if all(type(size) is int for size in (M, N, K)):  # torch.compile's symbolic sizes cannot be cache keys
+        return _default_gemm_tile(M, N, K, operand_dtype, multiprocessors)
+    return _default_gemm_tile.__wrapped__(M, N, K, operand_dtype, multiprocessors)
+
+
+# A 128x256 tile pays off once the output has this many of them per multiprocessor (its last, partial
+# wave then costs little).
+WIDE_TILE_WAVES = 4
 
 
 @functools.lru_cache(maxsize=4096)
-def _default_gemm_tile(M, N, operand_dtype, multiprocessors) -> GemmTile:
+def _default_gemm_tile(M, N, K, operand_dtype, multiprocessors) -> GemmTile:
     if _config.TRITON_ON_CPU:
         return INTERPRETER_GEMM
     if operand_dtype == torch.float64:
         return GemmTile(32, 32, 16, 8, 4, 3)
-    block_k = 128 // operand_dtype.itemsize
+    # The tensor cores' K step is 32 bytes (16 fp16/bf16, 32 int8): the shortest block_k.
+    block_k = power_of_2_at_least(K, 32 // operand_dtype.itemsize, 128 // operand_dtype.itemsize)
+    if operand_dtype.itemsize == 2 and cdiv(M, 128) * cdiv(N, 256) >= WIDE_TILE_WAVES * multiprocessors:
+        return GemmTile(128, 256, block_k, 8, 8, 3)
     block_m = power_of_2_at_least(M, 16, 128)
     block_n = power_of_2_at_least(N, 32, 128)
     while block_n > 64 and cdiv(M, block_m) * cdiv(N, block_n) < multiprocessors:
@@ -226,6 +236,25 @@ def _default_gemm_tile(M, N, operand_dtype, multiprocessors) -> GemmTile:
         block_m //= 2
     large = block_m * block_n >= 128 * 128
     return GemmTile(block_m, block_n, block_k, 8, 8 if large else 4, 3 if large else 4)
+
+
+# Split-K: a GEMM whose output has too few tiles to fill the GPU splits K, each split at least
+# MIN_K_PER_SPLIT long (so its pipeline fills), at most MAX_K_SPLITS ways. The interpreter plans as the
+# GPU does (the tests that take the split path on small shapes lower MIN_K_PER_SPLIT).
+MIN_K_PER_SPLIT = 512
+MAX_K_SPLITS = 32
+
+
+def gemm_splits(blocks, K, multiprocessors: int) -> int:
+    """How many ways a launch of ``blocks`` output tiles over K splits its K: a fixed function of the
+    shape, so that the partial sums (added in a fixed order) give the same bits every run."""
+    return max(1, min(multiprocessors // max(blocks, 1), K // MIN_K_PER_SPLIT, MAX_K_SPLITS))
+
+
+def epilogue_split(tile: GemmTile, wide_epilogue: bool) -> int:
+    """In how many column pieces the GEMM's epilogue runs (1 or 2): halves when it reads the addend or
+    stores the pre-activation of a wide tile, so those operands' registers are not all live at once."""
+    return (4 if tile.block_n >= 256 else 2) if wide_epilogue and tile.block_n >= 64 else 1
 
 
 def attention_forward_tile(q_len, d_pad: int, dv_pad: int, dtype: torch.dtype) -> AttentionTile:
