@@ -8,7 +8,7 @@ BUILT := $(VENV)/.mmkern-built
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f)
 BENCH_ARGS ?=
 
-.PHONY: setup test test-cpu test-interpreter fuzz bench bench-models kernel-audit sanitize wheel test-wheel clean
+.PHONY: setup lint test test-cpu test-interpreter fuzz bench bench-models kernel-audit sanitize wheel test-wheel clean
 
 setup: $(BUILT)
 
@@ -23,6 +23,12 @@ $(BUILT): $(PY) $(BUILD_INPUTS) scripts/ensure_requirements.py
 	touch $@
 
 test: test-cpu test-interpreter
+
+# ruff's checks and formatter (configured in pyproject.toml; .pre-commit-config.yaml runs the same
+# pinned ruff before each commit). CI runs it.
+lint: $(BUILT)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The C++ CPU kernels, autograd, compile tracing, modules and harness (and CUDA tests where a GPU is).
 test-cpu: $(BUILT)

@@ -50,7 +50,9 @@ def _toolkit_root_from_nvcc(nvcc):
         try:
             dryrun = subprocess.run(
                 [nvcc, "-v", "--dryrun", "-c", source, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
         except (OSError, subprocess.TimeoutExpired):
             return None
@@ -61,8 +63,9 @@ def _toolkit_root_from_nvcc(nvcc):
 @functools.lru_cache(maxsize=None)
 def _nvcc_release(root):
     try:
-        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            [os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"release (\d+)\.(\d+)", out)
@@ -80,8 +83,14 @@ def find_cuda_home():
     if nvcc:
         candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), _toolkit_root_from_nvcc(nvcc)]
     candidates.append("/usr/local/cuda")
-    root = next((os.path.realpath(r) for r in candidates
-                 if r and os.path.isfile(os.path.join(r, "bin", "nvcc")) and _has_cudart(r)), None)
+    root = next(
+        (
+            os.path.realpath(r)
+            for r in candidates
+            if r and os.path.isfile(os.path.join(r, "bin", "nvcc")) and _has_cudart(r)
+        ),
+        None,
+    )
     if root is None:
         return None
     release = _nvcc_release(root)
@@ -147,7 +156,8 @@ def cuda_targets():
 
 
 def write_build_config(version, cuda_home, arch_list):
-    content = f'''"""What mmkern._C was built against; written by setup.py, checked at import (mmkern/_build_check.py)."""
+    content = f'''"""What mmkern._C was built against; written by setup.py, checked at import
+(mmkern/_build_check.py)."""
 
 VERSION = {version!r}
 TORCH = {torch.__version__.split("+")[0]!r}
@@ -163,11 +173,15 @@ CUDA_TARGETS = {cuda_targets() if cuda_home else ()!r}
 BUILDING_SDIST = "sdist" in sys.argv[1:]
 # Commands that compile mmkern._C, and so record what it is built against. Metadata-only runs
 # (egg_info, dist_info) must not overwrite the record of the binary already in the tree.
-BUILDING_BINARY = any(c in sys.argv[1:] for c in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"))
+BUILDING_BINARY = any(
+    c in sys.argv[1:] for c in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install")
+)
 CUDA_HOME = None if BUILDING_SDIST else find_cuda_home()
 CUDA_ARCH_LIST = None
 if CUDA_HOME:
-    CUDA_ARCH_LIST = os.environ.get("MMKERN_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST))
+    CUDA_ARCH_LIST = os.environ.get(
+        "MMKERN_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    )
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported, the arch list when it compiles.
     os.environ["CUDA_HOME"] = CUDA_HOME
     os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCH_LIST

@@ -34,8 +34,16 @@ class Entry:
     @functools.cached_property
     def checked(self) -> tuple:
         refusals = []
-        agreeing = agreeing_providers(self.suite.op, self.case, self.providers, self.args, self.dtype,
-                                      self.suite.reference, any(m != "forward" for m in self.modes), refusals)
+        agreeing = agreeing_providers(
+            self.suite.op,
+            self.case,
+            self.providers,
+            self.args,
+            self.dtype,
+            self.suite.reference,
+            any(m != "forward" for m in self.modes),
+            refusals,
+        )
         return agreeing, {r["provider"]: r["reason"] for r in refusals}
 
 
@@ -53,8 +61,9 @@ def _params():
         dtype = str(entry.dtype).replace("torch.", "")
         for mode in entry.modes:
             for provider in entry.providers:
-                yield pytest.param(entry, mode, provider, id=f"{entry.suite.op}-{entry.case.name}-{dtype}-{mode}-"
-                                                              f"{provider}")
+                yield pytest.param(
+                    entry, mode, provider, id=f"{entry.suite.op}-{entry.case.name}-{dtype}-{mode}-{provider}"
+                )
 
 
 def _synchronize():

@@ -19,8 +19,10 @@ def rebuild_command(env: str = "") -> str:
     prefix = f"{env} " if env else ""
     if _in_source_tree():
         return f"{prefix}pip install --no-build-isolation -e {_SOURCE_TREE}"
-    return (f"{prefix}pip install --no-build-isolation --force-reinstall --no-deps <mmkern source tree>, "
-            "or install the mmkern wheel built for this torch")
+    return (
+        f"{prefix}pip install --no-build-isolation --force-reinstall --no-deps <mmkern source tree>, "
+        "or install the mmkern wheel built for this torch"
+    )
 
 
 def not_built_error() -> ImportError:
@@ -65,7 +67,8 @@ def check_build_matches_runtime(config, torch_version: str, torch_cuda: str | No
     """Raises ImportError when the extension described by ``config`` (mmkern/_build_config.py)
     cannot run with this torch (``torch_version``, built with ``torch_cuda``) on these ``gpus``."""
     built = f"mmkern {config.VERSION} was built against torch {config.TORCH}" + (
-        f" with CUDA {config.CUDA}" if config.CUDA else " without CUDA sources")
+        f" with CUDA {config.CUDA}" if config.CUDA else " without CUDA sources"
+    )
     if _minor(config.TORCH) != _minor(torch_version):
         raise ImportError(
             f"{built}, but torch {torch_version} is running; torch's C++ ABI changes between releases, so "
@@ -90,7 +93,8 @@ def check_build_matches_runtime(config, torch_version: str, torch_cuda: str | No
         arch = ";".join(sorted({f"{gpu.capability[0]}.{gpu.capability[1]}" for gpu in uncovered}))
         raise ImportError(
             f"{built} for {', '.join(config.CUDA_TARGETS)} (MMKERN_CUDA_ARCH_LIST={config.CUDA_ARCH_LIST!r}), "
-            f"but {listed}, which none of them runs on (its kernels would fail with \"no kernel image is "
-            f"available\"). Rebuild for it: `{rebuild_command(f'MMKERN_CUDA_ARCH_LIST={arch};{config.CUDA_ARCH_LIST}')}`, "
+            f'but {listed}, which none of them runs on (its kernels would fail with "no kernel image is '
+            'available"). Rebuild for it: '
+            f"`{rebuild_command(f'MMKERN_CUDA_ARCH_LIST={arch};{config.CUDA_ARCH_LIST}')}`, "
             "or hide it from this process with CUDA_VISIBLE_DEVICES."
         )

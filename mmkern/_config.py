@@ -35,6 +35,7 @@ def set_value_checks(enabled: bool) -> bool:
     previous, _value_checks = _value_checks, enabled
     return previous
 
+
 if TRITON_ON_CPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -48,7 +49,10 @@ def _check_interpreter_runs_with_numpy() -> None:
         triton_version, numpy_version = version("triton"), version("numpy")
     except PackageNotFoundError:
         return
-    if tuple(map(int, triton_version.split(".")[:2])) < (3, 7) and tuple(map(int, numpy_version.split(".")[:2])) >= (2, 4):
+    if tuple(map(int, triton_version.split(".")[:2])) < (3, 7) and tuple(map(int, numpy_version.split(".")[:2])) >= (
+        2,
+        4,
+    ):
         raise RuntimeError(
             f"MMKERN_TRITON_INTERPRET=1 needs numpy < 2.4 with Triton {triton_version} (its interpreter "
             f"cannot read scalars under numpy {numpy_version}); run `pip install 'numpy<2.4'` or upgrade Triton"

@@ -11,8 +11,9 @@ try:
 except ImportError:
     raise not_built_error() from None
 
-check_build_matches_runtime(build_config, torch.__version__, torch.version.cuda,
-                            visible_gpus() if build_config.CUDA_TARGETS else [])
+check_build_matches_runtime(
+    build_config, torch.__version__, torch.version.cuda, visible_gpus() if build_config.CUDA_TARGETS else []
+)
 
 try:
     from mmkern import _C  # noqa: F401

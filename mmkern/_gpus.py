@@ -56,8 +56,10 @@ def _nvml_gpus() -> list:
         for index in visible_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), count.value):
             handle, name = ctypes.c_void_p(), ctypes.create_string_buffer(96)
             major, minor = ctypes.c_int(), ctypes.c_int()
-            if (nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0
-                    or nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0):
+            if (
+                nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0
+                or nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0
+            ):
                 continue
             nvml.nvmlDeviceGetName(handle, name, len(name))
             gpus.append(GPU(len(gpus), name.value.decode(errors="replace"), (major.value, minor.value)))
@@ -68,6 +70,8 @@ def _nvml_gpus() -> list:
 
 def visible_gpus() -> list:
     if torch.version.cuda and torch.cuda.is_initialized():
-        return [GPU(i, torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
-                for i in range(torch.cuda.device_count())]
+        return [
+            GPU(i, torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+            for i in range(torch.cuda.device_count())
+        ]
     return _nvml_gpus()

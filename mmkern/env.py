@@ -32,8 +32,10 @@ def _kernel(qualname: str, device: str) -> str:
         return "Triton (interpreter)" if device == "cpu" else "Triton"
     if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, device.upper()):
         return "C++" if device == "cpu" else "CUDA C++"
-    if any(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
-           for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd")):
+    if any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+        for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd")
+    ):
         return "C++ (any device)"
     return "none"
 
@@ -44,18 +46,33 @@ def report() -> list:
     binary = mmkern.build_info()
     rows = [
         ("mmkern", f"{mmkern.__version__} at {location}"),
-        ("built against", f"torch {build_config.TORCH}, "
-                          + (f"CUDA {build_config.CUDA} (nvcc {build_config.NVCC})" if build_config.CUDA else "no CUDA sources")),
+        (
+            "built against",
+            f"torch {build_config.TORCH}, "
+            + (f"CUDA {build_config.CUDA} (nvcc {build_config.NVCC})" if build_config.CUDA else "no CUDA sources"),
+        ),
     ]
     if build_config.CUDA:
-        rows.append(("CUDA archs", f"{build_config.CUDA_ARCH_LIST} -> {' '.join(build_config.CUDA_TARGETS)} "
-                                   f"(nvcc compiled {binary.get('archs', '?')})"))
+        rows.append(
+            (
+                "CUDA archs",
+                f"{build_config.CUDA_ARCH_LIST} -> {' '.join(build_config.CUDA_TARGETS)} "
+                f"(nvcc compiled {binary.get('archs', '?')})",
+            )
+        )
     triton_version = _triton_version()
     rows += [
-        ("running", f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
-                    f"Triton {triton_version or 'not installed'}, Python {platform.python_version()}"),
-        ("interpreter", "on: CPU tensors run the Triton kernels (MMKERN_TRITON_INTERPRET=1)" if _config.TRITON_ON_CPU
-         else "off (MMKERN_TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors)"),
+        (
+            "running",
+            f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
+            f"Triton {triton_version or 'not installed'}, Python {platform.python_version()}",
+        ),
+        (
+            "interpreter",
+            "on: CPU tensors run the Triton kernels (MMKERN_TRITON_INTERPRET=1)"
+            if _config.TRITON_ON_CPU
+            else "off (MMKERN_TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors)",
+        ),
     ]
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmkern::"))
     for name in names:
@@ -65,8 +82,11 @@ def report() -> list:
         rows.append(("GPUs", "none seen"))
     for gpu in gpus:
         covering = [t for t in build_config.CUDA_TARGETS if target_covers(t, gpu.capability)]
-        coverage = f"runs {covering[0]}" if covering else (
-            "no CUDA C++ built for it" if build_config.CUDA_TARGETS else "CPU-only build: Triton kernels only")
+        coverage = (
+            f"runs {covering[0]}"
+            if covering
+            else ("no CUDA C++ built for it" if build_config.CUDA_TARGETS else "CPU-only build: Triton kernels only")
+        )
         rows.append((f"GPU {gpu.index}", f"{gpu.name}, {gpu.sm}, {coverage}"))
     return rows
 

@@ -21,8 +21,11 @@ def classification_metrics(confusion: torch.Tensor) -> dict:
     present = (support + predicted) > 0
     recall = torch.where(support > 0, true_positives / support.clamp(min=1), torch.zeros_like(support))
     precision = torch.where(predicted > 0, true_positives / predicted.clamp(min=1), torch.zeros_like(predicted))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
-                     torch.zeros_like(recall))
+    f1 = torch.where(
+        precision + recall > 0,
+        2 * precision * recall / (precision + recall).clamp(min=1e-300),
+        torch.zeros_like(recall),
+    )
     total = confusion.sum()
     count = int(present.sum())
     return {

@@ -17,8 +17,9 @@ ACTIVATIONS = {
 }
 
 
-def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  *, activation: str = "none") -> torch.Tensor:
+def concat_linear(
+    inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none"
+) -> torch.Tensor:
     """act(F.linear(cat([x.expand(*lead, d_x) for x in inputs], -1), weight, bias))."""
     lead = torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
     concat = torch.cat([x.expand(*lead, x.shape[-1]) for x in inputs], dim=-1)
@@ -72,11 +73,23 @@ def visible_keys(q_len: int, k_len: int, q_lens, kv_lens, window: tuple, device,
     return visible[:, None]
 
 
-def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
-                          q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          dropout_seed: int | None = None, causal: bool = False, window: tuple | None = None,
-                          key_mask: torch.Tensor | None = None, softcap: float = 0.0,
-                          sinks: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> tuple:
+def cross_modal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    q_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    causal: bool = False,
+    window: tuple | None = None,
+    key_mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple:
     """softmax(q k^T * scale over each sample's visible keys) v, per head, with grouped heads (head h of
     q reads head h // (Hq / Hkv) of k and v). A sample's visible keys are its first kv_lens keys, those
     ``key_mask`` (B, Lk) keeps, within ``window`` (left, right) of each query's diagonal, and at or
@@ -90,19 +103,22 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     batch, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
+    scale = head_dim**-0.5 if scale is None else scale
     left, right = (-1, -1) if window is None else window
     right = 0 if causal else right
     qh = q.transpose(1, 2)
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)).float() * scale if q.dtype != torch.float64 else (qh @ kh.transpose(-1, -2)) * scale
+    scores = (
+        (qh @ kh.transpose(-1, -2)).float() * scale if q.dtype != torch.float64 else (qh @ kh.transpose(-1, -2)) * scale
+    )
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     kv_lens = torch.full((batch,), k_len, device=q.device) if kv_lens is None else kv_lens.to(q.device)
     all_rows = torch.full((batch,), q_len, device=q.device)
-    valid = visible_keys(q_len, k_len, all_rows if q_lens is None else q_lens.to(q.device), kv_lens, (left, right),
-                         q.device, key_mask)
+    valid = visible_keys(
+        q_len, k_len, all_rows if q_lens is None else q_lens.to(q.device), kv_lens, (left, right), q.device, key_mask
+    )
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
         valid = valid & ~torch.isneginf(scores)  # a bias of -inf hides the key
@@ -134,12 +150,24 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     return out, lse
 
 
-def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-                                 scale: float | None = None, dropout_p: float = 0.0,
-                                 dropout_seed: int | None = None, causal: bool = False,
-                                 window: tuple | None = None, key_mask: torch.Tensor | None = None,
-                                 softcap: float = 0.0, sinks: torch.Tensor | None = None) -> tuple:
+def cross_modal_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    causal: bool = False,
+    window: tuple | None = None,
+    key_mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple:
     """The packed form through the padded one: each sample's rows (and ``key_mask``'s, one entry per
     row of k) are copied into a (B, max_seqlen, ...) batch and back. Returns (out (total_q, Hq, Dv),
     zero on rows no sample owns, and lse (Hq, total_q), -inf there)."""
@@ -150,20 +178,29 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     def pad(x, starts, lengths, max_len):
         padded = x.new_zeros((len(lengths), max_len, *x.shape[1:]))
         for b, (start, length) in enumerate(zip(starts, lengths.tolist())):
-            padded[b, :length] = x[start:start + length]
+            padded[b, :length] = x[start : start + length]
         return padded
 
     out_padded, lse_padded = cross_modal_attention(
-        pad(q, starts_q, q_lens, max_seqlen_q), pad(k, starts_k, kv_lens, max_seqlen_k),
-        pad(v, starts_k, kv_lens, max_seqlen_k), kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-        dropout_seed=dropout_seed, causal=causal, window=window,
-        key_mask=None if key_mask is None else pad(key_mask, starts_k, kv_lens, max_seqlen_k), softcap=softcap,
-        sinks=sinks)
+        pad(q, starts_q, q_lens, max_seqlen_q),
+        pad(k, starts_k, kv_lens, max_seqlen_k),
+        pad(v, starts_k, kv_lens, max_seqlen_k),
+        kv_lens=kv_lens,
+        q_lens=q_lens,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        causal=causal,
+        window=window,
+        key_mask=None if key_mask is None else pad(key_mask, starts_k, kv_lens, max_seqlen_k),
+        softcap=softcap,
+        sinks=sinks,
+    )
     out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_padded.dtype, device=q.device)
     for b, (start, length) in enumerate(zip(starts_q, q_lens.tolist())):
         out = out.index_put((torch.arange(start, start + length, device=q.device),), out_padded[b, :length])
-        lse[:, start:start + length] = lse_padded[b, :, :length]
+        lse[:, start : start + length] = lse_padded[b, :, :length]
     return out, lse
 
 
@@ -194,9 +231,17 @@ def fake_quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) ->
     return dequantize_per_token(*quantize_per_token(x, dtype), x.dtype)
 
 
-def quantized_concat_linear(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], weight_q: torch.Tensor,
-                            weight_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
-                            out_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def quantized_concat_linear(
+    inputs_q: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    weight_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """concat_linear on the dequantized inputs and weight, computed in ``compute_dtype`` (out_dtype by
     default: the eager path; float64 makes every integer sum exact, the ground truth)."""
     compute_dtype = out_dtype if compute_dtype is None else compute_dtype
@@ -206,20 +251,41 @@ def quantized_concat_linear(inputs_q: Sequence[torch.Tensor], scales: Sequence[t
     return concat_linear(inputs, weight, bias, activation=activation).to(out_dtype)
 
 
-def quantize_and_concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                               *, activation: str = "none", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def quantize_and_concat_linear(
+    inputs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str = "none",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Inputs quantized to int8 per token and the weight per output channel, then
     quantized_concat_linear into the inputs' dtype."""
     quantized = [quantize_per_token(x) for x in inputs]
     weight_q, weight_scale = quantize_per_token(weight)
-    return quantized_concat_linear([q for q, _ in quantized], [s for _, s in quantized], weight_q, weight_scale[:, 0],
-                                   bias, activation=activation, out_dtype=weight.dtype, compute_dtype=compute_dtype)
+    return quantized_concat_linear(
+        [q for q, _ in quantized],
+        [s for _, s in quantized],
+        weight_q,
+        weight_scale[:, 0],
+        bias,
+        activation=activation,
+        out_dtype=weight.dtype,
+        compute_dtype=compute_dtype,
+    )
 
 
-def quantized_fusion(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
-                     weights: torch.Tensor | None = None, *, mode: str = "sum", gate: torch.Tensor | None = None,
-                     out_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """"sum": sum_i weights[i] * dequant(x_i); "gated": g * dequant(x_0) + (1 - g) * dequant(x_1),
+def quantized_fusion(
+    inputs_q: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    *,
+    mode: str = "sum",
+    gate: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ "sum": sum_i weights[i] * dequant(x_i); "gated": g * dequant(x_0) + (1 - g) * dequant(x_1),
     g = sigmoid(gate); computed in ``compute_dtype``."""
     features = [dequantize_per_token(x, s, compute_dtype) for x, s in zip(inputs_q, scales)]
     if mode == "gated":

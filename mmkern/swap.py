@@ -40,8 +40,9 @@ def swap(model: nn.Module, *, attention: bool = True) -> SwapReport:
 
     Calls with a key padding mask (or lengths), and causal self-attention (``is_causal``, as
     ``nn.TransformerDecoderLayer`` passes with ``tgt_is_causal``) without one, run mmkern's kernel;
-    other ``attn_mask``s and ``need_weights=True`` take CrossModalAttention's exact path, which gives ``nn.MultiheadAttention``'s
-    answer. Two differences remain, both reported in the docstring rather than guessed around:
+    other ``attn_mask``s and ``need_weights=True`` take CrossModalAttention's exact path, which gives
+    ``nn.MultiheadAttention``'s answer. Two differences remain, both reported in the docstring rather
+    than guessed around:
     ``need_weights`` defaults to False (pass True where the weights are read), and a sample whose keys
     are all masked gets zeros instead of NaN. ``nn.TransformerEncoderLayer`` in eval mode without
     gradients keeps PyTorch's native fast path, which reads the shared parameters directly.

@@ -23,16 +23,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mmkern.data import ANSWERS, DigitQuestions, MultimodalCollate, question_tokenizer, to_device
 from mmkern.metrics import classification_metrics, confusion_matrix
-from mmkern.models import (FUSIONS, IMAGE_ENCODERS, TEXT_ENCODERS, FlamingoLM, TriModalClassifier,
-                           VisionTextClassifier)
+from mmkern.models import FUSIONS, IMAGE_ENCODERS, TEXT_ENCODERS, FlamingoLM, TriModalClassifier, VisionTextClassifier
 from mmkern.nn import BACKENDS
 
 MODELS = ("vision-text", "trimodal", "flamingo")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmkern train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mmkern train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", choices=MODELS, default="vision-text")
     p.add_argument("--image-encoder", choices=IMAGE_ENCODERS, default="cnn")
     p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="gru")
@@ -40,15 +40,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="mmkern")
     p.add_argument("--dim", type=int, default=None, help="default: 96 (128 for flamingo)")
     p.add_argument("--epochs", type=int, default=None, help="default: 6 (vision-text), 8 (trimodal), 10 (flamingo)")
-    p.add_argument("--batch-size", type=int, default=64, help="the global batch of an optimizer step, split over accumulation and processes")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="the global batch of an optimizer step, split over accumulation and processes",
+    )
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 (2e-3 for flamingo)")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--questions-per-image", type=int, default=None,
-                   help="default: 8 (vision-text), 12 (trimodal, flamingo)")
+    p.add_argument(
+        "--questions-per-image", type=int, default=None, help="default: 8 (vision-text), 12 (trimodal, flamingo)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="autocast dtype; auto: bf16 on GPU, fp32 on CPU",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/digits")
@@ -62,10 +72,18 @@ def build_model(args, vocab_size: int, audio_bins: int) -> torch.nn.Module:
         return TriModalClassifier(len(ANSWERS), vocab_size, audio_bins, dim=args.dim, backend=args.backend)
     if args.model == "flamingo":
         # From scratch, not from a pretrained language model: the gates start open.
-        return FlamingoLM(vocab_size, image_encoder=args.image_encoder, dim=args.dim, gate_init=0.5,
-                          backend=args.backend)
-    return VisionTextClassifier(len(ANSWERS), vocab_size, image_encoder=args.image_encoder,
-                                text_encoder=args.text_encoder, fusion=args.fusion, dim=args.dim, backend=args.backend)
+        return FlamingoLM(
+            vocab_size, image_encoder=args.image_encoder, dim=args.dim, gate_init=0.5, backend=args.backend
+        )
+    return VisionTextClassifier(
+        len(ANSWERS),
+        vocab_size,
+        image_encoder=args.image_encoder,
+        text_encoder=args.text_encoder,
+        fusion=args.fusion,
+        dim=args.dim,
+        backend=args.backend,
+    )
 
 
 def language_model_batch(batch: dict, tokenizer) -> tuple:
@@ -77,7 +95,7 @@ def language_model_batch(batch: dict, tokenizer) -> tuple:
     rows = torch.arange(batch_size, device=ids.device)
     inputs = torch.zeros(batch_size, width + 2, dtype=torch.long, device=ids.device)
     inputs[:, 0] = tokenizer.begin_id
-    inputs[:, 1:width + 1] = ids
+    inputs[:, 1 : width + 1] = ids
     inputs[rows, lens + 1] = answers
     targets = torch.full_like(inputs, -100)
     targets[rows, lens] = answers
@@ -99,8 +117,9 @@ def predictions_of(model, batch: dict, tokenizer) -> torch.Tensor:
     if not isinstance(_unwrapped(model), FlamingoLM):
         return logits_of(model, batch).argmax(-1)
     prompt = torch.nn.functional.pad(batch["text_ids"], (1, 0), value=tokenizer.begin_id)
-    generated = _unwrapped(model).generate(batch["images"], prompt, batch["text_lens"] + 1, max_new_tokens=2,
-                                           end_id=tokenizer.end_id)
+    generated = _unwrapped(model).generate(
+        batch["images"], prompt, batch["text_lens"] + 1, max_new_tokens=2, end_id=tokenizer.end_id
+    )
     answers = {tokenizer.ids[a]: i for i, a in enumerate(ANSWERS)}
     found = [answers.get(tokens[0], len(ANSWERS)) if len(tokens) == 1 else len(ANSWERS) for tokens in generated]
     return torch.tensor(found, device=batch["labels"].device)
@@ -164,21 +183,34 @@ def train(args) -> dict:
             setattr(args, name, value)
     world, rank, device = _start_processes(args)
     if args.batch_size % (args.accumulate * world):
-        raise SystemExit(f"--batch-size ({args.batch_size}) must be a multiple of --accumulate ({args.accumulate}) "
-                         f"times the number of processes ({world})")
+        raise SystemExit(
+            f"--batch-size ({args.batch_size}) must be a multiple of --accumulate ({args.accumulate}) "
+            f"times the number of processes ({world})"
+        )
     main_process = rank == 0
     torch.manual_seed(args.seed)
     dtype = autocast_dtype(args.precision, device)
     tones = args.model == "trimodal"
-    data = {split: DigitQuestions(split, tones=tones, questions_per_image=args.questions_per_image, seed=args.seed)
-            for split in ("train", "test")}
+    data = {
+        split: DigitQuestions(split, tones=tones, questions_per_image=args.questions_per_image, seed=args.seed)
+        for split in ("train", "test")
+    }
     tokenizer = question_tokenizer()
     collate = MultimodalCollate(tokenizer)
-    sampler = DistributedSampler(data["train"], world, rank, shuffle=True, seed=args.seed, drop_last=True) \
-        if world > 1 else None
-    loader = DataLoader(data["train"], batch_size=args.batch_size // (args.accumulate * world), shuffle=sampler is None,
-                        sampler=sampler, collate_fn=collate, drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+    sampler = (
+        DistributedSampler(data["train"], world, rank, shuffle=True, seed=args.seed, drop_last=True)
+        if world > 1
+        else None
+    )
+    loader = DataLoader(
+        data["train"],
+        batch_size=args.batch_size // (args.accumulate * world),
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     test_loader = DataLoader(data["test"], batch_size=256, collate_fn=collate)
     bins = data["train"][0]["audio"].shape[-1] if tones else 0
     model = build_model(args, len(tokenizer), bins).to(device)
@@ -196,8 +228,11 @@ def train(args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         first_epoch, history, elapsed = state["epoch"] + 1, state["history"], state["seconds"]
-    step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    step_model = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     step_model = torch.compile(step_model) if args.compile else step_model
     progress = _progress(args, steps) if main_process else _Silent(quiet=True)
     progress.update(first_epoch * (len(loader) // args.accumulate))
@@ -223,17 +258,35 @@ def train(args) -> dict:
                 progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         metrics = evaluate(step_model, test_loader, device, dtype, tokenizer)
         history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - start})
-        progress.write(f"epoch {epoch}: held-out accuracy {metrics['accuracy']:.4f}, "
-                       f"macro recall {metrics['macro_recall']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+        progress.write(
+            f"epoch {epoch}: held-out accuracy {metrics['accuracy']:.4f}, "
+            f"macro recall {metrics['macro_recall']:.4f}, macro F1 {metrics['macro_f1']:.4f}"
+        )
         if main_process:
-            save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            schedule=schedule.state_dict(), epoch=epoch, history=history,
-                            seconds=time.perf_counter() - start, args=vars(args))
+            save_checkpoint(
+                checkpoint_path,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                schedule=schedule.state_dict(),
+                epoch=epoch,
+                history=history,
+                seconds=time.perf_counter() - start,
+                args=vars(args),
+            )
     progress.close()
-    result = {"model": args.model, "backend": args.backend, "device": str(device),
-              "train_samples": len(data["train"]), "test_samples": len(data["test"]),
-              "processes": world, "seconds": time.perf_counter() - start, **(history[-1] if history else {}),
-              "history": history, "args": vars(args), "main_process": main_process}
+    result = {
+        "model": args.model,
+        "backend": args.backend,
+        "device": str(device),
+        "train_samples": len(data["train"]),
+        "test_samples": len(data["test"]),
+        "processes": world,
+        "seconds": time.perf_counter() - start,
+        **(history[-1] if history else {}),
+        "history": history,
+        "args": vars(args),
+        "main_process": main_process,
+    }
     if main_process:
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "main_process"}, f, indent=2)
@@ -289,9 +342,11 @@ def main(argv=None) -> int:
     result = train(args)
     if not result["main_process"]:
         return 0
-    print(f"held-out accuracy {result['accuracy']:.4f} (macro recall {result['macro_recall']:.4f}, macro F1 "
-          f"{result['macro_f1']:.4f}) on {result['test_samples']} questions in {result['seconds']:.0f} s; "
-          f"metrics in {os.path.join(args.out, 'metrics.json')}")
+    print(
+        f"held-out accuracy {result['accuracy']:.4f} (macro recall {result['macro_recall']:.4f}, macro F1 "
+        f"{result['macro_f1']:.4f}) on {result['test_samples']} questions in {result['seconds']:.0f} s; "
+        f"metrics in {os.path.join(args.out, 'metrics.json')}"
+    )
     return 0
 
 

@@ -30,10 +30,17 @@ def main() -> int:
     if torch_version is None or torch_version < MIN_TORCH:
         _install([f"torch>={'.'.join(map(str, MIN_TORCH))}"])
 
-    missing = [spec for module, spec in (("setuptools", "setuptools>=64"), ("wheel", "wheel"),
-                                         ("pytest", "pytest>=7"), ("hypothesis", "hypothesis"),
-                                         ("tqdm", "tqdm"))
-               if importlib.util.find_spec(module) is None]
+    missing = [
+        spec
+        for module, spec in (
+            ("setuptools", "setuptools>=64"),
+            ("wheel", "wheel"),
+            ("pytest", "pytest>=7"),
+            ("hypothesis", "hypothesis"),
+            ("tqdm", "tqdm"),
+        )
+        if importlib.util.find_spec(module) is None
+    ]
     if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
         missing.append("ninja")
     triton_version = _version("triton")
@@ -46,6 +53,8 @@ def main() -> int:
     else:
         print("requirements: all present", flush=True)
     _install_optional([spec for module, spec in OPTIONAL if importlib.util.find_spec(module) is None])
+    if not _ruff_is_pinned():
+        _install_optional([f"ruff=={RUFF}"])
     if importlib.util.find_spec("open_clip") is None:
         # open_clip needs torchvision: the installed torch is named beside it, so that pip takes the
         # torchvision built for it (or gives up) rather than replacing torch.
@@ -56,8 +65,23 @@ def main() -> int:
 # The digits task (scikit-learn's bundled images), the Hugging Face backend's tests, the benchmark
 # report's plots and pytest-benchmark. Best effort: an offline GPU machine without them still builds
 # and runs every other test.
-OPTIONAL = (("sklearn", "scikit-learn"), ("transformers", "transformers"), ("matplotlib", "matplotlib"),
-            ("pytest_benchmark", "pytest-benchmark"))
+OPTIONAL = (
+    ("sklearn", "scikit-learn"),
+    ("transformers", "transformers"),
+    ("matplotlib", "matplotlib"),
+    ("pytest_benchmark", "pytest-benchmark"),
+)
+
+
+# make lint's (and the pre-commit hooks'): pinned, because a new release may format differently.
+RUFF = "0.17.6"
+
+
+def _ruff_is_pinned() -> bool:
+    try:
+        return importlib.metadata.version("ruff") == RUFF
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 # The integration tests' CoCa (tests/test_open_clip.py) pins a fault of this release: kept fixed so

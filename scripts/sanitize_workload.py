@@ -64,12 +64,19 @@ def compare_with_reference(name, op, ref, tensors, dtype):
 
 def concat_linear_paths():
     for dtype in TOLERANCE:
-        tensors = [randn(3, 37, 40, dtype=dtype, requires_grad=True), randn(3, 1, 67, dtype=dtype, requires_grad=True),
-                   (randn(29, 107, dtype=dtype) / 10).requires_grad_(), randn(29, dtype=dtype, requires_grad=True)]
+        tensors = [
+            randn(3, 37, 40, dtype=dtype, requires_grad=True),
+            randn(3, 1, 67, dtype=dtype, requires_grad=True),
+            (randn(29, 107, dtype=dtype) / 10).requires_grad_(),
+            randn(29, dtype=dtype, requires_grad=True),
+        ]
         compare_with_reference(
             f"concat_linear {dtype}",
             lambda a, b, w, bias: ops.concat_linear([a, b], w, bias, activation="gelu"),
-            lambda a, b, w, bias: reference.concat_linear([a, b], w, bias, activation="gelu"), tensors, dtype)
+            lambda a, b, w, bias: reference.concat_linear([a, b], w, bias, activation="gelu"),
+            tensors,
+            dtype,
+        )
 
 
 def attention_paths():
@@ -86,13 +93,18 @@ def attention_paths():
         kv = None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE)
         ql = None if q_lens is None else torch.tensor(q_lens, device=DEVICE)
         for dtype in (torch.float16, torch.bfloat16):
-            tensors = [randn(batch, lq, hq, d, dtype=dtype, requires_grad=True),
-                       randn(batch, lk, hkv, d, dtype=dtype, requires_grad=True),
-                       randn(batch, lk, hkv, dv, dtype=dtype, requires_grad=True)]
+            tensors = [
+                randn(batch, lq, hq, d, dtype=dtype, requires_grad=True),
+                randn(batch, lk, hkv, d, dtype=dtype, requires_grad=True),
+                randn(batch, lk, hkv, dv, dtype=dtype, requires_grad=True),
+            ]
             compare_with_reference(
                 f"cross_modal_attention {name} {dtype}",
                 lambda q, k, v: ops.cross_modal_attention(q, k, v, kv_lens=kv, q_lens=ql),
-                lambda q, k, v: reference.cross_modal_attention(q, k, v, kv_lens=kv, q_lens=ql)[0], tensors, dtype)
+                lambda q, k, v: reference.cross_modal_attention(q, k, v, kv_lens=kv, q_lens=ql)[0],
+                tensors,
+                dtype,
+            )
     dtype = torch.float16
     tensors = [randn(2, 24, 2, 32, dtype=dtype, requires_grad=True) for _ in range(3)]
     kv = torch.tensor([24, 9], device=DEVICE)
@@ -105,17 +117,26 @@ def attention_paths():
         return ops.cross_modal_attention(q, k, v, kv_lens=kv, dropout_p=0.3)
 
     compare_with_reference(
-        "cross_modal_attention dropout", dropout_attention,
+        "cross_modal_attention dropout",
+        dropout_attention,
         lambda q, k, v: reference.cross_modal_attention(q, k, v, kv_lens=kv, dropout_p=0.3, dropout_seed=seed)[0],
-        tensors, dtype)
+        tensors,
+        dtype,
+    )
     cu_q = torch.tensor([0, 5, 5, 30], device=DEVICE, dtype=torch.int32)
     cu_k = torch.tensor([0, 40, 41, 41], device=DEVICE, dtype=torch.int32)
-    tensors = [randn(30, 4, 64, dtype=dtype, requires_grad=True), randn(41, 2, 64, dtype=dtype, requires_grad=True),
-               randn(41, 2, 64, dtype=dtype, requires_grad=True)]
+    tensors = [
+        randn(30, 4, 64, dtype=dtype, requires_grad=True),
+        randn(41, 2, 64, dtype=dtype, requires_grad=True),
+        randn(41, 2, 64, dtype=dtype, requires_grad=True),
+    ]
     compare_with_reference(
         "cross_modal_attention_packed",
         lambda q, k, v: ops.cross_modal_attention_packed(q, k, v, cu_q, cu_k, 25, 40),
-        lambda q, k, v: reference.cross_modal_attention_packed(q, k, v, cu_q, cu_k, 25, 40)[0], tensors, dtype)
+        lambda q, k, v: reference.cross_modal_attention_packed(q, k, v, cu_q, cu_k, 25, 40)[0],
+        tensors,
+        dtype,
+    )
 
 
 def quantized_paths():
@@ -129,30 +150,48 @@ def quantized_paths():
         features = [reference.quantize_per_token(randn(4, 19, 130, dtype=torch.float32), qdtype) for _ in range(3)]
         inputs_q, scales = [f[0] for f in features], [f[1] for f in features]
         weights = torch.tensor([0.5, -1.0, 2.0], device=DEVICE)
-        check(f"quantized_fusion sum {qdtype}", ops.quantized_fusion(inputs_q, scales, weights, out_dtype=torch.float32),
-              reference.quantized_fusion(inputs_q, scales, weights, out_dtype=torch.float64,
-                                         compute_dtype=torch.float64), torch.float32)
+        check(
+            f"quantized_fusion sum {qdtype}",
+            ops.quantized_fusion(inputs_q, scales, weights, out_dtype=torch.float32),
+            reference.quantized_fusion(inputs_q, scales, weights, out_dtype=torch.float64, compute_dtype=torch.float64),
+            torch.float32,
+        )
         gate = randn(4, 19, 130, dtype=torch.float32)
-        check(f"quantized_fusion gated {qdtype}",
-              ops.quantized_fusion(inputs_q[:2], scales[:2], mode="gated", gate=gate, out_dtype=torch.float32),
-              reference.quantized_fusion(inputs_q[:2], scales[:2], mode="gated", gate=gate, out_dtype=torch.float64,
-                                         compute_dtype=torch.float64), torch.float32)
+        check(
+            f"quantized_fusion gated {qdtype}",
+            ops.quantized_fusion(inputs_q[:2], scales[:2], mode="gated", gate=gate, out_dtype=torch.float32),
+            reference.quantized_fusion(
+                inputs_q[:2], scales[:2], mode="gated", gate=gate, out_dtype=torch.float64, compute_dtype=torch.float64
+            ),
+            torch.float32,
+        )
     inputs = [randn(3, 45, 96, dtype=torch.float32), randn(3, 1, 72, dtype=torch.float32)]
     quantized = [reference.quantize_per_token(x) for x in inputs]
     weight_q, weight_scale = reference.quantize_per_token(randn(50, 168, dtype=torch.float32) / 13)
     bias = randn(50, dtype=torch.float32)
     args = ([q for q, _ in quantized], [s for _, s in quantized], weight_q, weight_scale[:, 0], bias)
     for out_dtype in TOLERANCE:
-        check(f"quantized_concat_linear {out_dtype}",
-              ops.quantized_concat_linear(*args, activation="silu", out_dtype=out_dtype),
-              reference.quantized_concat_linear(*args, activation="silu", out_dtype=torch.float64,
-                                                compute_dtype=torch.float64), out_dtype)
-    tensors = [x.clone().requires_grad_() for x in inputs] + [(randn(50, 168, dtype=torch.float32) / 13).requires_grad_()]
+        check(
+            f"quantized_concat_linear {out_dtype}",
+            ops.quantized_concat_linear(*args, activation="silu", out_dtype=out_dtype),
+            reference.quantized_concat_linear(
+                *args, activation="silu", out_dtype=torch.float64, compute_dtype=torch.float64
+            ),
+            out_dtype,
+        )
+    tensors = [x.clone().requires_grad_() for x in inputs] + [
+        (randn(50, 168, dtype=torch.float32) / 13).requires_grad_()
+    ]
     out = ops.quantize_and_concat_linear(tensors[:2], tensors[2], bias)
     out.backward(torch.randn_like(out))
-    check("quantize_and_concat_linear out", out.detach(),
-          reference.quantize_and_concat_linear([t.detach() for t in tensors[:2]], tensors[2].detach(), bias,
-                                               compute_dtype=torch.float64), torch.float32)
+    check(
+        "quantize_and_concat_linear out",
+        out.detach(),
+        reference.quantize_and_concat_linear(
+            [t.detach() for t in tensors[:2]], tensors[2].detach(), bias, compute_dtype=torch.float64
+        ),
+        torch.float32,
+    )
     checks_finite = all(t.grad is not None and torch.isfinite(t.grad).all() for t in tensors)
     if not checks_finite:
         failures.append("quantize_and_concat_linear: missing or non-finite gradients")

@@ -46,8 +46,9 @@ def poisoned_memory():
     previous_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(4).isnan().all() and torch.ops.aten.empty.memory_format([4]).isnan().all(), \
+    assert torch.empty(4).isnan().all() and torch.ops.aten.empty.memory_format([4]).isnan().all(), (
         "this torch does not fill uninitialised memory: the test would prove nothing"
+    )
     yield
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     torch.utils.deterministic.fill_uninitialized_memory = previous_fill

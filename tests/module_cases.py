@@ -21,9 +21,13 @@ def _concat_linear(device):
 def _attention(kwargs_of):
     def build(device):
         module = mmnn.CrossModalAttention(16, 4, kdim=12, vdim=12, num_kv_heads=2).to(device)
-        inputs = (_randn(device, 2, 5, 16, grad=True), _randn(device, 2, 7, 12, grad=True),
-                  _randn(device, 2, 7, 12, grad=True))
+        inputs = (
+            _randn(device, 2, 5, 16, grad=True),
+            _randn(device, 2, 7, 12, grad=True),
+            _randn(device, 2, 7, 12, grad=True),
+        )
         return module, inputs, kwargs_of(device)
+
     return build
 
 
@@ -39,24 +43,33 @@ def _quantized_concat_linear(quantized_inputs):
         if quantized_inputs:
             text = ops.quantize_per_token(text)
         return module, (text, image), {}
+
     return build
 
 
 def _quantized_fusion(mode):
     def build(device):
-        module = mmnn.QuantizedFusion(2, mode=mode, features=16 if mode == "gated" else None,
-                                      out_dtype=torch.float32).to(device)
+        module = mmnn.QuantizedFusion(
+            2, mode=mode, features=16 if mode == "gated" else None, out_dtype=torch.float32
+        ).to(device)
         pairs = tuple(ops.quantize_per_token(_randn(device, 2, 5, 16 + i)[..., :16].contiguous()) for i in range(2))
         return module, pairs, {}
+
     return build
 
 
 MODULE_CASES = [
     ("ConcatLinear", _concat_linear),
     ("CrossModalAttention", _attention(lambda device: {})),
-    ("CrossModalAttention kv_lens q_lens",
-     _attention(lambda device: {"kv_lens": torch.tensor([7, 3], device=device),
-                                "q_lens": torch.tensor([5, 2], device=device)})),
+    (
+        "CrossModalAttention kv_lens q_lens",
+        _attention(
+            lambda device: {
+                "kv_lens": torch.tensor([7, 3], device=device),
+                "q_lens": torch.tensor([5, 2], device=device),
+            }
+        ),
+    ),
     ("GatedFusion", _gated_fusion),
     ("QuantizedConcatLinear float inputs", _quantized_concat_linear(False)),
     ("QuantizedConcatLinear quantized inputs", _quantized_concat_linear(True)),
@@ -66,9 +79,12 @@ MODULE_CASES = [
 
 # A key_padding_mask is read on the host today (to skip the gather for right padding, and to recognise
 # an additive 0/-inf mask); key masks taken by the kernel itself (issue 17) remove both reads.
-MASKED_ATTENTION = ("CrossModalAttention key_padding_mask",
-                    _attention(lambda device: {"key_padding_mask": torch.arange(7, device=device)
-                                               >= torch.tensor([[7], [3]], device=device)}))
+MASKED_ATTENTION = (
+    "CrossModalAttention key_padding_mask",
+    _attention(
+        lambda device: {"key_padding_mask": torch.arange(7, device=device) >= torch.tensor([[7], [3]], device=device)}
+    ),
+)
 
 
 def leaves(module, inputs) -> list:

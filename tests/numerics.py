@@ -29,8 +29,9 @@ def skip_unless_float64_runs_on(device: str) -> None:
         pytest.skip("float64 through Triton needs Triton >= 3.5")
 
 
-def assert_close_to_reference(actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, name: str,
-                              factor: float = 2.0, terms: int = 1) -> None:
+def assert_close_to_reference(
+    actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, name: str, factor: float = 2.0, terms: int = 1
+) -> None:
     """flash-attention's criterion: the error of ``actual`` against the float64 result ``exact`` is at
     most ``factor`` times the error of eager PyTorch in the same dtype (``eager``), plus a floor for
     results eager happens to get exactly right. In float64 eager *is* the exact result, so there the
@@ -49,8 +50,8 @@ def assert_close_to_reference(actual: torch.Tensor, exact: torch.Tensor, eager: 
     error = (actual.double() - exact).abs().max().item()
     eager_error = (eager.double() - exact).abs().max().item()
     accumulator = torch.float64 if actual.dtype == torch.float64 else torch.float32
-    roundoff = max(torch.finfo(actual.dtype).eps, torch.finfo(accumulator).eps * terms ** 0.5)
-    floor = max(4 * roundoff, 1e-12 * terms ** 0.5) * max(exact.abs().max().item(), 1.0)
+    roundoff = max(torch.finfo(actual.dtype).eps, torch.finfo(accumulator).eps * terms**0.5)
+    floor = max(4 * roundoff, 1e-12 * terms**0.5) * max(exact.abs().max().item(), 1.0)
     assert error <= factor * eager_error + floor, (
         f"{name}: max error {error:.3e} against float64, eager PyTorch's is {eager_error:.3e} "
         f"(allowed {factor} x that + {floor:.1e})"

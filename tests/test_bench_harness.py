@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from mmkern import ops, reference
-from mmkern.bench import Case, TimingStats, describe_environment, format_table, load_records, run_cases, time_calls
-from mmkern.bench import write_records
+from mmkern.bench import (
+    Case,
+    TimingStats,
+    describe_environment,
+    format_table,
+    load_records,
+    run_cases,
+    time_calls,
+    write_records,
+)
 from mmkern.bench.ceilings import attach_fractions, measure_ceilings
 from mmkern.bench.runner import input_copies, last_level_cache_bytes
 
@@ -23,8 +31,10 @@ FAST = dict(warmup=1, repeats=3, budget_s=0.2)
 def _tiny_case():
     def make_args(device, dtype, seed=0):
         generator = torch.Generator().manual_seed(seed)
-        inputs = [torch.randn(2, 5, 3, generator=generator).to(device, dtype).requires_grad_(),
-                  torch.randn(2, 1, 4, generator=generator).to(device, dtype).requires_grad_()]
+        inputs = [
+            torch.randn(2, 5, 3, generator=generator).to(device, dtype).requires_grad_(),
+            torch.randn(2, 1, 4, generator=generator).to(device, dtype).requires_grad_(),
+        ]
         weight = torch.randn(6, 7, generator=generator).to(device, dtype).requires_grad_()
         return inputs, weight, None
 
@@ -32,14 +42,17 @@ def _tiny_case():
 
 
 def _providers(case):
-    return {"mmkern": lambda xs, w, b: ops.concat_linear(xs, w, b),
-            "eager": lambda xs, w, b: reference.concat_linear(xs, w, b)}
+    return {
+        "mmkern": lambda xs, w, b: ops.concat_linear(xs, w, b),
+        "eager": lambda xs, w, b: reference.concat_linear(xs, w, b),
+    }
 
 
 def test_run_cases_times_every_provider_and_mode():
     records = run_cases("concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32, **FAST)
     assert {(r.provider, r.mode) for r in records} == {
-        (p, m) for p in ("mmkern", "eager") for m in ("forward", "backward", "forward+backward")}
+        (p, m) for p in ("mmkern", "eager") for m in ("forward", "backward", "forward+backward")
+    }
     for r in records:
         assert 0 < r.min_ms <= r.p20_ms <= r.median_ms <= r.p80_ms
         assert r.repeats == 3 and r.tflops > 0 and r.gbps > 0 and r.peak_memory_mb >= 0
@@ -76,8 +89,9 @@ def test_input_copies_fill_twice_the_last_level_cache():
 
 
 def test_cpu_peak_memory_counts_temporaries():
-    records = run_cases("concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32,
-                        modes=("forward",), **FAST)
+    records = run_cases(
+        "concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32, modes=("forward",), **FAST
+    )
     eager = next(r for r in records if r.provider == "eager")
     # cat (2*5*7 floats) and the output (2*5*6 floats) are both live at once in the eager composition.
     assert eager.peak_memory_mb * 2**20 >= 4 * (70 + 60)
@@ -88,12 +102,22 @@ def test_a_provider_that_disagrees_is_not_timed(capsys):
         return {**_providers(case), "wrong": lambda xs, w, b: 2 * reference.concat_linear(xs, w, b)}
 
     refusals = []
-    records = run_cases("concat_linear", [_tiny_case()], providers, device=CPU, dtype=torch.float32,
-                        modes=("forward",), refusals=refusals, **FAST)
+    records = run_cases(
+        "concat_linear",
+        [_tiny_case()],
+        providers,
+        device=CPU,
+        dtype=torch.float32,
+        modes=("forward",),
+        refusals=refusals,
+        **FAST,
+    )
     assert "wrong" not in {r.provider for r in records}
     assert "'wrong' disagrees" in capsys.readouterr().err
-    assert refusals == [{"op": "concat_linear", "case": "tiny", "provider": "wrong",
-                         "reason": refusals[0]["reason"]}] and "output" in refusals[0]["reason"]
+    assert (
+        refusals == [{"op": "concat_linear", "case": "tiny", "provider": "wrong", "reason": refusals[0]["reason"]}]
+        and "output" in refusals[0]["reason"]
+    )
 
 
 def test_a_provider_with_wrong_gradients_is_not_timed_for_backward_modes():
@@ -104,12 +128,21 @@ def test_a_provider_with_wrong_gradients_is_not_timed_for_backward_modes():
     def providers(case):
         return {**_providers(case), "wrong_backward": wrong_backward}
 
-    forward_only = run_cases("concat_linear", [_tiny_case()], providers, device=CPU, dtype=torch.float32,
-                             modes=("forward",), **FAST)
+    forward_only = run_cases(
+        "concat_linear", [_tiny_case()], providers, device=CPU, dtype=torch.float32, modes=("forward",), **FAST
+    )
     assert "wrong_backward" in {r.provider for r in forward_only}
     refusals = []
-    with_backward = run_cases("concat_linear", [_tiny_case()], providers, device=CPU, dtype=torch.float32,
-                              modes=("forward", "forward+backward"), refusals=refusals, **FAST)
+    with_backward = run_cases(
+        "concat_linear",
+        [_tiny_case()],
+        providers,
+        device=CPU,
+        dtype=torch.float32,
+        modes=("forward", "forward+backward"),
+        refusals=refusals,
+        **FAST,
+    )
     assert "wrong_backward" not in {r.provider for r in with_backward}
     assert "gradient" in refusals[0]["reason"]
 
@@ -119,23 +152,40 @@ def test_a_provider_that_cannot_run_the_case_is_left_out():
         raise RuntimeError("No available kernel. Aborting execution.")
 
     refusals = []
-    records = run_cases("concat_linear", [_tiny_case()], lambda case: {**_providers(case), "picky": refuses},
-                        device=CPU, dtype=torch.float32, modes=("forward",), refusals=refusals, **FAST)
+    records = run_cases(
+        "concat_linear",
+        [_tiny_case()],
+        lambda case: {**_providers(case), "picky": refuses},
+        device=CPU,
+        dtype=torch.float32,
+        modes=("forward",),
+        refusals=refusals,
+        **FAST,
+    )
     assert {r.provider for r in records} == {"mmkern", "eager"}
     assert refusals[0]["provider"] == "picky" and "cannot run" in refusals[0]["reason"]
 
 
 def test_only_times_the_chosen_providers_but_checks_against_the_reference():
-    records = run_cases("concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32,
-                        modes=("forward",), only=["mmkern"], **FAST)
+    records = run_cases(
+        "concat_linear",
+        [_tiny_case()],
+        _providers,
+        device=CPU,
+        dtype=torch.float32,
+        modes=("forward",),
+        only=["mmkern"],
+        **FAST,
+    )
     assert {r.provider for r in records} == {"mmkern"}
 
 
 def test_ceilings_and_fractions():
     ceilings = measure_ceilings(CPU, [torch.float32, "int8"], repeats=3)
     assert ceilings["copy_gbps"] > 0 and set(ceilings["matmul_tflops"]) == {"float32", "int8"}
-    records = run_cases("concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32,
-                        modes=("forward",), **FAST)
+    records = run_cases(
+        "concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32, modes=("forward",), **FAST
+    )
     attach_fractions(records, ceilings)
     for r in records:
         assert r.flops_fraction == pytest.approx(r.tflops / ceilings["matmul_tflops"]["float32"])
@@ -146,8 +196,9 @@ def test_ceilings_and_fractions():
 
 
 def test_records_are_written_with_the_environment(tmp_path):
-    records = run_cases("concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32,
-                        modes=("forward",), **FAST)
+    records = run_cases(
+        "concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32, modes=("forward",), **FAST
+    )
     environment = describe_environment(CPU)
     csv_path, json_path = write_records(records, str(tmp_path / "results"), {"environment": environment})
     with open(csv_path) as handle:

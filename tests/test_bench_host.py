@@ -21,8 +21,11 @@ def test_host_preset_writes_every_op_and_mode(tmp_path, monkeypatch):
         saved = json.load(handle)
     assert saved["preset"] == "host" and "no-op" in saved["method"]
     modes = {(r["op"], r["mode"]) for r in saved["records"]}
-    assert {("concat_linear", "backward"), ("cross_modal_attention_packed", "backward"),
-            ("quantized_fusion", "forward")} <= modes
+    assert {
+        ("concat_linear", "backward"),
+        ("cross_modal_attention_packed", "backward"),
+        ("quantized_fusion", "forward"),
+    } <= modes
     assert all(r["mmkern_us"] > 0 and r["baseline_us"] > 0 and r["reads"] >= 0 for r in saved["records"])
     assert "| op | mode |" in (tmp_path / run_dir / "report.md").read_text()
 

@@ -35,8 +35,15 @@ def test_the_profiler_summary_names_each_ops_kernels_and_host_time(tmp_path):
 
 def test_the_last_table_fits_its_lines_and_says_what_it_left_out(tmp_path):
     table = tmp_path / "table.json"
-    table.write_text(json.dumps({"families": {"gemm": {"bfloat16/m16/n16": {}}, "attention_forward": {}},
-                                 "kept_default": {"x": {}}, "left_out": ["y", "z"]}))
+    table.write_text(
+        json.dumps(
+            {
+                "families": {"gemm": {"bfloat16/m16/n16": {}}, "attention_forward": {}},
+                "kept_default": {"x": {}},
+                "left_out": ["y", "z"],
+            }
+        )
+    )
     gpu_run = _committed_gpu_run()
     lines = summary.summary_lines(gpu_run, str(table), max_lines=8)
     assert len(lines) == 8 and lines[1].split()[:3] == ["op", "case", "mode"]

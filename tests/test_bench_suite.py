@@ -23,8 +23,20 @@ TINY = ["--device", "cpu", "--no-compile", "--budget", "0.05", "--repeats", "3"]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert command.main([*TINY, "--ops", "quantize_per_token,quantized_fusion", "--cases",
-                         "small_tokens,small_three_modalities", "--out", str(out)]) == 0
+    assert (
+        command.main(
+            [
+                *TINY,
+                "--ops",
+                "quantize_per_token,quantized_fusion",
+                "--cases",
+                "small_tokens,small_three_modalities",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (run_dir,) = out.iterdir()
     return run_dir
 
@@ -51,8 +63,10 @@ def test_a_run_writes_results_report_and_plots(tiny_run):
 
 
 def _saved_run(path, medians, device="cpu-a", timestamp="2026-01-01T00:00:00+00:00"):
-    records = [{"op": "op", "case": case, "provider": "mmkern", "mode": "forward", "dtype": "float32",
-                "median_ms": ms} for case, ms in medians.items()]
+    records = [
+        {"op": "op", "case": case, "provider": "mmkern", "mode": "forward", "dtype": "float32", "median_ms": ms}
+        for case, ms in medians.items()
+    ]
     path.write_text(json.dumps({"environment": {"device": device, "timestamp": timestamp}, "records": records}))
     return str(path)
 
@@ -70,19 +84,36 @@ def test_compare_exits_non_zero_on_a_regression_over_the_threshold(tmp_path, cap
 
 def test_compare_a_new_run_with_a_saved_one(tiny_run, tmp_path, capsys):
     old = str(tiny_run / "results.json")
-    code = command.main([*TINY, "--ops", "quantize_per_token", "--cases", "small_tokens", "--out", str(tmp_path),
-                         "--no-plots", "--compare", old, "--fail-if-regression", "1000"])
+    code = command.main(
+        [
+            *TINY,
+            "--ops",
+            "quantize_per_token",
+            "--cases",
+            "small_tokens",
+            "--out",
+            str(tmp_path),
+            "--no-plots",
+            "--compare",
+            old,
+            "--fail-if-regression",
+            "1000",
+        ]
+    )
     assert code == 0
     assert "0 regression(s) over 1000%" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ops", "nonsense"], "--ops: unknown ['nonsense']"),
-    (["--dtype", "int8"], "--dtype: expected floating dtypes"),
-    (["--modes", "sideways"], "--modes: unknown ['sideways']"),
-    (["--fail-if-regression", "5"], "--fail-if-regression needs --compare"),
-    (["--cases", "nonsense", "--ops", "quantize_per_token"], "--cases: none of ['nonsense']"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ops", "nonsense"], "--ops: unknown ['nonsense']"),
+        (["--dtype", "int8"], "--dtype: expected floating dtypes"),
+        (["--modes", "sideways"], "--modes: unknown ['sideways']"),
+        (["--fail-if-regression", "5"], "--fail-if-regression needs --compare"),
+        (["--cases", "nonsense", "--ops", "quantize_per_token"], "--cases: none of ['nonsense']"),
+    ],
+)
 def test_bad_arguments_are_named(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         command.main([*TINY, "--out", str(tmp_path), *argv])
@@ -111,7 +142,7 @@ def test_the_readme_performance_section_is_the_newest_runs():
         text = handle.read()
     run = newest_run(os.path.join(ROOT, "benchmarks", "results"))
     assert run is not None, "benchmarks/results has no run folder"
-    section = text[text.index(README_BEGIN):text.index(README_END) + len(README_END)]
+    section = text[text.index(README_BEGIN) : text.index(README_END) + len(README_END)]
     assert section == readme_section(run, os.path.abspath(ROOT)), "run `mmkern bench --update-readme`"
 
 
@@ -130,8 +161,24 @@ def test_update_readme_writes_the_section(tiny_run, tmp_path):
 
 def test_pytest_benchmark_runs_the_same_cases():
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "benchmarks"),
-         "--benchmark-only", "-k", "small_three_modalities", "--benchmark-min-rounds=2", "--benchmark-max-time=0.01"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(ROOT, "benchmarks"),
+            "--benchmark-only",
+            "-k",
+            "small_three_modalities",
+            "--benchmark-min-rounds=2",
+            "--benchmark-max-time=0.01",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "test_benchmark[quantized_fusion-small_three_modalities-float32-forward-mmkern]" in result.stdout

@@ -66,8 +66,9 @@ class SimulatedEvent:
 
 
 def _time(gpu, steps, graphable=True, repeats=12):
-    return time_calls({"f": steps}, CUDA, warmup=1, repeats=repeats, budget_s=100.0, graphable=graphable,
-                      clock=gpu)["f"]
+    return time_calls({"f": steps}, CUDA, warmup=1, repeats=repeats, budget_s=100.0, graphable=graphable, clock=gpu)[
+        "f"
+    ]
 
 
 @pytest.mark.parametrize("capturable", [True, False])
@@ -123,10 +124,16 @@ def test_records_of_the_old_format_say_how_they_were_timed():
 
 
 def _run(path, record, device_type):
-    path.write_text(json.dumps({"environment": {"device": "gpu", "device_type": device_type,
-                                                "timestamp": "2026-01-01T00:00:00+00:00"},
-                                "records": [{"op": "op", "case": "c", "provider": "mmkern", "mode": "forward",
-                                             "dtype": "bfloat16", **record}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "environment": {"device": "gpu", "device_type": device_type, "timestamp": "2026-01-01T00:00:00+00:00"},
+                "records": [
+                    {"op": "op", "case": "c", "provider": "mmkern", "mode": "forward", "dtype": "bfloat16", **record}
+                ],
+            }
+        )
+    )
     return str(path)
 
 

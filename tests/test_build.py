@@ -49,29 +49,56 @@ def test_recorded_targets_are_what_nvcc_compiled():
     assert compiled == recorded, (build_config.CUDA_TARGETS, mmkern.build_info())
 
 
-@pytest.mark.parametrize("target, capability, runs", [
-    ("sm_80", (8, 0), True), ("sm_80", (8, 6), True), ("sm_80", (8, 9), True),
-    ("sm_80", (9, 0), False), ("sm_80", (7, 5), False),
-    ("compute_90", (9, 0), True), ("compute_90", (10, 0), True), ("compute_90", (12, 0), True),
-    ("compute_90", (8, 9), False),
-    ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False),
-    ("sm_100", (10, 3), True), ("sm_120", (10, 0), False), ("sm_120", (12, 1), True),
-])
+@pytest.mark.parametrize(
+    "target, capability, runs",
+    [
+        ("sm_80", (8, 0), True),
+        ("sm_80", (8, 6), True),
+        ("sm_80", (8, 9), True),
+        ("sm_80", (9, 0), False),
+        ("sm_80", (7, 5), False),
+        ("compute_90", (9, 0), True),
+        ("compute_90", (10, 0), True),
+        ("compute_90", (12, 0), True),
+        ("compute_90", (8, 9), False),
+        ("sm_90a", (9, 0), True),
+        ("sm_90a", (10, 0), False),
+        ("sm_100", (10, 3), True),
+        ("sm_120", (10, 0), False),
+        ("sm_120", (12, 1), True),
+    ],
+)
 def test_which_gpus_a_target_runs_on(target, capability, runs):
     assert target_covers(target, capability) is runs
 
 
-@pytest.mark.parametrize("setting, visible", [
-    (None, [0, 1, 2]), ("", []), ("1,0", [1, 0]), ("2", [2]), ("0,7,1", [0]), ("-1", []), ("0,0,1", [0]),
-    ("GPU-8a0f2b", [0, 1, 2]), (" 1 , 2 ", [1, 2]),
-])
+@pytest.mark.parametrize(
+    "setting, visible",
+    [
+        (None, [0, 1, 2]),
+        ("", []),
+        ("1,0", [1, 0]),
+        ("2", [2]),
+        ("0,7,1", [0]),
+        ("-1", []),
+        ("0,0,1", [0]),
+        ("GPU-8a0f2b", [0, 1, 2]),
+        (" 1 , 2 ", [1, 2]),
+    ],
+)
 def test_cuda_visible_devices(setting, visible):
     assert visible_indices(setting, 3) == visible
 
 
 def _fake_config(**changes):
-    fields = dict(VERSION="0.1.0+cu130torch2.14", TORCH="2.14.1", CUDA="13.0", NVCC="13.0",
-                  CUDA_ARCH_LIST="8.0;9.0+PTX", CUDA_TARGETS=("sm_80", "compute_90", "sm_90"))
+    fields = dict(
+        VERSION="0.1.0+cu130torch2.14",
+        TORCH="2.14.1",
+        CUDA="13.0",
+        NVCC="13.0",
+        CUDA_ARCH_LIST="8.0;9.0+PTX",
+        CUDA_TARGETS=("sm_80", "compute_90", "sm_90"),
+    )
     return SimpleNamespace(**{**fields, **changes})
 
 
@@ -86,14 +113,23 @@ def test_a_matching_build_loads():
     check_build_matches_runtime(cpu_only, "2.14.1+cpu", None, [])
 
 
-@pytest.mark.parametrize("running, expected", [
-    (("2.11.0+cu130", "13.0", [H100]), r"built against torch 2\.14\.1 with CUDA 13\.0, but torch 2\.11\.0\+cu130 is "
-                                       r"running.*build for torch 2\.11.*pip install --no-build-isolation"),
-    (("2.14.1+cpu", None, []), r"has no CUDA.*MMKERN_SKIP_CUDA_BUILD=1 pip install --no-build-isolation"),
-    (("2.14.1+cu126", "12.6", [H100]), r"uses CUDA 12\.6\. Rebuild with a CUDA 12\.x toolkit"),
-    (("2.14.1+cu130", "13.0", [H100, T4]), r"for sm_80, compute_90, sm_90 .*but GPU 2 \(T4\) is sm_75.*no kernel image"
-                                           r".*MMKERN_CUDA_ARCH_LIST=7\.5;8\.0;9\.0\+PTX pip install.*CUDA_VISIBLE_DEVICES"),
-])
+@pytest.mark.parametrize(
+    "running, expected",
+    [
+        (
+            ("2.11.0+cu130", "13.0", [H100]),
+            r"built against torch 2\.14\.1 with CUDA 13\.0, but torch 2\.11\.0\+cu130 is "
+            r"running.*build for torch 2\.11.*pip install --no-build-isolation",
+        ),
+        (("2.14.1+cpu", None, []), r"has no CUDA.*MMKERN_SKIP_CUDA_BUILD=1 pip install --no-build-isolation"),
+        (("2.14.1+cu126", "12.6", [H100]), r"uses CUDA 12\.6\. Rebuild with a CUDA 12\.x toolkit"),
+        (
+            ("2.14.1+cu130", "13.0", [H100, T4]),
+            r"for sm_80, compute_90, sm_90 .*but GPU 2 \(T4\) is sm_75.*no kernel image"
+            r".*MMKERN_CUDA_ARCH_LIST=7\.5;8\.0;9\.0\+PTX pip install.*CUDA_VISIBLE_DEVICES",
+        ),
+    ],
+)
 def test_a_mismatch_says_what_was_built_what_runs_and_the_fix(running, expected):
     with pytest.raises(ImportError, match=expected):
         check_build_matches_runtime(_fake_config(), *running)
@@ -107,10 +143,16 @@ def _import_copy(tmp_path, build_config_text):
     if build_config_text is not None:
         (copy / "_build_config.py").write_text(build_config_text)
     # An editable install maps `mmkern` to its source tree ahead of sys.path; drop that mapping.
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in f.__module__]; "
-            "import mmkern")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in f.__module__]; import mmkern"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode != 0
     return result.stderr
 

@@ -8,8 +8,8 @@ from mmkern import _config, ops, reference
 from mmkern.kernels import tiles
 from mmkern.kernels.launch import runs_on_triton
 from mmkern.kernels.tiles import GemmTile
-from tests.tracing import needs_fake_cuda_tracing, traced_calls
 from tests.numerics import DEVICES, assert_close_to_reference, dtypes_for, skip_unless_float64_runs_on
+from tests.tracing import needs_fake_cuda_tracing, traced_calls
 
 # (input shapes, out_features, bias, activation): per-token and broadcast segments, 1 to 6 segments,
 # odd widths (1, 7, 97, 1000), lower-rank inputs, and edge sizes (no rows, a zero-width segment).
@@ -47,7 +47,11 @@ def forward_and_grads(fn, tensors, num_inputs, has_bias, activation, grad_out):
     inputs, weight = tensors[:num_inputs], tensors[num_inputs]
     bias = tensors[num_inputs + 1] if has_bias else None
     out = fn(inputs, weight, bias, activation=activation)
-    grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype)) if out.numel() else [torch.zeros_like(t) for t in tensors]
+    grads = (
+        torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
+        if out.numel()
+        else [torch.zeros_like(t) for t in tensors]
+    )
     return out, grads
 
 
@@ -55,13 +59,22 @@ def check_against_reference(shapes, out_features, with_bias, activation, dtype, 
     inputs, weight, bias = make_case(shapes, out_features, with_bias, dtype, device, seed=seed)
     exact_leaves = [t.double() for t in leaves(inputs, weight, bias)]
     exact_leaves = [t.detach().requires_grad_() for t in exact_leaves]
-    exact, exact_grads = forward_and_grads(reference.concat_linear, exact_leaves, len(shapes), with_bias, activation,
-                                           grad_out := torch.randn(*torch.broadcast_shapes(*(s[:-1] for s in shapes)),
-                                                                   out_features, dtype=torch.float64, device=device))
-    eager, eager_grads = forward_and_grads(reference.concat_linear, leaves(inputs, weight, bias), len(shapes),
-                                           with_bias, activation, grad_out)
-    actual, actual_grads = forward_and_grads(ops.concat_linear, leaves(inputs, weight, bias), len(shapes),
-                                             with_bias, activation, grad_out)
+    exact, exact_grads = forward_and_grads(
+        reference.concat_linear,
+        exact_leaves,
+        len(shapes),
+        with_bias,
+        activation,
+        grad_out := torch.randn(
+            *torch.broadcast_shapes(*(s[:-1] for s in shapes)), out_features, dtype=torch.float64, device=device
+        ),
+    )
+    eager, eager_grads = forward_and_grads(
+        reference.concat_linear, leaves(inputs, weight, bias), len(shapes), with_bias, activation, grad_out
+    )
+    actual, actual_grads = forward_and_grads(
+        ops.concat_linear, leaves(inputs, weight, bias), len(shapes), with_bias, activation, grad_out
+    )
     assert_close_to_reference(actual, exact.detach(), eager.detach(), "out")
     names = [f"grad inputs[{i}]" for i in range(len(shapes))] + ["grad weight", "grad bias"]
     # Each gradient element sums over the outputs it fed: out_features per row it was broadcast to,
@@ -89,8 +102,11 @@ def test_every_activation_and_dtype(activation, device):
 
 # Tiles that take each of the GEMM's paths on small shapes: the epilogue in halves (64 wide) and in
 # quarters (256 wide), a K step longer than some segments (masked K) and one that divides them all.
-PATH_TILES = {"halves": GemmTile(16, 64, 16, 4, 4, 2), "quarters": GemmTile(16, 256, 16, 4, 4, 2),
-              "long_k_step": GemmTile(32, 32, 64, 4, 4, 2)}
+PATH_TILES = {
+    "halves": GemmTile(16, 64, 16, 4, 4, 2),
+    "quarters": GemmTile(16, 256, 16, 4, 4, 2),
+    "long_k_step": GemmTile(32, 32, 64, 4, 4, 2),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,9 +133,17 @@ def test_split_k_matches_the_reference_and_repeats_bitwise(case, device, short_k
     for dtype in dtypes_for(device):
         check_against_reference(shapes, out_features, with_bias, activation, dtype, device)
     inputs, weight, bias = make_case(shapes, out_features, with_bias, torch.float32, device)
-    runs = [forward_and_grads(ops.concat_linear, leaves(inputs, weight, bias), len(shapes), with_bias, activation,
-                              torch.ones(*torch.broadcast_shapes(*(s[:-1] for s in shapes)), out_features,
-                                         device=device)) for _ in range(2)]
+    runs = [
+        forward_and_grads(
+            ops.concat_linear,
+            leaves(inputs, weight, bias),
+            len(shapes),
+            with_bias,
+            activation,
+            torch.ones(*torch.broadcast_shapes(*(s[:-1] for s in shapes)), out_features, device=device),
+        )
+        for _ in range(2)
+    ]
     for first, second in zip([runs[0][0], *runs[0][1]], [runs[1][0], *runs[1][1]]):
         assert torch.equal(first, second)
 
@@ -170,7 +194,9 @@ def test_gradient_only_for_what_needs_it(leaf, device):
     tensor = {"inputs[0]": inputs[0], "inputs[1]": inputs[1], "weight": weight, "bias": bias}[leaf].requires_grad_()
     grad_out = torch.randn(2, 3, 6, device=device)
     (actual,) = torch.autograd.grad(ops.concat_linear(inputs, weight, bias, activation="gelu"), tensor, grad_out)
-    (expected,) = torch.autograd.grad(reference.concat_linear(inputs, weight, bias, activation="gelu"), tensor, grad_out)
+    (expected,) = torch.autograd.grad(
+        reference.concat_linear(inputs, weight, bias, activation="gelu"), tensor, grad_out
+    )
     torch.testing.assert_close(actual, expected)
 
 
@@ -192,13 +218,22 @@ def test_opcheck(device):
     for inputs, weight, bias, activation in opcheck_samples(device):
         torch.library.opcheck(torch.ops.mmkern.concat_linear.default, (inputs, weight, bias, activation))
         out, saved = torch.ops.mmkern.concat_linear.default(
-            [x.detach() for x in inputs], weight.detach(), None if bias is None else bias.detach(), activation)
+            [x.detach() for x in inputs], weight.detach(), None if bias is None else bias.detach(), activation
+        )
         grad_out = torch.randn_like(out)
         activation_saved = out if activation == "relu" else saved
         torch.library.opcheck(
             torch.ops.mmkern.concat_linear_backward.default,
-            (grad_out, [x.detach() for x in inputs], weight.detach(), activation_saved, activation,
-             [True] * len(inputs), True, bias is not None),
+            (
+                grad_out,
+                [x.detach() for x in inputs],
+                weight.detach(),
+                activation_saved,
+                activation,
+                [True] * len(inputs),
+                True,
+                bias is not None,
+            ),
         )
 
 
@@ -231,8 +266,9 @@ def test_autocast_runs_in_the_autocast_dtype(device):
         actual = ops.concat_linear(inputs, weight, bias, activation="silu")
         eager = reference.concat_linear(inputs, weight, bias, activation="silu")
     assert actual.dtype == eager.dtype == dtype
-    exact = reference.concat_linear([x.to(dtype).double() for x in inputs], weight.to(dtype).double(),
-                                    bias.to(dtype).double(), activation="silu")
+    exact = reference.concat_linear(
+        [x.to(dtype).double() for x in inputs], weight.to(dtype).double(), bias.to(dtype).double(), activation="silu"
+    )
     assert_close_to_reference(actual, exact, eager, "autocast out")
 
 
@@ -248,14 +284,21 @@ def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
 
     def backward(grad_out, text, image, weight, preactivation):
         grad_inputs, grad_weight, grad_bias = torch.ops.mmkern.concat_linear_backward.default(
-            grad_out, [text, image], weight, preactivation, "gelu", [True, True], True, True)
+            grad_out, [text, image], weight, preactivation, "gelu", [True, True], True, True
+        )
         return (*grad_inputs, grad_weight, grad_bias)
 
     with FakeTensorMode():
         text, image = torch.empty(2, 9, 24, device="cuda"), torch.empty(2, 1, 40, device="cuda")
-        weight, bias, grad_out = torch.empty(31, 64, device="cuda"), torch.empty(31, device="cuda"), torch.empty(2, 9, 31, device="cuda")
-        for calls in (traced_calls(forward, text, image, weight, bias),
-                      traced_calls(backward, grad_out, text, image, weight, grad_out)):
+        weight, bias, grad_out = (
+            torch.empty(31, 64, device="cuda"),
+            torch.empty(31, device="cuda"),
+            torch.empty(2, 9, 31, device="cuda"),
+        )
+        for calls in (
+            traced_calls(forward, text, image, weight, bias),
+            traced_calls(backward, grad_out, text, image, weight, grad_out),
+        ):
             assert "triton_kernel_wrapper_functional" in calls, calls
             assert not any("mmkern" in call for call in calls), calls
 
@@ -263,17 +306,33 @@ def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
 BAD_INPUTS = {
     "not a sequence": (lambda x, w, b: (x[0], w, b, "none"), TypeError, "sequence of tensors"),
     "empty inputs": (lambda x, w, b: ([], w, b, "none"), ValueError, "at least one tensor"),
-    "integer input": (lambda x, w, b: ([x[0].long(), x[1]], w, b, "none"), TypeError, r"inputs\[0\] has dtype torch.int64"),
+    "integer input": (
+        lambda x, w, b: ([x[0].long(), x[1]], w, b, "none"),
+        TypeError,
+        r"inputs\[0\] has dtype torch.int64",
+    ),
     "integer weight": (lambda x, w, b: (x, w.int(), b, "none"), TypeError, "weight has dtype torch.int32"),
-    "mixed dtypes": (lambda x, w, b: ([x[0], x[1].half()], w, b, "none"), TypeError, r"inputs\[1\] has dtype torch.float16"),
+    "mixed dtypes": (
+        lambda x, w, b: ([x[0], x[1].half()], w, b, "none"),
+        TypeError,
+        r"inputs\[1\] has dtype torch.float16",
+    ),
     "mixed devices": (lambda x, w, b: ([x[0], x[1].to("meta")], w, b, "none"), ValueError, r"inputs\[1\] is on meta"),
     "wrong width": (lambda x, w, b: (x, w[:, 1:], b, "none"), ValueError, r"weight.shape\[1\] must equal"),
     "weight not 2-D": (lambda x, w, b: (x, w[None], b, "none"), ValueError, "weight must be 2-D"),
     "wrong bias": (lambda x, w, b: (x, w, b[1:], "none"), ValueError, "bias must have shape"),
-    "no broadcast": (lambda x, w, b: ([x[0], x[1].expand(2, 3, 4)[:, :2]], w, b, "none"), ValueError, "do not broadcast"),
+    "no broadcast": (
+        lambda x, w, b: ([x[0], x[1].expand(2, 3, 4)[:, :2]], w, b, "none"),
+        ValueError,
+        "do not broadcast",
+    ),
     "0-d input": (lambda x, w, b: ([torch.tensor(1.0), *x], w, b, "none"), ValueError, "0-d tensor"),
     "unknown activation": (lambda x, w, b: (x, w, b, "tanh"), ValueError, "activation must be one of"),
-    "tensor-like list item": (lambda x, w, b: ([x[0], [1.0]], w, b, "none"), TypeError, r"inputs\[1\] must be a tensor"),
+    "tensor-like list item": (
+        lambda x, w, b: ([x[0], [1.0]], w, b, "none"),
+        TypeError,
+        r"inputs\[1\] must be a tensor",
+    ),
 }
 
 

@@ -35,17 +35,26 @@ def make_case(batch, q_len, k_len, q_heads, kv_heads, head_dim, v_dim, kv_lens, 
     def randn(*shape):
         return torch.randn(shape, generator=generator, dtype=torch.float64).to(device, dtype)
 
-    lengths = {name: None if values is None else torch.tensor(values, device=device)
-               for name, values in (("kv_lens", kv_lens), ("q_lens", q_lens))}
-    return (randn(batch, q_len, q_heads, head_dim), randn(batch, k_len, kv_heads, head_dim),
-            randn(batch, k_len, kv_heads, v_dim), lengths)
+    lengths = {
+        name: None if values is None else torch.tensor(values, device=device)
+        for name, values in (("kv_lens", kv_lens), ("q_lens", q_lens))
+    }
+    return (
+        randn(batch, q_len, q_heads, head_dim),
+        randn(batch, k_len, kv_heads, head_dim),
+        randn(batch, k_len, kv_heads, v_dim),
+        lengths,
+    )
 
 
 def forward_and_grads(fn, q, k, v, grad_out, **kwargs):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out, lse = fn(q, k, v, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)) if out.numel() else \
-        [torch.zeros_like(t) for t in (q, k, v)]
+    grads = (
+        torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+        if out.numel()
+        else [torch.zeros_like(t) for t in (q, k, v)]
+    )
     return out, lse, grads
 
 
@@ -67,21 +76,24 @@ def assert_gradients_close(actual, exact, eager, device, label=""):
     key; the property tests found a draw 13% past one sum's roundoff there)."""
     v_dim = exact[2].shape[-1]
     for name, a, x, e, terms in zip(("grad q", "grad k", "grad v"), actual, exact, eager, (2 * v_dim, 2 * v_dim, 1)):
-        assert_close_to_reference(a, x.detach(), e.detach(), name + label, factor=gradient_error_factor(device),
-                                  terms=terms)
+        assert_close_to_reference(
+            a, x.detach(), e.detach(), name + label, factor=gradient_error_factor(device), terms=terms
+        )
 
 
 def check_against_reference(params, dtype, device, seed=0, **options):
     """``params``: a CASES entry; ``options``: the attention variant (causal, window), as both take them."""
     q, k, v, lengths = make_case(*params, dtype, device, seed=seed)
     grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
-    exact = forward_and_grads(reference.cross_modal_attention, q.double(), k.double(), v.double(), grad_out, **lengths,
-                              **options)
+    exact = forward_and_grads(
+        reference.cross_modal_attention, q.double(), k.double(), v.double(), grad_out, **lengths, **options
+    )
     eager = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, **lengths, **options)
     actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths, **options)
     # ATen's CPU flash kernel's vectorised exp (about 20 ulp) weighs every term of the output too.
-    assert_close_to_reference(actual[0], exact[0].detach(), eager[0].detach(), "out",
-                              factor=gradient_error_factor(device))
+    assert_close_to_reference(
+        actual[0], exact[0].detach(), eager[0].detach(), "out", factor=gradient_error_factor(device)
+    )
     assert_gradients_close(actual[2], exact[2], eager[2], device)
     lse, exact_lse = actual[1], exact[1].detach()
     assert torch.equal(lse.isneginf(), exact_lse.isneginf())
@@ -101,8 +113,12 @@ def test_matches_reference(case, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_sdpa(device):
     q, k, v, _ = make_case(2, 33, 65, 8, 2, 32, 32, None, None, torch.float32, device)
-    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(4, 1),
-                                              v.transpose(1, 2).repeat_interleave(4, 1), scale=0.3).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2).repeat_interleave(4, 1),
+        v.transpose(1, 2).repeat_interleave(4, 1),
+        scale=0.3,
+    ).transpose(1, 2)
     torch.testing.assert_close(ops.cross_modal_attention(q, k, v, scale=0.3), expected, rtol=2e-5, atol=2e-5)
 
 
@@ -121,8 +137,12 @@ def test_strided_views_of_one_projection(device):
     # q, k and v sliced out of one fused (B, L, 3, H, D) projection: read in place.
     fused = torch.randn(2, 9, 3, 4, 16, device=device, dtype=torch.float64)
     q, k, v = fused.unbind(2)
-    expected = ops.cross_modal_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv_lens=torch.tensor([9, 4], device=device))
-    torch.testing.assert_close(ops.cross_modal_attention(q, k, v, kv_lens=torch.tensor([9, 4], device=device)), expected)
+    expected = ops.cross_modal_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), kv_lens=torch.tensor([9, 4], device=device)
+    )
+    torch.testing.assert_close(
+        ops.cross_modal_attention(q, k, v, kv_lens=torch.tensor([9, 4], device=device)), expected
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,8 +153,9 @@ def test_dropout_is_the_reference_mask_for_the_generators_seed(device):
     actual = forward_and_grads(mmkern_attention, q, k, v, grad_out, dropout_p=0.3, **lengths)
     torch.manual_seed(123)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device=device))  # the op draws it so
-    expected = forward_and_grads(reference.cross_modal_attention, q, k, v, grad_out, dropout_p=0.3,
-                                 dropout_seed=seed, **lengths)
+    expected = forward_and_grads(
+        reference.cross_modal_attention, q, k, v, grad_out, dropout_p=0.3, dropout_seed=seed, **lengths
+    )
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-12)
     for a, e in zip(actual[2], expected[2]):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
@@ -162,8 +183,9 @@ def test_dropout_is_unbiased():
 
 
 def _op_with_seed(q, k, v, kv_lens, q_lens, seed):
-    return torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens, q_lens, 0.25, 0.2 if seed is not None else 0.0,
-                                                          seed)[0]
+    return torch.ops.mmkern.cross_modal_attention.default(
+        q, k, v, kv_lens, q_lens, 0.25, 0.2 if seed is not None else 0.0, seed
+    )[0]
 
 
 @pytest.mark.parametrize("dropout", [False, True])
@@ -172,8 +194,11 @@ def test_gradcheck_float64(dropout):
     seed = torch.tensor(11) if dropout else None
     inputs = [t.requires_grad_() for t in (q, k, v)]
     # The interpreter takes a second a launch: it checks one random direction (fast mode).
-    assert torch.autograd.gradcheck(lambda *t: _op_with_seed(*t, lengths["kv_lens"], lengths["q_lens"], seed), inputs,
-                                    fast_mode=_config.TRITON_ON_CPU)
+    assert torch.autograd.gradcheck(
+        lambda *t: _op_with_seed(*t, lengths["kv_lens"], lengths["q_lens"], seed),
+        inputs,
+        fast_mode=_config.TRITON_ON_CPU,
+    )
 
 
 def opcheck_samples(device):
@@ -195,11 +220,25 @@ def test_opcheck(device):
     for sample in opcheck_samples(device):
         torch.library.opcheck(torch.ops.mmkern.cross_modal_attention.default, sample)
         q, k, v, kv_lens, q_lens, scale, dropout_p, seed = sample
-        out, lse = torch.ops.mmkern.cross_modal_attention.default(q.detach(), k.detach(), v.detach(), kv_lens, q_lens,
-                                                                  scale, dropout_p, seed)
-        torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_backward.default,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, kv_lens, q_lens,
-                               scale, dropout_p, seed))
+        out, lse = torch.ops.mmkern.cross_modal_attention.default(
+            q.detach(), k.detach(), v.detach(), kv_lens, q_lens, scale, dropout_p, seed
+        )
+        torch.library.opcheck(
+            torch.ops.mmkern.cross_modal_attention_backward.default,
+            (
+                torch.randn_like(out),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                kv_lens,
+                q_lens,
+                scale,
+                dropout_p,
+                seed,
+            ),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -240,19 +279,35 @@ def _arguments(**changes):
 BAD_INPUTS = {
     "q not a tensor": (dict(q=[1.0]), TypeError, "q must be a tensor"),
     "integer k": (dict(k=torch.ones(2, 5, 2, 8, dtype=torch.int64)), TypeError, "k has dtype torch.int64"),
-    "mixed dtypes": (dict(v=torch.randn(2, 5, 2, 6).half()), TypeError, "v has dtype torch.float16 but q has torch.float32"),
+    "mixed dtypes": (
+        dict(v=torch.randn(2, 5, 2, 6).half()),
+        TypeError,
+        "v has dtype torch.float16 but q has torch.float32",
+    ),
     "q not 4-D": (dict(q=torch.randn(2, 3, 32)), ValueError, "q must be 4-D"),
     "mixed devices": (dict(k=torch.randn(2, 5, 2, 8, device="meta")), ValueError, "k is on meta"),
     "batch mismatch": (dict(v=torch.randn(3, 5, 2, 6)), ValueError, "same batch size"),
     "v length mismatch": (dict(v=torch.randn(2, 4, 2, 6)), ValueError, "v must have k's length and heads"),
     "head dim mismatch": (dict(k=torch.randn(2, 5, 2, 7)), ValueError, "same head dim, got 8 and 7"),
-    "heads not a multiple": (dict(k=torch.randn(2, 5, 3, 8), v=torch.randn(2, 5, 3, 6)), ValueError, r"multiple of the key/value heads \(3\)"),
-    "head dim over 256": (dict(q=torch.randn(2, 3, 4, 257), k=torch.randn(2, 5, 2, 257)), ValueError, "at most 256, got 257"),
+    "heads not a multiple": (
+        dict(k=torch.randn(2, 5, 3, 8), v=torch.randn(2, 5, 3, 6)),
+        ValueError,
+        r"multiple of the key/value heads \(3\)",
+    ),
+    "head dim over 256": (
+        dict(q=torch.randn(2, 3, 4, 257), k=torch.randn(2, 5, 2, 257)),
+        ValueError,
+        "at most 256, got 257",
+    ),
     "v head dim over 256": (dict(v=torch.randn(2, 5, 2, 300)), ValueError, "head dim of v must be at most 256"),
     "kv_lens wrong shape": (dict(kv_lens=torch.tensor([5])), ValueError, r"kv_lens must have shape \(2,\)"),
     "kv_lens float": (dict(kv_lens=torch.tensor([5.0, 2.0])), TypeError, "kv_lens must have dtype int32 or int64"),
     "kv_lens not a tensor": (dict(kv_lens=[5, 2]), TypeError, "kv_lens must be an integer tensor"),
-    "kv_lens too long": (dict(kv_lens=torch.tensor([6, 2])), ValueError, r"kv_lens must lie in \[0, 5\], got values from 2 to 6"),
+    "kv_lens too long": (
+        dict(kv_lens=torch.tensor([6, 2])),
+        ValueError,
+        r"kv_lens must lie in \[0, 5\], got values from 2 to 6",
+    ),
     "kv_lens negative": (dict(kv_lens=torch.tensor([-1, 2])), ValueError, r"kv_lens must lie in \[0, 5\]"),
     "kv_lens on another device": (dict(kv_lens=torch.tensor([5, 2], device="meta")), ValueError, "kv_lens is on meta"),
     "q_lens too long": (dict(q_lens=torch.tensor([4, 1])), ValueError, r"q_lens must lie in \[0, 3\]"),
@@ -286,11 +341,15 @@ def packed_case(device, dtype=torch.float64, unowned_rows=0):
     def rows(x, lens):
         def unowned():
             return torch.randn(unowned_rows, *x.shape[2:], generator=generator, dtype=torch.float64).to(x)
+
         return torch.cat([unowned(), pack(x, lens), unowned()])
 
-    offsets = {name: torch.tensor([unowned_rows, *(unowned_rows + n for n in itertools.accumulate(lens))],
-                                  device=device, dtype=torch.int32)
-               for name, lens in (("q", q_lens), ("k", kv_lens))}
+    offsets = {
+        name: torch.tensor(
+            [unowned_rows, *(unowned_rows + n for n in itertools.accumulate(lens))], device=device, dtype=torch.int32
+        )
+        for name, lens in (("q", q_lens), ("k", kv_lens))
+    }
     padded_lengths = {"q_lens": torch.tensor(q_lens, device=device), "kv_lens": torch.tensor(kv_lens, device=device)}
     packed = (rows(q, q_lens), rows(k, kv_lens), rows(v, kv_lens), offsets["q"], offsets["k"], 5, 21)
     return (q, k, v, padded_lengths), packed, q_lens
@@ -311,7 +370,11 @@ def check_packed_equals_padded(device, **options):
     torch.manual_seed(7)
     packed_out, packed_lse, packed_grads = forward_and_grads(
         lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, return_lse=True, **options),
-        pq, pk, pv, pack(grad_out, q_lens))
+        pq,
+        pk,
+        pv,
+        pack(grad_out, q_lens),
+    )
     torch.testing.assert_close(packed_out, pack(out, q_lens), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(packed_lse, pack(lse.transpose(1, 2), q_lens).t())
     kv_lens = lengths["kv_lens"].tolist()
@@ -332,14 +395,20 @@ def test_packed_matches_reference_in_every_dtype(device, unowned_rows):
         exact = forward_and_grads(packed_reference, q.double(), k.double(), v.double(), grad_out)
         eager = forward_and_grads(packed_reference, q, k, v, grad_out)
         actual = forward_and_grads(
-            lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, return_lse=True), q, k, v, grad_out)
+            lambda *t: ops.cross_modal_attention_packed(*t, cu_q, cu_k, max_q, max_k, return_lse=True),
+            q,
+            k,
+            v,
+            grad_out,
+        )
         assert_close_to_reference(actual[0], exact[0].detach(), eager[0].detach(), f"out {dtype}")
         assert_gradients_close(actual[2], exact[2], eager[2], device, f" {dtype}")
 
 
 def _packed_op(q, k, v, cu_q, cu_k, max_q, max_k, seed):
-    return torch.ops.mmkern.cross_modal_attention_packed.default(q, k, v, cu_q, cu_k, max_q, max_k, 0.25,
-                                                                 0.2 if seed is not None else 0.0, seed)
+    return torch.ops.mmkern.cross_modal_attention_packed.default(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.25, 0.2 if seed is not None else 0.0, seed
+    )
 
 
 @pytest.mark.parametrize("dropout", [False, True])
@@ -347,8 +416,9 @@ def test_packed_gradcheck_float64(dropout):
     _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case("cpu")
     q, k, v = (t[:, :, :3].clone().requires_grad_() for t in (q, k, v))
     seed = torch.tensor(11) if dropout else None
-    assert torch.autograd.gradcheck(lambda *t: _packed_op(*t, cu_q, cu_k, max_q, max_k, seed)[0], (q, k, v),
-                                    fast_mode=_config.TRITON_ON_CPU)
+    assert torch.autograd.gradcheck(
+        lambda *t: _packed_op(*t, cu_q, cu_k, max_q, max_k, seed)[0], (q, k, v), fast_mode=_config.TRITON_ON_CPU
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -356,13 +426,36 @@ def test_packed_opcheck(device):
     _, (q, k, v, cu_q, cu_k, max_q, max_k), _ = packed_case(device, torch.float32)
     for seed in (None, torch.tensor(3)):
         for requires_grad in (False, True):
-            args = (*(t.detach().requires_grad_(requires_grad) for t in (q, k, v)), cu_q, cu_k, max_q, max_k, 0.3,
-                    0.0 if seed is None else 0.25, seed)
+            args = (
+                *(t.detach().requires_grad_(requires_grad) for t in (q, k, v)),
+                cu_q,
+                cu_k,
+                max_q,
+                max_k,
+                0.3,
+                0.0 if seed is None else 0.25,
+                seed,
+            )
             torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_packed.default, args)
         out, lse = _packed_op(q, k, v, cu_q, cu_k, max_q, max_k, seed)
-        torch.library.opcheck(torch.ops.mmkern.cross_modal_attention_packed_backward.default,
-                              (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.25,
-                               0.0 if seed is None else 0.2, seed))
+        torch.library.opcheck(
+            torch.ops.mmkern.cross_modal_attention_packed_backward.default,
+            (
+                torch.randn_like(out),
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_q,
+                cu_k,
+                max_q,
+                max_k,
+                0.25,
+                0.0 if seed is None else 0.2,
+                seed,
+            ),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -383,8 +476,11 @@ PACKED_BAD_INPUTS = {
     "q not 3-D": (dict(q=torch.randn(1, 6, 4, 8)), ValueError, "q must be 3-D"),
     "cu_seqlens float": (dict(cu_seqlens_q=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens_q must have dtype int32"),
     "cu_seqlens 2-D": (dict(cu_seqlens_k=torch.tensor([[0, 5]])), ValueError, "cu_seqlens_k must be 1-D"),
-    "cu_seqlens of other batch": (dict(cu_seqlens_k=torch.tensor([0, 2, 5])), ValueError,
-                                  r"as many offsets as cu_seqlens_q \(2\)"),
+    "cu_seqlens of other batch": (
+        dict(cu_seqlens_k=torch.tensor([0, 2, 5])),
+        ValueError,
+        r"as many offsets as cu_seqlens_q \(2\)",
+    ),
     "cu_seqlens past the rows": (dict(cu_seqlens_q=torch.tensor([0, 7])), ValueError, "at most 6 rows"),
     "cu_seqlens decreasing": (dict(cu_seqlens_q=torch.tensor([3, 1])), ValueError, "non-decreasing"),
     "sample longer than max": (dict(max_seqlen_k=4), ValueError, "a sample of 5 rows, longer than max_seqlen 4"),
@@ -396,9 +492,15 @@ PACKED_BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(PACKED_BAD_INPUTS))
 def test_packed_bad_input_is_named(case, value_checks):
     changes, error, message = PACKED_BAD_INPUTS[case]
-    arguments = dict(q=torch.randn(6, 4, 8), k=torch.randn(5, 2, 8), v=torch.randn(5, 2, 6),
-                     cu_seqlens_q=torch.tensor([0, 6]), cu_seqlens_k=torch.tensor([0, 5]), max_seqlen_q=6,
-                     max_seqlen_k=5)
+    arguments = dict(
+        q=torch.randn(6, 4, 8),
+        k=torch.randn(5, 2, 8),
+        v=torch.randn(5, 2, 6),
+        cu_seqlens_q=torch.tensor([0, 6]),
+        cu_seqlens_k=torch.tensor([0, 5]),
+        max_seqlen_q=6,
+        max_seqlen_k=5,
+    )
     arguments.update(changes)
     with pytest.raises(error, match=message):
         ops.cross_modal_attention_packed(**arguments)
@@ -435,9 +537,15 @@ def test_unchecked_offsets_read_as_their_clamped_running_maximum(device):
     offsets = lambda values: torch.tensor(values, device=device, dtype=torch.int32)  # noqa: E731
 
     def run(cu_q, cu_k, max_q, max_k, rows_q=10, rows_k=12):
-        return forward_and_grads(lambda *t: ops.cross_modal_attention_packed(
-            *t, offsets(cu_q), offsets(cu_k), max_q, max_k, return_lse=True),
-            q[:rows_q], k[:rows_k], v[:rows_k], grad_out[:rows_q])
+        return forward_and_grads(
+            lambda *t: ops.cross_modal_attention_packed(
+                *t, offsets(cu_q), offsets(cu_k), max_q, max_k, return_lse=True
+            ),
+            q[:rows_q],
+            k[:rows_k],
+            v[:rows_k],
+            grad_out[:rows_q],
+        )
 
     unchecked = run([-4, 3, 2, 12], [0, 9, 4, 30], 7, 9)
     well_formed = run([0, 3, 3, 10], [0, 9, 9, 12], 7, 9)

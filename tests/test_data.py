@@ -3,8 +3,18 @@ import math
 import pytest
 import torch
 
-from mmkern.data import (ANSWERS, DigitQuestions, MultimodalCollate, WordTokenizer, dtmf_tone, frame_count,
-                         log_spectrogram, pad_sequences, question_tokenizer, resize_and_normalize)
+from mmkern.data import (
+    ANSWERS,
+    DigitQuestions,
+    MultimodalCollate,
+    WordTokenizer,
+    dtmf_tone,
+    frame_count,
+    log_spectrogram,
+    pad_sequences,
+    question_tokenizer,
+    resize_and_normalize,
+)
 from mmkern.data.audio import DTMF_COLUMNS, DTMF_ROWS
 
 

@@ -16,8 +16,19 @@ WORLD = 2
 
 def build_model():
     torch.manual_seed(0)
-    return VisionTextClassifier(5, 11, image_encoder="vit", text_encoder="transformer", fusion="attention", dim=16,
-                                image_size=8, patch_size=4, depth=1, heads=2, max_text_length=8)
+    return VisionTextClassifier(
+        5,
+        11,
+        image_encoder="vit",
+        text_encoder="transformer",
+        fusion="attention",
+        dim=16,
+        image_size=8,
+        patch_size=4,
+        depth=1,
+        heads=2,
+        max_text_length=8,
+    )
 
 
 def global_batch():
@@ -36,8 +47,7 @@ def loss_of(model, images, text_ids, text_lens, labels):
 def _worker(rank, wrapper, out_dir):
     # A file store, not rank 0's TCP store: a rank that tears down after rank 0 has exited then finds
     # no server gone from under it (which aborted the process, once in a while, in CI).
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model = build_model()
@@ -45,13 +55,16 @@ def _worker(rank, wrapper, out_dir):
             model = torch.nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
+
             for block in [*model.image_encoder.blocks, *model.text_encoder.blocks]:
                 fully_shard(block)
             fully_shard(model)
         shard = [x.chunk(WORLD)[rank] for x in global_batch()]
         loss_of(model, *shard).backward()
-        gradients = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                     for name, p in model.named_parameters()}
+        gradients = {
+            name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for name, p in model.named_parameters()
+        }
         if rank == 0:
             torch.save(gradients, os.path.join(out_dir, "gradients.pt"))
         dist.barrier()  # no rank leaves while the other still has collectives in flight

@@ -34,39 +34,86 @@ def fake_mode(sm90_compile_target):
 
 def test_concat_linear(fake_mode):
     text, image, weight, bias, grad_out = symbolic_cuda_tensors(
-        fake_mode, ((2, 9, 24), F32), ((2, 1, 40), F32), ((31, 64), F32), ((31,), F32), ((2, 9, 31), F32))
+        fake_mode, ((2, 9, 24), F32), ((2, 1, 40), F32), ((31, 64), F32), ((31,), F32), ((2, 9, 31), F32)
+    )
     assert_decomposes_into_triton(
-        lambda t, i, w, b: torch.ops.mmkern.concat_linear.default([t, i], w, b, "gelu"), text, image, weight, bias)
+        lambda t, i, w, b: torch.ops.mmkern.concat_linear.default([t, i], w, b, "gelu"), text, image, weight, bias
+    )
     assert_decomposes_into_triton(
-        lambda g, t, i, w, s: flat(torch.ops.mmkern.concat_linear_backward.default(
-            g, [t, i], w, s, "gelu", [True, True], True, True)), grad_out, text, image, weight, grad_out)
+        lambda g, t, i, w, s: flat(
+            torch.ops.mmkern.concat_linear_backward.default(g, [t, i], w, s, "gelu", [True, True], True, True)
+        ),
+        grad_out,
+        text,
+        image,
+        weight,
+        grad_out,
+    )
 
 
 def test_quantized_concat_linear(fake_mode):
     text, image, text_scale, image_scale, weight, weight_scale, bias = symbolic_cuda_tensors(
-        fake_mode, ((2, 9, 24), I8), ((2, 1, 40), I8), ((2, 9, 1), F32), ((2, 1, 1), F32), ((31, 64), I8),
-        ((31,), F32), ((31,), F32))
+        fake_mode,
+        ((2, 9, 24), I8),
+        ((2, 1, 40), I8),
+        ((2, 9, 1), F32),
+        ((2, 1, 1), F32),
+        ((31, 64), I8),
+        ((31,), F32),
+        ((31,), F32),
+    )
     assert_decomposes_into_triton(
         lambda t, i, ts, its, w, ws, b: torch.ops.mmkern.quantized_concat_linear.default(
-            [t, i], [ts, its], w, ws, b, "silu", torch.bfloat16),
-        text, image, text_scale, image_scale, weight, weight_scale, bias)
+            [t, i], [ts, its], w, ws, b, "silu", torch.bfloat16
+        ),
+        text,
+        image,
+        text_scale,
+        image_scale,
+        weight,
+        weight_scale,
+        bias,
+    )
 
 
 def test_quantized_fusion(fake_mode):
     a, b, scale_a, scale_b, weights, gate = symbolic_cuda_tensors(
-        fake_mode, ((3, 7, 40), I8), ((3, 7, 40), I8), ((3, 7, 1), F32), ((3, 7, 1), F32), ((2,), F32), ((3, 7, 40), F32))
+        fake_mode,
+        ((3, 7, 40), I8),
+        ((3, 7, 40), I8),
+        ((3, 7, 1), F32),
+        ((3, 7, 1), F32),
+        ((2,), F32),
+        ((3, 7, 40), F32),
+    )
     assert_decomposes_into_triton(
         lambda a, b, sa, sb, w: torch.ops.mmkern.quantized_fusion.default([a, b], [sa, sb], w, None, "sum", F32),
-        a, b, scale_a, scale_b, weights)
+        a,
+        b,
+        scale_a,
+        scale_b,
+        weights,
+    )
     assert_decomposes_into_triton(
         lambda a, b, sa, sb, g: torch.ops.mmkern.quantized_fusion.default([a, b], [sa, sb], None, g, "gated", F32),
-        a, b, scale_a, scale_b, gate)
+        a,
+        b,
+        scale_a,
+        scale_b,
+        gate,
+    )
 
 
 def test_cross_modal_attention(fake_mode):
     q, k, v, grad_out, out, lse = symbolic_cuda_tensors(
-        fake_mode, ((2, 9, 4, 32), F32), ((2, 700, 2, 32), F32), ((2, 700, 2, 24), F32), ((2, 9, 4, 24), F32),
-        ((2, 9, 4, 24), F32), ((2, 4, 9), F32))
+        fake_mode,
+        ((2, 9, 4, 32), F32),
+        ((2, 700, 2, 32), F32),
+        ((2, 700, 2, 24), F32),
+        ((2, 9, 4, 24), F32),
+        ((2, 9, 4, 24), F32),
+        ((2, 4, 9), F32),
+    )
 
     # The lengths are made inside the traced function: torch's analysis of which arguments a Triton
     # kernel writes counts the length pointers as written (they are only read), and
@@ -76,7 +123,18 @@ def test_cross_modal_attention(fake_mode):
 
     assert_decomposes_into_triton(
         lambda q, k, v: torch.ops.mmkern.cross_modal_attention.default(q, k, v, kv_lens(k), None, 0.2, 0.0, None),
-        q, k, v)
+        q,
+        k,
+        v,
+    )
     assert_decomposes_into_triton(
         lambda g, q, k, v, o, lse: torch.ops.mmkern.cross_modal_attention_backward.default(
-            g, q, k, v, o, lse, kv_lens(k), None, 0.2, 0.0, None), grad_out, q, k, v, out, lse)
+            g, q, k, v, o, lse, kv_lens(k), None, 0.2, 0.0, None
+        ),
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+    )

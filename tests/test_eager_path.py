@@ -47,16 +47,19 @@ def test_fast_path_is_bitwise_the_op(op, device, monkeypatch):
 @pytest.mark.parametrize("packed", [False, True])
 def test_fast_path_draws_the_ops_dropout(device, packed, monkeypatch):
     generator = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(shape, generator=generator).to(device).requires_grad_()
-               for shape in ((2, 6, 4, 8), (2, 9, 2, 8), (2, 9, 2, 8)))
+    q, k, v = (
+        torch.randn(shape, generator=generator).to(device).requires_grad_()
+        for shape in ((2, 6, 4, 8), (2, 9, 2, 8), (2, 9, 2, 8))
+    )
     kv_lens = torch.tensor([9, 4], device=device)
     cu = torch.tensor([0, 6, 12], device=device), torch.tensor([0, 9, 13], device=device)
 
     def attend():
         torch.manual_seed(11)
         if packed:
-            out = ops.cross_modal_attention_packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *cu, 6, 9,
-                                                   dropout_p=0.3)
+            out = ops.cross_modal_attention_packed(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *cu, 6, 9, dropout_p=0.3
+            )
         else:
             out = ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.3)
         return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
@@ -108,8 +111,6 @@ def test_the_fast_path_steps_aside_for_graphs_modes_and_subclasses():
     assert not _eager.takes_eager_path([None])
     seen = []
     torch.func.vmap(lambda row: seen.append(_eager.takes_eager_path([row])) or row)(x)
-    compiled = torch.compile(lambda t: seen.append(_eager.takes_eager_path([t])) or t, backend="eager",
-                             fullgraph=False)
+    compiled = torch.compile(lambda t: seen.append(_eager.takes_eager_path([t])) or t, backend="eager", fullgraph=False)
     compiled(x)
     assert seen and not any(seen)
-

@@ -11,8 +11,20 @@ VOCAB = 20
 def flamingo(image_encoder="cnn"):
     torch.manual_seed(0)
     # Open gates, so that the cross-attention and everything behind it shape the logits and gradients.
-    return FlamingoLM(VOCAB, image_encoder=image_encoder, dim=16, depth=2, heads=2, num_latents=4, resampler_depth=1,
-                      image_size=8, patch_size=4, max_frames=3, max_text_length=10, gate_init=0.5)
+    return FlamingoLM(
+        VOCAB,
+        image_encoder=image_encoder,
+        dim=16,
+        depth=2,
+        heads=2,
+        num_latents=4,
+        resampler_depth=1,
+        image_size=8,
+        patch_size=4,
+        max_frames=3,
+        max_text_length=10,
+        gate_init=0.5,
+    )
 
 
 def video_batch(device="cpu"):
@@ -20,8 +32,9 @@ def video_batch(device="cpu"):
     frames = torch.randn(3, 3, 1, 8, 8, generator=generator).to(device)
     frame_lens = torch.tensor([3, 1, 2], device=device)
     text_lens = torch.tensor([6, 1, 4], device=device)
-    ids = torch.randint(1, VOCAB, (3, 6), generator=generator).to(device) * \
-        (torch.arange(6, device=device) < text_lens[:, None])
+    ids = torch.randint(1, VOCAB, (3, 6), generator=generator).to(device) * (
+        torch.arange(6, device=device) < text_lens[:, None]
+    )
     return frames, ids, text_lens, frame_lens
 
 
@@ -35,8 +48,9 @@ def test_padding_frames_and_tokens_change_nothing_valid():
     model = flamingo().eval()
     frames, ids, text_lens, frame_lens = video_batch()
     logits = model(frames, ids, text_lens, frame_lens)
-    noisy_frames = torch.where((torch.arange(3) < frame_lens[:, None])[:, :, None, None, None], frames,
-                               torch.randn_like(frames))
+    noisy_frames = torch.where(
+        (torch.arange(3) < frame_lens[:, None])[:, :, None, None, None], frames, torch.randn_like(frames)
+    )
     noisy_ids = torch.where(torch.arange(6) < text_lens[:, None], ids, torch.randint_like(ids, 1, VOCAB))
     valid = torch.arange(6) < text_lens[:, None]
     torch.testing.assert_close(model(noisy_frames, noisy_ids, text_lens, frame_lens)[valid], logits[valid])
@@ -49,7 +63,9 @@ def test_causal_decoder_sees_no_future_tokens():
     frames, ids, text_lens, frame_lens = video_batch()
     changed = ids.clone()
     changed[:, 3:] = (changed[:, 3:] + 1) % VOCAB
-    torch.testing.assert_close(model(frames, changed, None, frame_lens)[:, :3], model(frames, ids, None, frame_lens)[:, :3])
+    torch.testing.assert_close(
+        model(frames, changed, None, frame_lens)[:, :3], model(frames, ids, None, frame_lens)[:, :3]
+    )
 
 
 def test_zero_gates_leave_the_language_model_alone():
@@ -66,9 +82,9 @@ def test_generate_is_greedy_decoding_of_forward():
     generated = model.generate(frames, ids, text_lens, max_new_tokens=3, frame_lens=frame_lens)
     assert [len(g) for g in generated] == [3, 3, 3]
     for b in range(3):
-        sequence = ids[b, :text_lens[b]].tolist()
+        sequence = ids[b, : text_lens[b]].tolist()
         for token in generated[b]:
-            logits = model(frames[b:b + 1], torch.tensor([sequence]), None, frame_lens[b:b + 1])
+            logits = model(frames[b : b + 1], torch.tensor([sequence]), None, frame_lens[b : b + 1])
             assert logits[0, -1].argmax().item() == token
             sequence.append(token)
     # A sample stops at end_id, which is not returned.

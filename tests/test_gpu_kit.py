@@ -26,26 +26,43 @@ def kit(tmp_path):
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     # python: answers the capability query, logs every other call; the sweep's call leaves a table.
-    _stub(bin_dir, "python3", f"""\
+    _stub(
+        bin_dir,
+        "python3",
+        f"""\
         if [ "$1" = -c ]; then echo 9.0; exit 0; fi
         echo "python $*" >> {calls}
         case "$*" in *mmkern.bench.tune*) mkdir -p mmkern/kernels/tuned; ;; esac
-        """)
+        """,
+    )
     _stub(bin_dir, "nvidia-smi", 'echo "NVIDIA H200, 570.00, 143771 MiB"\n')
     _stub(bin_dir, "compute-sanitizer", f'echo "sanitizer $*" >> {calls}\n')
     # timeout: logs its limit, sleeps it out where KIT_STAGES_TAKE_THEIR_LIMIT is set, runs the command.
-    _stub(bin_dir, "timeout", f"""\
-        args=("$@"); while [[ "${{args[0]}}" == -* ]]; do [[ "${{args[0]}}" == -[sk] ]] && args=("${{args[@]:2}}") || args=("${{args[@]:1}}"); done
+    _stub(
+        bin_dir,
+        "timeout",
+        f"""\
+        args=("$@")
+        while [[ "${{args[0]}}" == -* ]]; do
+            [[ "${{args[0]}}" == -[sk] ]] && args=("${{args[@]:2}}") || args=("${{args[@]:1}}")
+        done
         echo "timeout ${{args[0]}}" >> {calls}
         [ -n "${{KIT_STAGES_TAKE_THEIR_LIMIT:-}}" ] && sleep "${{args[0]}}"
         exec "${{args[@]:1}}"
-        """)
+        """,
+    )
 
     def run(**env):
-        environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python3"),
-                       "OUT": str(tmp_path), **env}
-        result = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=environment, capture_output=True,
-                                text=True)
+        environment = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "PYTHON": str(bin_dir / "python3"),
+            "OUT": str(tmp_path),
+            **env,
+        }
+        result = subprocess.run(
+            ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=environment, capture_output=True, text=True
+        )
         return result, calls.read_text().splitlines()
 
     return run
@@ -59,8 +76,15 @@ def test_every_stage_runs_in_order(kit, tmp_path):
     result, calls = kit()
     assert result.returncode == 0, result.stderr
     stages = [line for line in calls if line.startswith("python")]
-    expected = ["pip install", "pytest", "sanitize_workload.py", "mmkern.bench.tune --preset quick --budget 90",
-                "mmkern.bench --preset quick", "mmkern.bench.profile_ops", "mmkern.bench --preset models"]
+    expected = [
+        "pip install",
+        "pytest",
+        "sanitize_workload.py",
+        "mmkern.bench.tune --preset quick --budget 90",
+        "mmkern.bench --preset quick",
+        "mmkern.bench.profile_ops",
+        "mmkern.bench --preset models",
+    ]
     order = [next(i for i, line in enumerate(stages) if part in line) for part in expected]
     assert order == sorted(order)
     assert all(limit <= 530 - 15 for limit in _limits(calls))
@@ -80,8 +104,9 @@ def test_switches_leave_stages_out(kit):
 
 def test_stages_that_find_the_budget_spent_are_skipped(kit):
     # Each stage sleeps out its limit: the build takes 2 s, the tests the 3 s left, the rest none.
-    result, calls = kit(KIT_STAGES_TAKE_THEIR_LIMIT="1", KIT_BUDGET="6", KIT_RESERVE="1", BUILD_TIMEOUT="2",
-                        SANITIZE="0")
+    result, calls = kit(
+        KIT_STAGES_TAKE_THEIR_LIMIT="1", KIT_BUDGET="6", KIT_RESERVE="1", BUILD_TIMEOUT="2", SANITIZE="0"
+    )
     assert result.returncode == 0, result.stderr
     assert _limits(calls) == [2, 3]
     summary = next(line for line in result.stdout.splitlines() if line.startswith("build:"))

@@ -9,15 +9,25 @@ import torch
 from mmkern import _config
 from mmkern.bench import audit
 
-pytestmark = [pytest.mark.slow,  # about a minute of compiling
-              pytest.mark.skipif(_config.TRITON_ON_CPU, reason="compiles Triton's JIT kernels, not interpreted ones")]
+pytestmark = [
+    pytest.mark.slow,  # about a minute of compiling
+    pytest.mark.skipif(_config.TRITON_ON_CPU, reason="compiles Triton's JIT kernels, not interpreted ones"),
+]
 
 # (op, case, mode, kernel): why, and what mends it.
 KNOWN = {
-    ("cross_modal_attention", "text_over_image_q128_k1024_50", "backward", "_grad_kv_kernel"):
-        "255 registers and spills at 64x64, 8 warps, d128: the restructured backward of the Hopper-attention issue",
-    ("cross_modal_attention", "causal_4k_d128", "backward", "_grad_kv_kernel"):
-        "as above, with the causal mask's extra live values",
+    (
+        "cross_modal_attention",
+        "text_over_image_q128_k1024_50",
+        "backward",
+        "_grad_kv_kernel",
+    ): "255 registers and spills at 64x64, 8 warps, d128: the restructured backward of the Hopper-attention issue",
+    (
+        "cross_modal_attention",
+        "causal_4k_d128",
+        "backward",
+        "_grad_kv_kernel",
+    ): "as above, with the causal mask's extra live values",
 }
 
 

@@ -6,11 +6,10 @@ import importlib
 import pytest
 import torch
 
-from mmkern import _config
-from mmkern.kernels.cross_modal_attention import float_halves
-from mmkern import ops
+from mmkern import _config, ops
 from mmkern.kernels import tiles
 from mmkern.kernels.concat_linear import projection_plan
+from mmkern.kernels.cross_modal_attention import float_halves
 from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS, power_of_2_at_least
 from mmkern.kernels.tiles import MIN_K_PER_SPLIT, GemmTile, cdiv, epilogue_split, gemm_splits, gemm_tile, key_splits
 
@@ -51,8 +50,11 @@ def test_gemm_tiles_follow_the_shape_alone():
     small = gemm_tile(512, 1024, 1024, torch.float16, H100_MULTIPROCESSORS)
     assert (small.block_m, small.block_n) == (64, 64)
     # The same shape gives the same tile every time: no timing decides it.
-    assert all(gemm_tile(1000, 777, 300, torch.float16, H100_MULTIPROCESSORS)
-               == gemm_tile(1000, 777, 300, torch.float16, H100_MULTIPROCESSORS) for _ in range(3))
+    assert all(
+        gemm_tile(1000, 777, 300, torch.float16, H100_MULTIPROCESSORS)
+        == gemm_tile(1000, 777, 300, torch.float16, H100_MULTIPROCESSORS)
+        for _ in range(3)
+    )
     assert gemm_tile(64, 64, 64, torch.float64, H100_MULTIPROCESSORS).block_k == 16
 
 
@@ -66,8 +68,9 @@ def test_skinny_products_split_k_to_fill_the_gpu():
     assert gemm_splits(50, 65536, H100_MULTIPROCESSORS) == 2
 
 
-@pytest.mark.parametrize("epilogue, block_n, pieces", [(True, 256, 4), (True, 128, 2), (True, 64, 2), (True, 32, 1),
-                                                      (False, 256, 1)])
+@pytest.mark.parametrize(
+    "epilogue, block_n, pieces", [(True, 256, 4), (True, 128, 2), (True, 64, 2), (True, 32, 1), (False, 256, 1)]
+)
 def test_a_wide_epilogue_runs_in_column_pieces(epilogue, block_n, pieces):
     assert epilogue_split(GemmTile(128, block_n, 64, 8, 8, 3), epilogue) == pieces
 

@@ -21,8 +21,9 @@ def test_metrics_match_their_definitions():
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         labels = torch.randint(7, (60,), generator=generator)
-        predictions = torch.where(torch.rand(60, generator=generator) < 0.6, labels,
-                                  torch.randint(9, (60,), generator=generator))
+        predictions = torch.where(
+            torch.rand(60, generator=generator) < 0.6, labels, torch.randint(9, (60,), generator=generator)
+        )
         metrics = classification_metrics(confusion_matrix(predictions, labels, 9))
         expected = _by_hand(predictions, labels)
         assert metrics["accuracy"] == pytest.approx(expected[0], abs=1e-12)
@@ -36,9 +37,11 @@ def test_metrics_against_scikit_learn():
     labels, predictions = torch.tensor([0, 1, 2, 2, 3, 3, 3]), torch.tensor([0, 2, 2, 2, 3, 1, 4])
     metrics = classification_metrics(confusion_matrix(predictions, labels, 5))
     assert metrics["macro_recall"] == pytest.approx(
-        sklearn_metrics.recall_score(labels, predictions, average="macro", zero_division=0))
+        sklearn_metrics.recall_score(labels, predictions, average="macro", zero_division=0)
+    )
     assert metrics["macro_f1"] == pytest.approx(
-        sklearn_metrics.f1_score(labels, predictions, average="macro", zero_division=0))
+        sklearn_metrics.f1_score(labels, predictions, average="macro", zero_division=0)
+    )
 
 
 def test_metrics_edges():

@@ -26,9 +26,20 @@ def trimodal_batch(device, generator):
 
 
 def vision_text(image_encoder, text_encoder, fusion, backend="mmkern"):
-    return VisionTextClassifier(NUM_CLASSES, VOCAB, image_encoder=image_encoder, text_encoder=text_encoder,
-                                fusion=fusion, dim=DIM, image_size=8, patch_size=4, depth=1, heads=2,
-                                max_text_length=8, backend=backend)
+    return VisionTextClassifier(
+        NUM_CLASSES,
+        VOCAB,
+        image_encoder=image_encoder,
+        text_encoder=text_encoder,
+        fusion=fusion,
+        dim=DIM,
+        image_size=8,
+        patch_size=4,
+        depth=1,
+        heads=2,
+        max_text_length=8,
+        backend=backend,
+    )
 
 
 def outputs_and_gradients(model, inputs):
@@ -47,8 +58,13 @@ def assert_backends_agree(model, inputs, tolerance):
     scale = eager_logits.abs().max().item()
     torch.testing.assert_close(logits, eager_logits, rtol=tolerance, atol=tolerance * scale)
     for (name, _), a, e in zip(model.named_parameters(), gradients, eager_gradients):
-        torch.testing.assert_close(a, e, rtol=tolerance, atol=tolerance * max(e.abs().max().item(), 1e-3),
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            a,
+            e,
+            rtol=tolerance,
+            atol=tolerance * max(e.abs().max().item(), 1e-3),
+            msg=lambda m, name=name: f"gradient of {name}: {m}",
+        )
     assert torch.isfinite(logits).all()
     return logits
 

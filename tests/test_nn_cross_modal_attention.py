@@ -9,8 +9,9 @@ from tests.numerics import DEVICES
 
 def make_mha(device, kdim=None, vdim=None, batch_first=True, bias=True):
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(32, 4, kdim=kdim, vdim=vdim, batch_first=batch_first, bias=bias,
-                                device=device, dtype=torch.float64)
+    mha = nn.MultiheadAttention(
+        32, 4, kdim=kdim, vdim=vdim, batch_first=batch_first, bias=bias, device=device, dtype=torch.float64
+    )
     if bias:  # torch initialises the biases to zero; non-zero ones make the check meaningful
         with torch.no_grad():
             mha.in_proj_bias.normal_()
@@ -139,11 +140,14 @@ def test_compiles_without_graph_breaks(device):
     torch.testing.assert_close(compiled(*args, key_padding_mask=mask)[0], mha(*args, key_padding_mask=mask)[0])
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(embed_dim=30, num_heads=4), r"embed_dim \(30\) must be a positive multiple of num_heads \(4\)"),
-    (dict(embed_dim=32, num_heads=4, num_kv_heads=3), r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
-    (dict(embed_dim=32, num_heads=4, dropout=1.0), r"dropout must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(embed_dim=30, num_heads=4), r"embed_dim \(30\) must be a positive multiple of num_heads \(4\)"),
+        (dict(embed_dim=32, num_heads=4, num_kv_heads=3), r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+        (dict(embed_dim=32, num_heads=4, dropout=1.0), r"dropout must be in \[0, 1\)"),
+    ],
+)
 def test_bad_configuration_is_named(arguments, message):
     with pytest.raises(ValueError, match=message):
         CrossModalAttention(**arguments)
@@ -176,7 +180,7 @@ def test_lengths_equal_the_padding_mask_they_stand_for(device, batch_first):
     # Query rows past q_lens carry out_proj's bias alone; the valid rows are unchanged.
     q_lens = torch.tensor([7, 2, 0], device=device)
     with_q_lens, _ = module(*args, kv_lens=kv_lens, q_lens=q_lens)
-    rows = (torch.arange(7, device=device) < q_lens[:, None])
+    rows = torch.arange(7, device=device) < q_lens[:, None]
     rows = rows if batch_first else rows.t()
     torch.testing.assert_close(with_q_lens[rows], expected[rows], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(with_q_lens[~rows], mha.out_proj.bias.expand(int((~rows).sum()), -1))
@@ -191,8 +195,11 @@ def test_a_sample_with_every_key_masked_gets_the_bias_alone(device, how):
     module = CrossModalAttention.from_torch(mha)
     query, key, value = (x.requires_grad_() for x in inputs(device))
     lengths = (11, 0, 4)
-    masking = {"key_padding_mask": right_padding(device, lengths)} if how == "key_padding_mask" else \
-        {"kv_lens": torch.tensor(lengths, device=device)}
+    masking = (
+        {"key_padding_mask": right_padding(device, lengths)}
+        if how == "key_padding_mask"
+        else {"kv_lens": torch.tensor(lengths, device=device)}
+    )
     out, _ = module(query, key, value, **masking)
     expected, _ = mha(query, key, value, key_padding_mask=right_padding(device, lengths))
     torch.testing.assert_close(out[[0, 2]], expected[[0, 2]])
@@ -212,10 +219,12 @@ def test_additive_masks_run_the_kernel_as_its_bias(monkeypatch):
     additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float("-inf"))
     exact_calls = []
     import mmkern.nn.cross_modal_attention as module_file
+
     exact = module_file._exact_attention
     monkeypatch.setattr(module_file, "_exact_attention", lambda *a: exact_calls.append(1) or exact(*a))
-    torch.testing.assert_close(module(*args, key_padding_mask=additive)[0], mha(*args, key_padding_mask=mask)[0],
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        module(*args, key_padding_mask=additive)[0], mha(*args, key_padding_mask=mask)[0], rtol=1e-10, atol=1e-10
+    )
     soft = additive.masked_fill(~mask, -0.5)
     assert_same(module, mha, args, key_padding_mask=soft, need_weights=False)
     q_len, k_len = args[0].shape[1], args[1].shape[1]
@@ -248,14 +257,16 @@ def test_causal_self_attention_runs_the_kernel_and_gives_torchs_answer(device, b
     import mmkern.nn.cross_modal_attention as attention_module
 
     exact = []
-    monkeypatch.setattr(attention_module, "_exact_attention",
-                        lambda *a, _exact=attention_module._exact_attention: exact.append(1) or _exact(*a))
+    monkeypatch.setattr(
+        attention_module,
+        "_exact_attention",
+        lambda *a, _exact=attention_module._exact_attention: exact.append(1) or _exact(*a),
+    )
     assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, need_weights=False)
     # With a key padding mask too (every query keeps its first key, so torch gives no NaN rows).
     padding = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)).to(device) < 0.4
     padding[:, 0] = False
-    assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, key_padding_mask=padding,
-                need_weights=False)
+    assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, key_padding_mask=padding, need_weights=False)
     assert not exact  # the kernel ran
     # With the weights asked for, the exact path keeps torch's answer.
     assert_same(module, mha, args, attn_mask=causal_mask, is_causal=True, need_weights=True)

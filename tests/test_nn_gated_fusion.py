@@ -10,7 +10,9 @@ def gated_unit_by_hand(module, inputs):
     """Arevalo et al.'s unit written out: tanh projections, softmax gates over the concat."""
     gates = reference.concat_linear(inputs, module.gate.weight, module.gate.bias)
     gates = torch.softmax(gates.unflatten(-1, (len(inputs), module.out_features)), dim=-2)
-    projected = [torch.tanh(torch.nn.functional.linear(x, p.weight, p.bias)) for p, x in zip(module.projections, inputs)]
+    projected = [
+        torch.tanh(torch.nn.functional.linear(x, p.weight, p.bias)) for p, x in zip(module.projections, inputs)
+    ]
     projected = torch.stack(torch.broadcast_tensors(*projected), dim=-2)
     return (gates * projected).sum(-2)
 

@@ -56,8 +56,11 @@ def test_training_gives_straight_through_gradients(device):
         reference_layer.bias.copy_(quantized.bias)
     ref_text, ref_image = [ops.fake_quantize_per_token(x.detach()).requires_grad_() for x in (text, image)]
     reference_layer(ref_text, ref_image).square().sum().backward()
-    for actual, expected in [(text.grad, ref_text.grad), (image.grad, ref_image.grad),
-                             (quantized.bias.grad, reference_layer.bias.grad)]:
+    for actual, expected in [
+        (text.grad, ref_text.grad),
+        (image.grad, ref_image.grad),
+        (quantized.bias.grad, reference_layer.bias.grad),
+    ]:
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     assert not quantized.weight_q.requires_grad
 
@@ -121,8 +124,10 @@ def test_gated_fusion_with_its_gate_projection(device):
     out.square().sum().backward()
     assert fusion.gate.weight.grad is not None and fusion.gate.weight.grad.abs().sum() > 0
     logits = torch.randn(4, 7, 24, device=device)
-    torch.testing.assert_close(QuantizedFusion(2, mode="gated", out_dtype=torch.float32)(*pairs, gate_logits=logits),
-                               torch.sigmoid(logits) * features[0] + (1 - torch.sigmoid(logits)) * features[1])
+    torch.testing.assert_close(
+        QuantizedFusion(2, mode="gated", out_dtype=torch.float32)(*pairs, gate_logits=logits),
+        torch.sigmoid(logits) * features[0] + (1 - torch.sigmoid(logits)) * features[1],
+    )
 
 
 def test_fusion_module_errors():

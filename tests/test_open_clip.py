@@ -23,8 +23,17 @@ from open_clip.loss import CoCaLoss  # noqa: E402
 PAD = 0  # CoCa's pad_id
 CONFIG = dict(
     embed_dim=48,
-    vision_cfg=dict(layers=2, width=64, head_width=16, patch_size=8, image_size=32, attentional_pool=True,
-                    attn_pooler_queries=8, attn_pooler_heads=4, output_tokens=True),
+    vision_cfg=dict(
+        layers=2,
+        width=64,
+        head_width=16,
+        patch_size=8,
+        image_size=32,
+        attentional_pool=True,
+        attn_pooler_queries=8,
+        attn_pooler_heads=4,
+        output_tokens=True,
+    ),
     text_cfg=dict(context_length=12, vocab_size=64, width=48, heads=4, layers=2, embed_cls=True, output_tokens=True),
     multimodal_cfg=dict(context_length=12, vocab_size=64, width=48, heads=4, layers=2),
 )
@@ -49,7 +58,7 @@ def initialised_coca(seed: int) -> CoCa:
     torch.manual_seed(seed)
     model = CoCa(**CONFIG)
     # What MultimodalTransformer.init_parameters would do, were it called.
-    nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
+    nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width**-0.5)
     return model
 
 
@@ -64,8 +73,11 @@ def batch(seed: int):
 def loss_and_gradients(model, images, text, mode):
     getattr(model, mode)()
     model.zero_grad()
-    loss = sum(CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=PAD)(
-        **model(images, text), output_dict=True).values())
+    loss = sum(
+        CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=PAD)(
+            **model(images, text), output_dict=True
+        ).values()
+    )
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

@@ -29,10 +29,19 @@ EXAMPLES = {"ci": 40 if _config.TRITON_ON_CPU else 300, "long": 1000}
 for name, examples in EXAMPLES.items():
     # The ci profile draws the same examples on every run, so that CI passes or fails on the code, not
     # on the draw; the long one draws new ones each time, to find what ci's do not.
-    settings.register_profile(name, max_examples=examples, derandomize=name == "ci", deadline=None, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                     # poisoned_memory is a mode that holds for every draw
-                                                     HealthCheck.function_scoped_fixture])
+    settings.register_profile(
+        name,
+        max_examples=examples,
+        derandomize=name == "ci",
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            # poisoned_memory is a mode that holds for every draw
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 settings.load_profile(os.environ.get("MMKERN_HYPOTHESIS_PROFILE", "ci"))
 
 ACTIVATIONS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
@@ -47,7 +56,7 @@ def concat_linear_cases(draw):
     shapes = []
     for _ in range(draw(st.integers(1, 5))):
         rank = draw(st.integers(0, len(lead)))
-        own = [size if draw(st.booleans()) else 1 for size in lead[len(lead) - rank:]]
+        own = [size if draw(st.booleans()) else 1 for size in lead[len(lead) - rank :]]
         shapes.append((*own, draw(st.integers(0, 40))))
     # The leading shapes must broadcast to `lead` itself: one segment carries it whole.
     shapes[draw(st.integers(0, len(shapes) - 1))] = (*lead, draw(st.integers(1, 40)))
@@ -99,9 +108,14 @@ def test_cross_modal_attention_variants(device, case, variant, dtype_index, seed
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=2).map(tuple), width=st.integers(0, 300),
-       qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]), dtype_index=st.integers(0, 2),
-       scale_exponent=st.integers(-20, 10), seed=seeds)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=2).map(tuple),
+    width=st.integers(0, 300),
+    qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]),
+    dtype_index=st.integers(0, 2),
+    scale_exponent=st.integers(-20, 10),
+    seed=seeds,
+)
 def test_quantize_per_token(device, shape, width, qdtype, dtype_index, scale_exponent, seed, poisoned_memory):
     dtype = (torch.float32, torch.float16, torch.bfloat16)[dtype_index]
     generator = torch.Generator().manual_seed(seed)
@@ -117,19 +131,27 @@ def test_quantized_concat_linear(device, case, seed, poisoned_memory):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@given(shape=st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple), count=st.integers(1, 6),
-       gated=st.booleans(), qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]),
-       out_dtype=st.sampled_from(INTERPRETER_DTYPES[1:]), seed=seeds)
+@given(
+    shape=st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple),
+    count=st.integers(1, 6),
+    gated=st.booleans(),
+    qdtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]),
+    out_dtype=st.sampled_from(INTERPRETER_DTYPES[1:]),
+    seed=seeds,
+)
 def test_quantized_fusion(device, shape, count, gated, qdtype, out_dtype, seed, poisoned_memory):
     generator = torch.Generator().manual_seed(seed)
     count = 2 if gated else count
-    pairs = [reference.quantize_per_token(torch.randn(shape, generator=generator).to(device), qdtype)
-             for _ in range(count)]
+    pairs = [
+        reference.quantize_per_token(torch.randn(shape, generator=generator).to(device), qdtype) for _ in range(count)
+    ]
     inputs_q, scales = [q for q, _ in pairs], [s for _, s in pairs]
-    kwargs = (dict(mode="gated", gate=torch.randn(shape, generator=generator).to(device)) if gated else
-              dict(weights=torch.randn(count, generator=generator).to(device)))
+    kwargs = (
+        dict(mode="gated", gate=torch.randn(shape, generator=generator).to(device))
+        if gated
+        else dict(weights=torch.randn(count, generator=generator).to(device))
+    )
     actual = ops.quantized_fusion(inputs_q, scales, out_dtype=out_dtype, **kwargs)
-    exact = reference.quantized_fusion(inputs_q, scales, out_dtype=torch.float64, compute_dtype=torch.float64,
-                                       **kwargs)
+    exact = reference.quantized_fusion(inputs_q, scales, out_dtype=torch.float64, compute_dtype=torch.float64, **kwargs)
     eager = reference.quantized_fusion(inputs_q, scales, out_dtype=out_dtype, **kwargs)
     assert_close_to_reference(actual, exact, eager, f"quantized_fusion ({out_dtype})", terms=count)

@@ -41,8 +41,9 @@ def test_matches_reference_bit_for_bit(qdtype, kind, device):
             assert torch.equal(ops.fake_quantize_per_token(x, qdtype), reference.fake_quantize_per_token(x, qdtype))
             xq, scale = reference.quantize_per_token(x, qdtype)
             for out_dtype in (*FLOAT_DTYPES, torch.float64):
-                assert torch.equal(ops.dequantize_per_token(xq, scale, out_dtype),
-                                   reference.dequantize_per_token(xq, scale, out_dtype))
+                assert torch.equal(
+                    ops.dequantize_per_token(xq, scale, out_dtype), reference.dequantize_per_token(xq, scale, out_dtype)
+                )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,8 +105,10 @@ def test_quantize_is_not_differentiable():
 
 
 # opcheck's schema test multiplies outputs, which torch does not implement for float8 tensors.
-OPCHECK_TESTS = {torch.int8: ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
-                 torch.float8_e4m3fn: ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")}
+OPCHECK_TESTS = {
+    torch.int8: ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    torch.float8_e4m3fn: ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,13 +116,19 @@ def test_opcheck(device):
     for shape in [(3, 17), (2, 1, 8), (0, 4)]:
         for qdtype in QUANTIZED_DTYPES:
             x = features(shape, "random", torch.float32, device)
-            torch.library.opcheck(torch.ops.mmkern.quantize_per_token.default, (x, qdtype), test_utils=OPCHECK_TESTS[qdtype])
+            torch.library.opcheck(
+                torch.ops.mmkern.quantize_per_token.default, (x, qdtype), test_utils=OPCHECK_TESTS[qdtype]
+            )
             xq, scale = ops.quantize_per_token(x, qdtype)
-            torch.library.opcheck(torch.ops.mmkern.dequantize_per_token.default, (xq, scale, torch.bfloat16),
-                                  test_utils=OPCHECK_TESTS[qdtype])
+            torch.library.opcheck(
+                torch.ops.mmkern.dequantize_per_token.default,
+                (xq, scale, torch.bfloat16),
+                test_utils=OPCHECK_TESTS[qdtype],
+            )
             for requires_grad in (False, True):
-                torch.library.opcheck(torch.ops.mmkern.fake_quantize_per_token.default,
-                                      (x.clone().requires_grad_(requires_grad), qdtype))
+                torch.library.opcheck(
+                    torch.ops.mmkern.fake_quantize_per_token.default, (x.clone().requires_grad_(requires_grad), qdtype)
+                )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,32 +149,58 @@ def test_torch_compile_fullgraph(device):
 
 
 BAD_INPUTS = {
-    "quantize int8": (lambda: ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.int8)), TypeError,
-                      "x has dtype torch.int8; expected float16, bfloat16 or float32; it is already quantized"),
-    "quantize float64": (lambda: ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.float64)), TypeError,
-                         "x has dtype torch.float64"),
+    "quantize int8": (
+        lambda: ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.int8)),
+        TypeError,
+        "x has dtype torch.int8; expected float16, bfloat16 or float32; it is already quantized",
+    ),
+    "quantize float64": (
+        lambda: ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.float64)),
+        TypeError,
+        "x has dtype torch.float64",
+    ),
     "quantize 0-d": (lambda: ops.quantize_per_token(torch.tensor(1.0)), ValueError, "0-d"),
-    "quantize to int16": (lambda: ops.quantize_per_token(torch.zeros(2, 3), torch.int16), TypeError,
-                          "dtype must be one of torch.int8"),
+    "quantize to int16": (
+        lambda: ops.quantize_per_token(torch.zeros(2, 3), torch.int16),
+        TypeError,
+        "dtype must be one of torch.int8",
+    ),
     "quantize a list": (lambda: ops.quantize_per_token([1.0, 2.0]), TypeError, "x must be a tensor"),
-    "dequantize float": (lambda: ops.dequantize_per_token(torch.zeros(2, 3), torch.ones(2, 1)), TypeError,
-                         "xq has dtype torch.float32; expected torch.int8 or torch.float8_e4m3fn"),
-    "dequantize float64 scale": (lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8),
-                                                                  torch.ones(2, 1, dtype=torch.float64)),
-                                 TypeError, "scale has dtype torch.float64; per-token scales are float32"),
-    "dequantize scale shape": (lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2)),
-                               ValueError, r"scale must have shape \(2, 1\)"),
-    "dequantize negative scale": (lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8),
-                                                                   torch.tensor([[1.0], [-1.0]])),
-                                  ValueError, "scale holds -1.0; scales must be finite and >= 0"),
-    "dequantize nan scale": (lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8),
-                                                              torch.tensor([[float("nan")], [1.0]])),
-                             ValueError, "scale holds nan"),
-    "dequantize to int": (lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2, 1),
-                                                           torch.int32), TypeError, "dtype must be one of"),
-    "dequantize devices": (lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8),
-                                                            torch.ones(2, 1, device="meta")),
-                           ValueError, "scale is on meta but xq is on cpu"),
+    "dequantize float": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3), torch.ones(2, 1)),
+        TypeError,
+        "xq has dtype torch.float32; expected torch.int8 or torch.float8_e4m3fn",
+    ),
+    "dequantize float64 scale": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2, 1, dtype=torch.float64)),
+        TypeError,
+        "scale has dtype torch.float64; per-token scales are float32",
+    ),
+    "dequantize scale shape": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2)),
+        ValueError,
+        r"scale must have shape \(2, 1\)",
+    ),
+    "dequantize negative scale": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.tensor([[1.0], [-1.0]])),
+        ValueError,
+        "scale holds -1.0; scales must be finite and >= 0",
+    ),
+    "dequantize nan scale": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.tensor([[float("nan")], [1.0]])),
+        ValueError,
+        "scale holds nan",
+    ),
+    "dequantize to int": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2, 1), torch.int32),
+        TypeError,
+        "dtype must be one of",
+    ),
+    "dequantize devices": (
+        lambda: ops.dequantize_per_token(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2, 1, device="meta")),
+        ValueError,
+        "scale is on meta but xq is on cpu",
+    ),
 }
 
 

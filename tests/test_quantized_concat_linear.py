@@ -41,11 +41,13 @@ def check_case(shapes, out_features, with_bias, activation, device, seed=0):
     args = (inputs_q, scales, weight_q, weight_scale, bias)
     for out_dtype in OUT_DTYPES:
         actual = ops.quantized_concat_linear(*args, activation=activation, out_dtype=out_dtype)
-        exact = reference.quantized_concat_linear(*args, activation=activation, out_dtype=torch.float64,
-                                                  compute_dtype=torch.float64)
+        exact = reference.quantized_concat_linear(
+            *args, activation=activation, out_dtype=torch.float64, compute_dtype=torch.float64
+        )
         # The eager path in float32: its sums of integer products round once they pass 2^24.
-        eager = reference.quantized_concat_linear(*args, activation=activation, out_dtype=out_dtype,
-                                                  compute_dtype=torch.float32)
+        eager = reference.quantized_concat_linear(
+            *args, activation=activation, out_dtype=out_dtype, compute_dtype=torch.float32
+        )
         assert_close_to_reference(actual, exact, eager, f"out ({out_dtype})")
         if out_dtype == torch.float32 and exact.numel():
             # int32 sums are exact: what is left is the float32 epilogue, a few roundings.
@@ -87,7 +89,10 @@ def test_strided_inputs_are_read_in_place(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_int8_path_within_one_percent_of_the_float_path(device):
     generator = torch.Generator().manual_seed(3)
-    inputs = [torch.randn(4, 64, 96, generator=generator).to(device), torch.randn(4, 1, 160, generator=generator).to(device)]
+    inputs = [
+        torch.randn(4, 64, 96, generator=generator).to(device),
+        torch.randn(4, 1, 160, generator=generator).to(device),
+    ]
     weight = (torch.randn(80, 256, generator=generator) / 16).to(device)
     bias = torch.randn(80, generator=generator).to(device)
     quantized = ops.quantize_and_concat_linear(inputs, weight, bias, activation="gelu")
@@ -100,7 +105,10 @@ def test_int8_path_within_one_percent_of_the_float_path(device):
 def test_straight_through_gradients(activation, device):
     """quantize_and_concat_linear's gradients are the unquantized op's at the dequantized values."""
     generator = torch.Generator().manual_seed(4)
-    inputs = [torch.randn(2, 7, 24, generator=generator).to(device), torch.randn(2, 1, 12, generator=generator).to(device)]
+    inputs = [
+        torch.randn(2, 7, 24, generator=generator).to(device),
+        torch.randn(2, 1, 12, generator=generator).to(device),
+    ]
     weight = (torch.randn(10, 36, generator=generator) / 6).to(device)
     bias = torch.randn(10, generator=generator).to(device)
     leaves = [t.clone().requires_grad_() for t in (*inputs, weight, bias)]
@@ -137,9 +145,14 @@ def test_bias_gradient(device):
     inputs_q, scales, weight_q, weight_scale, bias = quantized_case([(3, 5, 16), (3, 1, 8)], 7, True, device)
     bias = bias.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda b: ops.quantized_concat_linear(inputs_q, scales, weight_q, weight_scale, b, activation="silu",
-                                              out_dtype=torch.float32),
-        [bias], eps=1e-2, atol=1e-3, rtol=1e-2)
+        lambda b: ops.quantized_concat_linear(
+            inputs_q, scales, weight_q, weight_scale, b, activation="silu", out_dtype=torch.float32
+        ),
+        [bias],
+        eps=1e-2,
+        atol=1e-3,
+        rtol=1e-2,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -148,8 +161,10 @@ def test_opcheck(device):
         inputs_q, scales, weight_q, weight_scale, bias = quantized_case(shapes, out_features, with_bias, device)
         for requires_grad in (False, True):
             b = None if bias is None else bias.clone().requires_grad_(requires_grad)
-            torch.library.opcheck(torch.ops.mmkern.quantized_concat_linear.default,
-                                  (inputs_q, scales, weight_q, weight_scale, b, activation, torch.float32))
+            torch.library.opcheck(
+                torch.ops.mmkern.quantized_concat_linear.default,
+                (inputs_q, scales, weight_q, weight_scale, b, activation, torch.float32),
+            )
         generator = torch.Generator().manual_seed(5)
         floats = [torch.randn(s, generator=generator).to(device).requires_grad_() for s in shapes]
         weight = torch.randn(out_features, sum(s[-1] for s in shapes), generator=generator).to(device).requires_grad_()
@@ -163,12 +178,16 @@ def test_torch_compile_fullgraph(backend, device):
         pytest.skip("the interpreter run checks the kernels; inductor's own codegen is checked in the main run")
     inputs_q, scales, weight_q, weight_scale, bias = quantized_case([(2, 9, 24), (2, 1, 40)], 31, True, device)
     generator = torch.Generator().manual_seed(6)
-    floats = [torch.randn(2, 9, 24, generator=generator).to(device), torch.randn(2, 1, 40, generator=generator).to(device)]
+    floats = [
+        torch.randn(2, 9, 24, generator=generator).to(device),
+        torch.randn(2, 1, 40, generator=generator).to(device),
+    ]
     weight = torch.randn(31, 64, generator=generator).to(device)
 
     def step(inputs_q, scales, floats, weight):
-        stored = ops.quantized_concat_linear(inputs_q, scales, weight_q, weight_scale, bias, activation="gelu",
-                                             out_dtype=torch.float32)
+        stored = ops.quantized_concat_linear(
+            inputs_q, scales, weight_q, weight_scale, bias, activation="gelu", out_dtype=torch.float32
+        )
         trained = ops.quantize_and_concat_linear(floats, weight, bias, activation="silu")
         return stored.sum() + trained.square().sum()
 
@@ -188,14 +207,18 @@ def test_torch_compile_fullgraph(backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_quantizes_in_the_autocast_dtype(device):
     generator = torch.Generator().manual_seed(7)
-    inputs = [torch.randn(2, 9, 24, generator=generator).to(device), torch.randn(2, 1, 40, generator=generator).to(device)]
+    inputs = [
+        torch.randn(2, 9, 24, generator=generator).to(device),
+        torch.randn(2, 1, 40, generator=generator).to(device),
+    ]
     weight = (torch.randn(31, 64, generator=generator) / 8).to(device)
     dtype = torch.float16 if _config.TRITON_ON_CPU else torch.bfloat16
     with torch.autocast(device, dtype=dtype):
         out = ops.quantize_and_concat_linear(inputs, weight)
     assert out.dtype == dtype
-    expected = reference.quantize_and_concat_linear([x.to(dtype) for x in inputs], weight.to(dtype),
-                                                    compute_dtype=torch.float64)
+    expected = reference.quantize_and_concat_linear(
+        [x.to(dtype) for x in inputs], weight.to(dtype), compute_dtype=torch.float64
+    )
     assert (out.double() - expected.double()).abs().max() <= 2 * torch.finfo(dtype).eps * expected.abs().max()
 
 
@@ -208,40 +231,79 @@ def bad_input_cases():
         return lambda: ops.quantized_concat_linear(*args.values(), **kwargs)
 
     return {
-        "float input": (call(inputs_q=lambda a: [a["inputs_q"][0].float(), a["inputs_q"][1]]), TypeError,
-                        r"inputs_q\[0\] has dtype torch.float32; expected torch.int8 \(quantize it"),
+        "float input": (
+            call(inputs_q=lambda a: [a["inputs_q"][0].float(), a["inputs_q"][1]]),
+            TypeError,
+            r"inputs_q\[0\] has dtype torch.float32; expected torch.int8 \(quantize it",
+        ),
         "float weight": (call(weight_q=lambda a: a["weight_q"].float()), TypeError, "weight_q has dtype torch.float32"),
         "int8 bias": (call(bias=lambda a: a["bias"].to(torch.int8)), TypeError, "bias has dtype torch.int8"),
-        "fp16 scale": (call(scales=lambda a: [a["scales"][0].half(), a["scales"][1]]), TypeError,
-                       r"scales\[0\] has dtype torch.float16; per-token scales are float32"),
-        "scale shape": (call(scales=lambda a: [a["scales"][0][..., 0], a["scales"][1]]), ValueError,
-                        r"scales\[0\] must have shape \(2, 3, 1\)"),
+        "fp16 scale": (
+            call(scales=lambda a: [a["scales"][0].half(), a["scales"][1]]),
+            TypeError,
+            r"scales\[0\] has dtype torch.float16; per-token scales are float32",
+        ),
+        "scale shape": (
+            call(scales=lambda a: [a["scales"][0][..., 0], a["scales"][1]]),
+            ValueError,
+            r"scales\[0\] must have shape \(2, 3, 1\)",
+        ),
         "scale count": (call(scales=lambda a: a["scales"][:1]), ValueError, "one tensor per input, 2, got 1"),
-        "negative scale": (call(scales=lambda a: [-a["scales"][0], a["scales"][1]]), ValueError,
-                           r"scales\[0\] holds -[0-9.e-]+; scales must be finite and >= 0"),
-        "inf weight scale": (call(weight_scale=lambda a: a["weight_scale"].index_fill(0, torch.tensor([2]), float("inf"))),
-                             ValueError, "weight_scale holds inf"),
-        "weight scale shape": (call(weight_scale=lambda a: a["weight_scale"][:, None]), ValueError,
-                               r"weight_scale must have shape \(6,\)"),
-        "weight scale dtype": (call(weight_scale=lambda a: a["weight_scale"].double()), TypeError,
-                               "weight_scale has dtype torch.float64"),
-        "scale requires grad": (call(scales=lambda a: [a["scales"][0].requires_grad_(), a["scales"][1]]), ValueError,
-                                r"scales\[0\] requires grad"),
-        "width mismatch": (call(weight_q=lambda a: a["weight_q"][:, 1:]), ValueError, r"weight_q.shape\[1\] must equal"),
+        "negative scale": (
+            call(scales=lambda a: [-a["scales"][0], a["scales"][1]]),
+            ValueError,
+            r"scales\[0\] holds -[0-9.e-]+; scales must be finite and >= 0",
+        ),
+        "inf weight scale": (
+            call(weight_scale=lambda a: a["weight_scale"].index_fill(0, torch.tensor([2]), float("inf"))),
+            ValueError,
+            "weight_scale holds inf",
+        ),
+        "weight scale shape": (
+            call(weight_scale=lambda a: a["weight_scale"][:, None]),
+            ValueError,
+            r"weight_scale must have shape \(6,\)",
+        ),
+        "weight scale dtype": (
+            call(weight_scale=lambda a: a["weight_scale"].double()),
+            TypeError,
+            "weight_scale has dtype torch.float64",
+        ),
+        "scale requires grad": (
+            call(scales=lambda a: [a["scales"][0].requires_grad_(), a["scales"][1]]),
+            ValueError,
+            r"scales\[0\] requires grad",
+        ),
+        "width mismatch": (
+            call(weight_q=lambda a: a["weight_q"][:, 1:]),
+            ValueError,
+            r"weight_q.shape\[1\] must equal",
+        ),
         "bias shape": (call(bias=lambda a: a["bias"][1:]), ValueError, "bias must have shape"),
-        "no broadcast": (call(inputs_q=lambda a: [a["inputs_q"][0], a["inputs_q"][1].expand(2, 2, 4)],
-                              scales=lambda a: [a["scales"][0], a["scales"][1].expand(2, 2, 1)]),
-                         ValueError, "do not broadcast"),
+        "no broadcast": (
+            call(
+                inputs_q=lambda a: [a["inputs_q"][0], a["inputs_q"][1].expand(2, 2, 4)],
+                scales=lambda a: [a["scales"][0], a["scales"][1].expand(2, 2, 1)],
+            ),
+            ValueError,
+            "do not broadcast",
+        ),
         "devices": (call(bias=lambda a: a["bias"].to("meta")), ValueError, "bias is on meta but weight_q is on cpu"),
         "activation": (call(activation="tanh"), ValueError, "activation must be one of"),
         "out dtype": (call(out_dtype=torch.int32), TypeError, "out_dtype must be one of"),
         "not a list": (call(inputs_q=lambda a: a["inputs_q"][0]), TypeError, "inputs_q must be a sequence of tensors"),
-        "float64 straight-through": (lambda: ops.quantize_and_concat_linear([torch.randn(2, 3, dtype=torch.float64)],
-                                                                           torch.randn(4, 3, dtype=torch.float64)),
-                                     TypeError, "weight is float64"),
-        "int8 straight-through": (lambda: ops.quantize_and_concat_linear([torch.zeros(2, 3, dtype=torch.int8)],
-                                                                        torch.randn(4, 3)),
-                                  TypeError, r"inputs\[0\] has dtype torch.int8"),
+        "float64 straight-through": (
+            lambda: ops.quantize_and_concat_linear(
+                [torch.randn(2, 3, dtype=torch.float64)], torch.randn(4, 3, dtype=torch.float64)
+            ),
+            TypeError,
+            "weight is float64",
+        ),
+        "int8 straight-through": (
+            lambda: ops.quantize_and_concat_linear([torch.zeros(2, 3, dtype=torch.int8)], torch.randn(4, 3)),
+            TypeError,
+            r"inputs\[0\] has dtype torch.int8",
+        ),
     }
 
 

@@ -10,15 +10,18 @@ OUT_DTYPES = (torch.float32, torch.float16) if _config.TRITON_ON_CPU else (torch
 
 def quantized_features(count, shape, qdtype, device, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    pairs = [reference.quantize_per_token(torch.randn(shape, generator=generator).to(device), qdtype) for _ in range(count)]
+    pairs = [
+        reference.quantize_per_token(torch.randn(shape, generator=generator).to(device), qdtype) for _ in range(count)
+    ]
     return [q for q, _ in pairs], [s for _, s in pairs]
 
 
 def check(inputs_q, scales, weights, mode, gate, device):
     for out_dtype in OUT_DTYPES:
         actual = ops.quantized_fusion(inputs_q, scales, weights, mode=mode, gate=gate, out_dtype=out_dtype)
-        exact = reference.quantized_fusion(inputs_q, scales, weights, mode=mode, gate=gate, out_dtype=torch.float64,
-                                           compute_dtype=torch.float64)
+        exact = reference.quantized_fusion(
+            inputs_q, scales, weights, mode=mode, gate=gate, out_dtype=torch.float64, compute_dtype=torch.float64
+        )
         eager = reference.quantized_fusion(inputs_q, scales, weights, mode=mode, gate=gate, out_dtype=out_dtype)
         assert_close_to_reference(actual, exact, eager, f"{mode} ({out_dtype})", terms=len(inputs_q))
 
@@ -64,8 +67,9 @@ def test_gradients_of_weights_and_gate(device):
         (actual,) = torch.autograd.grad(out, leaf, grad_out)
         exact_leaf = leaf.detach().double().requires_grad_()
         exact_kwargs = {"weights" if mode == "sum" else "gate": exact_leaf}
-        exact = reference.quantized_fusion(inputs_q, scales, mode=mode, out_dtype=torch.float64,
-                                           compute_dtype=torch.float64, **exact_kwargs)
+        exact = reference.quantized_fusion(
+            inputs_q, scales, mode=mode, out_dtype=torch.float64, compute_dtype=torch.float64, **exact_kwargs
+        )
         (expected,) = torch.autograd.grad(exact, exact_leaf, grad_out.double())
         assert actual.dtype == leaf.dtype
         assert (actual.double() - expected).abs().max() <= 1e-5 * (expected.abs().max() + 1), mode
@@ -79,10 +83,13 @@ def test_gradcheck():
     gate = torch.randn(2, 3, 8, requires_grad=True)
     tolerances = dict(eps=1e-2, atol=1e-3, rtol=1e-2)
     assert torch.autograd.gradcheck(
-        lambda w: ops.quantized_fusion(inputs_q, scales, w, out_dtype=torch.float32), [weights], **tolerances)
+        lambda w: ops.quantized_fusion(inputs_q, scales, w, out_dtype=torch.float32), [weights], **tolerances
+    )
     assert torch.autograd.gradcheck(
-        lambda g: ops.quantized_fusion(inputs_q, scales, mode="gated", gate=g, out_dtype=torch.float32), [gate],
-        **tolerances)
+        lambda g: ops.quantized_fusion(inputs_q, scales, mode="gated", gate=g, out_dtype=torch.float32),
+        [gate],
+        **tolerances,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,10 +99,13 @@ def test_opcheck(device):
         for requires_grad in (False, True):
             weights = torch.tensor([0.5, 1.0, -2.0], device=device, requires_grad=requires_grad)
             gate = torch.randn(shape, device=device, requires_grad=requires_grad)
-            torch.library.opcheck(torch.ops.mmkern.quantized_fusion.default,
-                                  (inputs_q, scales, weights, None, "sum", torch.float32))
-            torch.library.opcheck(torch.ops.mmkern.quantized_fusion.default,
-                                  (inputs_q[:2], scales[:2], None, gate, "gated", torch.float32))
+            torch.library.opcheck(
+                torch.ops.mmkern.quantized_fusion.default, (inputs_q, scales, weights, None, "sum", torch.float32)
+            )
+            torch.library.opcheck(
+                torch.ops.mmkern.quantized_fusion.default,
+                (inputs_q[:2], scales[:2], None, gate, "gated", torch.float32),
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,23 +137,43 @@ def bad_input_cases():
         return lambda: ops.quantized_fusion(inputs, scales, weights, **kwargs)
 
     return {
-        "float input": (fuse([inputs_q[0].float(), inputs_q[1]]), TypeError,
-                        r"inputs_q\[0\] has dtype torch.float32; expected torch.int8 or torch.float8_e4m3fn"),
-        "mixed dtypes": (fuse([inputs_q[0], inputs_q[1].to(torch.float8_e4m3fn)]), TypeError,
-                         r"inputs_q\[1\] has dtype torch.float8_e4m3fn but inputs_q\[0\] has torch.int8"),
-        "mixed shapes": (fuse([inputs_q[0], inputs_q[1][:, :2]], [scales[0], scales[1][:, :2]]), ValueError,
-                         r"inputs_q\[1\] has shape \(2, 2, 5\)"),
-        "scale shape": (fuse(scales=[scales[0], scales[1][..., 0]]), ValueError, r"scales\[1\] must have shape \(2, 3, 1\)"),
+        "float input": (
+            fuse([inputs_q[0].float(), inputs_q[1]]),
+            TypeError,
+            r"inputs_q\[0\] has dtype torch.float32; expected torch.int8 or torch.float8_e4m3fn",
+        ),
+        "mixed dtypes": (
+            fuse([inputs_q[0], inputs_q[1].to(torch.float8_e4m3fn)]),
+            TypeError,
+            r"inputs_q\[1\] has dtype torch.float8_e4m3fn but inputs_q\[0\] has torch.int8",
+        ),
+        "mixed shapes": (
+            fuse([inputs_q[0], inputs_q[1][:, :2]], [scales[0], scales[1][:, :2]]),
+            ValueError,
+            r"inputs_q\[1\] has shape \(2, 2, 5\)",
+        ),
+        "scale shape": (
+            fuse(scales=[scales[0], scales[1][..., 0]]),
+            ValueError,
+            r"scales\[1\] must have shape \(2, 3, 1\)",
+        ),
         "negative scale": (fuse(scales=[scales[0], -scales[1]]), ValueError, r"scales\[1\] holds -"),
         "weights shape": (fuse(weights=torch.ones(3)), ValueError, r"weights must have shape \(2,\)"),
         "int weights": (fuse(weights=torch.ones(2, dtype=torch.int64)), TypeError, "weights has dtype torch.int64"),
         "unknown mode": (fuse(mode="product"), ValueError, "mode must be one of 'sum', 'gated'"),
         "gated without gate": (fuse(mode="gated"), ValueError, "needs a gate"),
         "gated with three": (fuse(inputs_q * 2, scales * 2, mode="gated", gate=gate), ValueError, "exactly two inputs"),
-        "gate shape": (fuse(mode="gated", gate=gate[:, :1]), ValueError, r"gate must have the inputs' shape \(2, 3, 5\)"),
+        "gate shape": (
+            fuse(mode="gated", gate=gate[:, :1]),
+            ValueError,
+            r"gate must have the inputs' shape \(2, 3, 5\)",
+        ),
         "gate with sum": (fuse(gate=gate), ValueError, 'gate is only taken with mode="gated"'),
-        "weights with gated": (fuse(weights=torch.ones(2), mode="gated", gate=gate), ValueError,
-                               'weights are only taken with mode="sum"'),
+        "weights with gated": (
+            fuse(weights=torch.ones(2), mode="gated", gate=gate),
+            ValueError,
+            'weights are only taken with mode="sum"',
+        ),
         "gate devices": (fuse(mode="gated", gate=gate.to("meta")), ValueError, "gate is on meta but inputs_q"),
         "out dtype": (fuse(out_dtype=torch.int8), TypeError, "out_dtype must be one of"),
         "scale count": (fuse(scales=scales[:1]), ValueError, "one tensor per input"),

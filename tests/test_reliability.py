@@ -13,8 +13,10 @@ from tests.numerics import DEVICES
 
 def attention_step(device, dtype, dropout_p=0.0):
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
-               for shape in ((3, 17, 4, 32), (3, 300, 2, 32), (3, 300, 2, 24)))
+    q, k, v = (
+        torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+        for shape in ((3, 17, 4, 32), (3, 300, 2, 32), (3, 300, 2, 24))
+    )
     kv_lens = torch.tensor([300, 41, 1], device=device)
 
     def step():
@@ -27,8 +29,10 @@ def attention_step(device, dtype, dropout_p=0.0):
 
 def concat_linear_step(device, dtype):
     generator = torch.Generator().manual_seed(1)
-    text, image, weight, bias = (torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
-                                 for shape in ((4, 33, 48), (4, 1, 80), (40, 128), (40,)))
+    text, image, weight, bias = (
+        torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+        for shape in ((4, 33, 48), (4, 1, 80), (40, 128), (40,))
+    )
 
     def step():
         out = ops.concat_linear([text, image], weight, bias, activation="gelu")
@@ -39,14 +43,18 @@ def concat_linear_step(device, dtype):
 
 def quantized_step(device, dtype):
     generator = torch.Generator().manual_seed(2)
-    text, image = torch.randn(4, 33, 48, generator=generator).to(device), torch.randn(4, 1, 80, generator=generator).to(device)
+    text, image = (
+        torch.randn(4, 33, 48, generator=generator).to(device),
+        torch.randn(4, 1, 80, generator=generator).to(device),
+    )
     weight = torch.randn(40, 128, generator=generator).to(device).requires_grad_()
 
     def step():
         pairs = [ops.quantize_per_token(x) for x in (text, image)]
         weight_q, weight_scale = ops.quantize_per_token(weight.detach())
-        projected = ops.quantized_concat_linear([q for q, _ in pairs], [s for _, s in pairs], weight_q,
-                                                weight_scale[:, 0], out_dtype=dtype)
+        projected = ops.quantized_concat_linear(
+            [q for q, _ in pairs], [s for _, s in pairs], weight_q, weight_scale[:, 0], out_dtype=dtype
+        )
         fused = ops.quantized_fusion([pairs[1][0], pairs[1][0]], [pairs[1][1], pairs[1][1]], out_dtype=dtype)
         out = ops.quantize_and_concat_linear([text, image], weight)
         return [projected, fused, out.detach(), torch.autograd.grad(out.square().sum(), weight)[0]]
@@ -81,8 +89,11 @@ def test_deterministic_algorithms_give_bitwise_identical_runs(op, device, determ
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="Triton's interpreter patches triton.language while it runs a "
-                    "kernel, so interpreted kernels cannot run in two threads at once; GPU launches can")
+@pytest.mark.skipif(
+    _config.TRITON_ON_CPU,
+    reason="Triton's interpreter patches triton.language while it runs a "
+    "kernel, so interpreted kernels cannot run in two threads at once; GPU launches can",
+)
 @pytest.mark.parametrize("device", DEVICES)
 # Not dropout: its seed comes from torch's global generator, which threads share, so two threads'
 # draws interleave (as torch's own dropout's do).
@@ -132,8 +143,13 @@ def module_steps(device):
 
     def step():
         pairs = [ops.quantize_per_token(x.detach()) for x in (image, image)]
-        loss = (attention(query, image, image, kv_lens=kv_lens)[0].sum() + concat(text, image).sum()
-                + gated(text, image).sum() + quantized(text, image).float().sum() + fusion(*pairs).sum())
+        loss = (
+            attention(query, image, image, kv_lens=kv_lens)[0].sum()
+            + concat(text, image).sum()
+            + gated(text, image).sum()
+            + quantized(text, image).float().sum()
+            + fusion(*pairs).sum()
+        )
         loss.backward()
 
     return step
@@ -163,7 +179,8 @@ def test_reference_is_what_the_step_helpers_compare_with():
     # the ops' own tests. One spot check that a step computes attention at all:
     step = attention_step("cpu", torch.float64)
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=generator).double()
-               for shape in ((3, 17, 4, 32), (3, 300, 2, 32), (3, 300, 2, 24)))
+    q, k, v = (
+        torch.randn(shape, generator=generator).double() for shape in ((3, 17, 4, 32), (3, 300, 2, 32), (3, 300, 2, 24))
+    )
     expected = reference.cross_modal_attention(q, k, v, kv_lens=torch.tensor([300, 41, 1]))[0]
     torch.testing.assert_close(step()[0], expected)

@@ -10,8 +10,15 @@ from mmkern.nn import CrossModalAttention
 
 def transformer(batch_first):
     torch.manual_seed(0)
-    return nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=48,
-                          dropout=0.0, batch_first=batch_first).double()
+    return nn.Transformer(
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=48,
+        dropout=0.0,
+        batch_first=batch_first,
+    ).double()
 
 
 def transformer_inputs(batch_first):
@@ -22,8 +29,9 @@ def transformer_inputs(batch_first):
         src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
     padding = torch.arange(7) >= torch.tensor([7, 4, 1])[:, None]
     causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
-    return (src, tgt), dict(src_key_padding_mask=padding, memory_key_padding_mask=padding, tgt_mask=causal,
-                            tgt_is_causal=True)
+    return (src, tgt), dict(
+        src_key_padding_mask=padding, memory_key_padding_mask=padding, tgt_mask=causal, tgt_is_causal=True
+    )
 
 
 @pytest.fixture
@@ -31,8 +39,9 @@ def calls(monkeypatch):
     """One entry per call of the attention kernel by mmkern's modules."""
     calls = []
     kernel = mmkern.nn.backend.ops.cross_modal_attention
-    monkeypatch.setattr(mmkern.nn.backend.ops, "cross_modal_attention",
-                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(
+        mmkern.nn.backend.ops, "cross_modal_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
     return calls
 
 
@@ -92,7 +101,9 @@ def test_state_dicts_load_both_ways_and_parameters_are_shared():
     original.load_state_dict(swapped.state_dict())
     layer = swapped.encoder.layers[0]
     assert layer.self_attn.batch_first and layer.self_attn._qkv_same_embed_dim
-    assert layer.self_attn.in_proj_weight is dict(swapped.named_parameters())["encoder.layers.0.self_attn.in_proj_weight"]
+    assert (
+        layer.self_attn.in_proj_weight is dict(swapped.named_parameters())["encoder.layers.0.self_attn.in_proj_weight"]
+    )
 
 
 def test_cross_attention_with_kdim_vdim_shared_and_skipped_modules():

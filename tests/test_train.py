@@ -40,8 +40,12 @@ def test_default_run_reaches_95_percent(tmp_path, model):
     # The command users run, as they run it: a fresh process, the default schedule. How long it takes
     # is the command's own report (and a benchmark figure), never an assertion: a loaded machine is slow.
     out = str(tmp_path / "run")
-    done = subprocess.run([sys.executable, "-m", "mmkern.train", "--model", model, "--out", out, "--no-progress"],
-                          capture_output=True, text=True, env={**os.environ, "MMKERN_TRITON_INTERPRET": "0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "mmkern.train", "--model", model, "--out", out, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MMKERN_TRITON_INTERPRET": "0"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     print(done.stdout.splitlines()[-1])
@@ -51,8 +55,24 @@ def test_default_run_reaches_95_percent(tmp_path, model):
 @pytest.mark.slow
 def test_torchrun_trains_data_parallel(tmp_path):
     out = str(tmp_path / "ddp")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mmkern.train",
-                           "--epochs", "1", "--out", out, *TINY], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "mmkern.train",
+            "--epochs",
+            "1",
+            "--out",
+            out,
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["processes"] == 2 and len(metrics["history"]) == 1

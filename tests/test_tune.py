@@ -13,14 +13,20 @@ from mmkern.bench.suite import suites
 from mmkern.kernels import tiles
 from mmkern.kernels.tiles import AttentionTile, GemmTile
 
-interpreter_only = pytest.mark.skipif(not _config.TRITON_ON_CPU,
-                                      reason="the sweep runs the GPU path: CUDA or the interpreter")
+interpreter_only = pytest.mark.skipif(
+    not _config.TRITON_ON_CPU, reason="the sweep runs the GPU path: CUDA or the interpreter"
+)
 WIDE = GemmTile(64, 128, 64, 8, 4, 3)
 
 
 def _table(entries: dict) -> dict:
-    return {"gpu": "test", "families": {family: {key: {"tile": tiles.tile_entry(tile)} for key, tile in by_key.items()}
-                                        for family, by_key in entries.items()}}
+    return {
+        "gpu": "test",
+        "families": {
+            family: {key: {"tile": tiles.tile_entry(tile)} for key, tile in by_key.items()}
+            for family, by_key in entries.items()
+        },
+    }
 
 
 def test_shape_classes_round_sizes_up_and_keep_head_dims_and_dtypes():
@@ -34,9 +40,13 @@ def test_shape_classes_round_sizes_up_and_keep_head_dims_and_dtypes():
 
 def test_a_table_chooses_the_tile_of_its_classes_and_only_those():
     default, other_dtype = (tiles.gemm_tile(1000, 300, 700, dtype, 132) for dtype in (torch.bfloat16, torch.float16))
-    table = _table({"gemm": {"bfloat16/m1024/n512/k1024": WIDE},
-                    "attention_forward": {"float16/q64/d64/dv64": AttentionTile(64, 32, 4, 2)},
-                    "attention_backward": {"float16/d64/dv64": AttentionTile(32, 64, 8, 1)}})
+    table = _table(
+        {
+            "gemm": {"bfloat16/m1024/n512/k1024": WIDE},
+            "attention_forward": {"float16/q64/d64/dv64": AttentionTile(64, 32, 4, 2)},
+            "attention_backward": {"float16/d64/dv64": AttentionTile(32, 64, 8, 1)},
+        }
+    )
     with tiles.use_table(table):
         assert tiles.overridden()  # cached launch plans step aside
         assert tiles.gemm_tile(1000, 300, 700, torch.bfloat16, 132) == WIDE
@@ -73,18 +83,25 @@ def test_the_sweep_refuses_a_cpu_without_the_interpreter(monkeypatch, capsys):
 
 def _tiny_suites():
     by_op = {s.op: s for s in suites()}
-    return [dataclasses.replace(by_op["concat_linear"],
-                                cases=lambda preset, device: {"tiny": ([(2, 8, 16), (2, 1, 8)], 16, "gelu")}),
-            dataclasses.replace(by_op["cross_modal_attention"],
-                                cases=lambda preset, device: {"tiny": (2, 8, 12, 2, 1, 16, 16, 0.7, {"causal": True})})]
+    return [
+        dataclasses.replace(
+            by_op["concat_linear"], cases=lambda preset, device: {"tiny": ([(2, 8, 16), (2, 1, 8)], 16, "gelu")}
+        ),
+        dataclasses.replace(
+            by_op["cross_modal_attention"],
+            cases=lambda preset, device: {"tiny": (2, 8, 12, 2, 1, 16, 16, 0.7, {"causal": True})},
+        ),
+    ]
 
 
 @interpreter_only
 def test_the_plan_finds_every_familys_shape_classes():
     targets = tune.plan(_tiny_suites(), [torch.float32], torch.device("cpu"), "full")
     assert {(t.family, t.key, t.mode) for t in targets} == {
-        ("gemm", "float32/m16/n16/k16", "forward"), ("attention_forward", "float32/q16/d16/dv16", "forward"),
-        ("attention_backward", "float32/d16/dv16", "forward+backward")}
+        ("gemm", "float32/m16/n16/k16", "forward"),
+        ("attention_forward", "float32/q16/d16/dv16", "forward"),
+        ("attention_backward", "float32/d16/dv16", "forward+backward"),
+    }
     for target in targets:
         tile_list = tune.candidates(target)
         assert tile_list[0] == tune._default(target) and len(set(tile_list)) == len(tile_list) > 1
@@ -99,13 +116,19 @@ def test_candidates_that_fail_or_disagree_are_dropped_and_the_rest_timed():
             out = ops.concat_linear(xs, w, b, activation="gelu")
             # The tile this call's class was forced to: a candidate whose answer is off.
             return out + 1 if tiles.gemm_tile(16, 16, 16, torch.float32, 1).block_m == 32 else out
-        return {"mmkern": wrong_for_block_32, "eager": lambda xs, w, b: reference.concat_linear(xs, w, b, activation="gelu")}
 
-    target = tune.plan([dataclasses.replace(concat, make_providers=providers)], [torch.float32],
-                       torch.device("cpu"), "full")[0]
+        return {
+            "mmkern": wrong_for_block_32,
+            "eager": lambda xs, w, b: reference.concat_linear(xs, w, b, activation="gelu"),
+        }
+
+    target = tune.plan(
+        [dataclasses.replace(concat, make_providers=providers)], [torch.float32], torch.device("cpu"), "full"
+    )[0]
     broken = GemmTile(24, 16, 16, 4, 1, 1)  # tl.arange takes powers of 2 only: it cannot compile
-    kept, dropped = tune.checked(target, [tune._default(target), GemmTile(32, 32, 16, 4, 1, 1), broken],
-                                 torch.device("cpu"))
+    kept, dropped = tune.checked(
+        target, [tune._default(target), GemmTile(32, 32, 16, 4, 1, 1), broken], torch.device("cpu")
+    )
     assert kept == [tune._default(target)]
     assert "disagrees with the reference" in dropped[GemmTile(32, 32, 16, 4, 1, 1)]
     assert dropped[broken].startswith("fails:")
@@ -119,16 +142,22 @@ def test_candidates_that_fail_or_disagree_are_dropped_and_the_rest_timed():
 def test_the_command_writes_a_table_the_tiles_then_read(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "suites", _tiny_suites)
     # The interpreter's timings are noise: the second candidate of each class is made the faster.
-    monkeypatch.setattr(tune, "timed", lambda target, tile_list, *args, **kwargs: {
-        tile: 1.0 if tile == tile_list[0] else 0.5 for tile in tile_list})
+    monkeypatch.setattr(
+        tune,
+        "timed",
+        lambda target, tile_list, *args, **kwargs: {tile: 1.0 if tile == tile_list[0] else 0.5 for tile in tile_list},
+    )
     out = tmp_path / "table.json"
-    assert tune.main(["--device", "cpu", "--dtype", "float32", "--budget", "60", "--repeats", "3",
-                      "--out", str(out)]) == 0
+    assert (
+        tune.main(["--device", "cpu", "--dtype", "float32", "--budget", "60", "--repeats", "3", "--out", str(out)]) == 0
+    )
     table = json.loads(out.read_text())
     tuned = table["families"]
     assert {family: set(entries) for family, entries in tuned.items()} == {
-        "gemm": {"float32/m16/n16/k16"}, "attention_forward": {"float32/q16/d16/dv16"},
-        "attention_backward": {"float32/d16/dv16"}}
+        "gemm": {"float32/m16/n16/k16"},
+        "attention_forward": {"float32/q16/d16/dv16"},
+        "attention_backward": {"float32/d16/dv16"},
+    }
     entry = tuned["gemm"]["float32/m16/n16/k16"]
     assert entry["tile"] != entry["default"] and entry["timed"] == entry["candidates"] == 2
     assert (entry["median_ms"], entry["default_ms"]) == (0.5, 1.0) and table["kept_default"] == {}

@@ -14,9 +14,18 @@ import itertools
 
 import pytest
 
-from tests import (test_concat_linear, test_cross_modal_attention, test_nn_concat_linear,
-                   test_nn_cross_modal_attention, test_nn_gated_fusion, test_nn_quantized, test_quantize_per_token,
-                   test_quantized_concat_linear, test_quantized_fusion, test_swap)
+from tests import (
+    test_concat_linear,
+    test_cross_modal_attention,
+    test_nn_concat_linear,
+    test_nn_cross_modal_attention,
+    test_nn_gated_fusion,
+    test_nn_quantized,
+    test_quantize_per_token,
+    test_quantized_concat_linear,
+    test_quantized_fusion,
+    test_swap,
+)
 
 # Each test runs with every combination of its own parameters, or of those given beside it.
 POISONED_RERUNS = [

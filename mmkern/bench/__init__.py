@@ -6,5 +6,16 @@ from mmkern.bench.records import Record, describe_environment, format_table, loa
 from mmkern.bench.runner import MODES, Case, run_cases
 from mmkern.bench.timing import TimingStats, peak_memory_bytes, time_calls
 
-__all__ = ["MODES", "Case", "Record", "TimingStats", "describe_environment", "format_table", "load_records",
-           "peak_memory_bytes", "run_cases", "time_calls", "write_records"]
+__all__ = [
+    "MODES",
+    "Case",
+    "Record",
+    "TimingStats",
+    "describe_environment",
+    "format_table",
+    "load_records",
+    "peak_memory_bytes",
+    "run_cases",
+    "time_calls",
+    "write_records",
+]

@@ -27,12 +27,19 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.utils._pytree as pytree
 
-KERNEL_MODULES = ("mmkern.kernels.segmented_matmul", "mmkern.kernels.cross_modal_attention",
-                  "mmkern.kernels.quantized_fusion")
-AUDITED_OPS = ("concat_linear", "quantized_concat_linear", "quantize_per_token", "quantized_fusion",
-               "cross_modal_attention")
+KERNEL_MODULES = (
+    "mmkern.kernels.segmented_matmul",
+    "mmkern.kernels.cross_modal_attention",
+    "mmkern.kernels.quantized_fusion",
+)
+AUDITED_OPS = (
+    "concat_linear",
+    "quantized_concat_linear",
+    "quantize_per_token",
+    "quantized_fusion",
+    "cross_modal_attention",
+)
 MULTIPROCESSORS = 132  # an H100 SXM's (the H200 has as many)
 # Per SM on sm_80/sm_90: registers, shared memory (bytes, with the 1 KiB each CTA reserves), warps, CTAs.
 SM_LIMITS = {80: (65536, 167936, 64, 32), 90: (65536, 233472, 64, 32)}
@@ -40,6 +47,7 @@ MAX_SHARED_PER_CTA = {80: 166912, 90: 232448}
 
 
 # -- 1. capture ---------------------------------------------------------------------------------------
+
 
 class _Recorder:
     """Stands in for ``traceable(kernel)``: ``[grid](*args, **kwargs)`` records the launch."""
@@ -52,14 +60,17 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             _Recorder.launches.append((self.kernel, tuple(grid), args, kwargs))
+
         return launch
 
 
 def _spec(value):
     """A launch argument as JSON: tensors by what the JIT sees of them."""
     if isinstance(value, torch.Tensor):
-        return {"tensor": str(value.dtype).replace("torch.", ""), "offset_bytes": value.storage_offset()
-                * value.element_size()}
+        return {
+            "tensor": str(value.dtype).replace("torch.", ""),
+            "offset_bytes": value.storage_offset() * value.element_size(),
+        }
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if type(value).__module__.startswith("triton"):  # a tl.dtype constexpr
@@ -130,9 +141,17 @@ def capture(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None) -> lis
                     else:
                         torch.autograd.grad(out, _leaves(args), torch.ones_like(out), allow_unused=True)
                     for kernel, grid, launch_args, kwargs in _Recorder.launches:
-                        records.append({"op": suite.op, "case": name, "mode": mode, "kernel": _kernel_name(kernel),
-                                        "grid": list(grid), "args": [_spec(a) for a in launch_args],
-                                        "kwargs": {k: _spec(v) for k, v in kwargs.items()}})
+                        records.append(
+                            {
+                                "op": suite.op,
+                                "case": name,
+                                "mode": mode,
+                                "kernel": _kernel_name(kernel),
+                                "grid": list(grid),
+                                "args": [_spec(a) for a in launch_args],
+                                "kwargs": {k: _spec(v) for k, v in kwargs.items()},
+                            }
+                        )
     return records
 
 
@@ -140,8 +159,19 @@ def capture_in_child(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=Non
     """``capture`` in a child process with the interpreter switch on (this one keeps compiled kernels)."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "launches.json")
-        command = [sys.executable, "-m", "mmkern.bench.audit", "--capture-only", path, "--preset", preset,
-                   "--dtype", str(dtype).replace("torch.", ""), "--ops", ",".join(ops)]
+        command = [
+            sys.executable,
+            "-m",
+            "mmkern.bench.audit",
+            "--capture-only",
+            path,
+            "--preset",
+            preset,
+            "--dtype",
+            str(dtype).replace("torch.", ""),
+            "--ops",
+            ",".join(ops),
+        ]
         if cases is not None:
             command += ["--cases", ",".join(cases)]
         subprocess.run(command, check=True, env={**os.environ, "MMKERN_TRITON_INTERPRET": "1"})
@@ -150,6 +180,7 @@ def capture_in_child(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=Non
 
 
 # -- 2. compile ---------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def compile_target(capability: int):
@@ -205,14 +236,21 @@ def compile_launch(launch: dict):
 
 # -- 3. read ------------------------------------------------------------------------------------------
 
+
 def _tool(name: str) -> str:
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-SASS_COUNTS = {"warpgroup_mma": r"\b[HI]GMMA\b", "mma": r"\b[HI]MMA\b", "tma": r"\bUTMALDG\b|\bUBLKCP\b",
-               "async_copy": r"\bLDGSTS\b", "spill_loads": r"\bLDL\b", "spill_stores": r"\bSTL\b"}
+SASS_COUNTS = {
+    "warpgroup_mma": r"\b[HI]GMMA\b",
+    "mma": r"\b[HI]MMA\b",
+    "tma": r"\bUTMALDG\b|\bUBLKCP\b",
+    "async_copy": r"\bLDGSTS\b",
+    "spill_loads": r"\bLDL\b",
+    "spill_stores": r"\bSTL\b",
+}
 
 
 def machine_code(cubin: bytes) -> dict:
@@ -220,14 +258,21 @@ def machine_code(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", handle.name], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", handle.name], capture_output=True, text=True,
-                              check=True).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "--dump-sass", handle.name], capture_output=True, text=True, check=True
+        ).stdout
     fields = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     counts = {name: len(re.findall(pattern, sass)) for name, pattern in SASS_COUNTS.items()}
-    return {"registers": fields.get("reg", 0), "stack": fields.get("stack", 0), "local": fields.get("local", 0),
-            "static_shared": fields.get("shared", 0), **counts}
+    return {
+        "registers": fields.get("reg", 0),
+        "stack": fields.get("stack", 0),
+        "local": fields.get("local", 0),
+        "static_shared": fields.get("shared", 0),
+        **counts,
+    }
 
 
 @dataclass
@@ -288,20 +333,39 @@ def audit(launches: list, capability: int = 90) -> list:
             ctas = 1
             for extent in launch["grid"]:
                 ctas *= extent
-            tile = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kwargs) or \
-                str(kwargs.get("BLOCK", ""))
-            rows.append(Audited(
-                op=launch["op"], case=launch["case"], mode=launch["mode"], kernel=launch["kernel"].split(":")[1],
-                tile=tile, warps=warps, stages=stages, grid_ctas=ctas, registers=code["registers"],
-                spilled_bytes=code["stack"] + code["local"], shared_bytes=shared, ctas_per_sm=resident,
-                waves=round(ctas / (MULTIPROCESSORS * resident), 2) if resident else None,
-                warpgroup_mma=code["warpgroup_mma"], mma=code["mma"], tma=code["tma"], async_copy=code["async_copy"],
-                spill_loads=code["spill_loads"], spill_stores=code["spill_stores"],
-                dot_rows=kwargs.get("BLOCK_M", 0) if (code["warpgroup_mma"] or code["mma"]) else 0, error=error))
+            tile = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kwargs) or str(
+                kwargs.get("BLOCK", "")
+            )
+            rows.append(
+                Audited(
+                    op=launch["op"],
+                    case=launch["case"],
+                    mode=launch["mode"],
+                    kernel=launch["kernel"].split(":")[1],
+                    tile=tile,
+                    warps=warps,
+                    stages=stages,
+                    grid_ctas=ctas,
+                    registers=code["registers"],
+                    spilled_bytes=code["stack"] + code["local"],
+                    shared_bytes=shared,
+                    ctas_per_sm=resident,
+                    waves=round(ctas / (MULTIPROCESSORS * resident), 2) if resident else None,
+                    warpgroup_mma=code["warpgroup_mma"],
+                    mma=code["mma"],
+                    tma=code["tma"],
+                    async_copy=code["async_copy"],
+                    spill_loads=code["spill_loads"],
+                    spill_stores=code["spill_stores"],
+                    dot_rows=kwargs.get("BLOCK_M", 0) if (code["warpgroup_mma"] or code["mma"]) else 0,
+                    error=error,
+                )
+            )
     return rows
 
 
 # -- invariants ---------------------------------------------------------------------------------------
+
 
 def violations(row: Audited, capability: int = 90) -> list:
     """What a launch breaks of the invariants every production launch is held to:
@@ -324,19 +388,27 @@ def violations(row: Audited, capability: int = 90) -> list:
 
 # -- the table ----------------------------------------------------------------------------------------
 
+
 def markdown(rows: list, capability: int, environment: dict) -> str:
-    lines = [f"# Kernel audit, sm_{capability}", "",
-             f"Every production launch of the benchmark's cases, compiled for sm_{capability} without a GPU "
-             f"(`make kernel-audit`); Triton {environment['triton']}, torch {environment['torch']}, "
-             f"{environment['timestamp'][:10]}. CTAs per SM from registers, shared memory and warps; waves on "
-             f"{MULTIPROCESSORS} SMs. MMA: warpgroup (HGMMA/IGMMA) / older (HMMA/IMMA) instructions.", "",
-             "| op | case | mode | kernel | tile | warps/stages | CTAs | regs | spill B | shared KiB | CTAs/SM | waves "
-             "| MMA wg/old | TMA | LDGSTS | breaks |", "|---" * 16 + "|"]
+    lines = [
+        f"# Kernel audit, sm_{capability}",
+        "",
+        f"Every production launch of the benchmark's cases, compiled for sm_{capability} without a GPU "
+        f"(`make kernel-audit`); Triton {environment['triton']}, torch {environment['torch']}, "
+        f"{environment['timestamp'][:10]}. CTAs per SM from registers, shared memory and warps; waves on "
+        f"{MULTIPROCESSORS} SMs. MMA: warpgroup (HGMMA/IGMMA) / older (HMMA/IMMA) instructions.",
+        "",
+        "| op | case | mode | kernel | tile | warps/stages | CTAs | regs | spill B | shared KiB | CTAs/SM | waves "
+        "| MMA wg/old | TMA | LDGSTS | breaks |",
+        "|---" * 16 + "|",
+    ]
     for r in rows:
         broken = "; ".join(violations(r, capability))
-        lines.append(f"| {r.op} | {r.case} | {r.mode} | {r.kernel} | {r.tile} | {r.warps}/{r.stages} | {r.grid_ctas} "
-                     f"| {r.registers} | {r.spilled_bytes} | {r.shared_bytes / 1024:.1f} | {r.ctas_per_sm} | {r.waves} "
-                     f"| {r.warpgroup_mma}/{r.mma} | {r.tma} | {r.async_copy} | {broken} |")
+        lines.append(
+            f"| {r.op} | {r.case} | {r.mode} | {r.kernel} | {r.tile} | {r.warps}/{r.stages} | {r.grid_ctas} "
+            f"| {r.registers} | {r.spilled_bytes} | {r.shared_bytes / 1024:.1f} | {r.ctas_per_sm} | {r.waves} "
+            f"| {r.warpgroup_mma}/{r.mma} | {r.tma} | {r.async_copy} | {broken} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -367,8 +439,11 @@ def main(argv=None) -> int:
         with open(stem + ".md", "w") as handle:
             handle.write(markdown(rows, capability, environment))
         with open(stem + ".json", "w") as handle:
-            json.dump({"environment": environment, "capability": capability, "rows": [asdict(r) for r in rows]},
-                      handle, indent=1)
+            json.dump(
+                {"environment": environment, "capability": capability, "rows": [asdict(r) for r in rows]},
+                handle,
+                indent=1,
+            )
         broken = [r for r in rows if violations(r, capability)]
         print(f"sm_{capability}: {len(rows)} launches, {len(broken)} breaking an invariant; {stem}.md")
     return 0

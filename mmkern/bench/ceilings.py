@@ -31,9 +31,12 @@ def measure_ceilings(device: torch.device, dtypes, repeats: int = 10) -> dict:
         calls[str(dtype).replace("torch.", "")] = [_matmul_call(size, dtype, device)]
     timings = time_calls(calls, device, warmup=2, repeats=repeats, budget_s=1.0, graphable=False)
     # A ceiling is what the device can reach: the fastest call, not the typical one.
-    ceilings = {"copy_gbps": 2 * nbytes / timings.pop("copy").min_ms / 1e6,  # read and write
-                "matmul_tflops": {name: 2 * size**3 / stats.min_ms / 1e9 for name, stats in timings.items()},
-                "copy_bytes": nbytes, "matmul_size": size}
+    ceilings = {
+        "copy_gbps": 2 * nbytes / timings.pop("copy").min_ms / 1e6,  # read and write
+        "matmul_tflops": {name: 2 * size**3 / stats.min_ms / 1e9 for name, stats in timings.items()},
+        "copy_bytes": nbytes,
+        "matmul_size": size,
+    }
     return ceilings
 
 

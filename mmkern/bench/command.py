@@ -35,17 +35,23 @@ def _comma_list(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmkern bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mmkern bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=(*PRESETS, "host"), default="quick")
     parser.add_argument("--ops", type=_comma_list, help="comma-separated ops (default: the preset's); see --list")
-    parser.add_argument("--dtype", type=_comma_list,
-                        help="comma-separated, e.g. bfloat16,float16 (default: bfloat16 on cuda, float32 on cpu; "
-                             "full adds the others)")
+    parser.add_argument(
+        "--dtype",
+        type=_comma_list,
+        help="comma-separated, e.g. bfloat16,float16 (default: bfloat16 on cuda, float32 on cpu; full adds the others)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", type=_comma_list,
-                        help="comma-separated providers to time (default: all; each op's reference still runs, "
-                             "to check the others against)")
+    parser.add_argument(
+        "--providers",
+        type=_comma_list,
+        help="comma-separated providers to time (default: all; each op's reference still runs, "
+        "to check the others against)",
+    )
     parser.add_argument("--modes", type=_comma_list, help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--cases", type=_comma_list, help="comma-separated case names (default: the preset's)")
     parser.add_argument("--out", default="mmkern-bench", help="a folder per run is made in it (default: %(default)s)")
@@ -54,12 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="leave out providers that torch.compile")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--list", action="store_true", help="list the ops, their presets and cases, and exit")
-    parser.add_argument("--compare", nargs="+", metavar="RUN.json",
-                        help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs")
-    parser.add_argument("--fail-if-regression", type=float, metavar="PCT",
-                        help="with --compare: exit 1 if any median time is more than PCT percent slower")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="rewrite --readme's performance section from the newest run under --results, and exit")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN.json",
+        help="OLD.json: compare this run with it; OLD.json NEW.json: compare two saved runs",
+    )
+    parser.add_argument(
+        "--fail-if-regression",
+        type=float,
+        metavar="PCT",
+        help="with --compare: exit 1 if any median time is more than PCT percent slower",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="rewrite --readme's performance section from the newest run under --results, and exit",
+    )
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--results", default=os.path.join("benchmarks", "results"))
     return parser
@@ -96,8 +113,10 @@ def _modes(parser, args, suite) -> list:
 
 def _list(args, device) -> None:
     for suite in suites():
-        print(f"{suite.op} (presets: {', '.join(suite.presets)}; reference: {suite.reference}; "
-              f"modes: {', '.join(suite.modes)})")
+        print(
+            f"{suite.op} (presets: {', '.join(suite.presets)}; reference: {suite.reference}; "
+            f"modes: {', '.join(suite.modes)})"
+        )
         for preset in suite.presets:
             print(f"  {preset} on {device.type}: {', '.join(suite.cases(preset, device.type))}")
 
@@ -105,10 +124,10 @@ def _list(args, device) -> None:
 def _compare(old_path: str, new_path: str, threshold) -> int:
     old_saved, old = load_records(old_path)
     new_saved, new = load_records(new_path)
-    changes, only_old, only_new = compare_records(old, new, old_saved["environment"].get("device_type", "cpu"),
-                                                  new_saved["environment"].get("device_type", "cpu"))
-    print(format_comparison(changes, only_old, only_new, old_saved["environment"], new_saved["environment"],
-                            threshold))
+    changes, only_old, only_new = compare_records(
+        old, new, old_saved["environment"].get("device_type", "cpu"), new_saved["environment"].get("device_type", "cpu")
+    )
+    print(format_comparison(changes, only_old, only_new, old_saved["environment"], new_saved["environment"], threshold))
     return 1 if threshold is not None and regressions(changes, threshold) else 0
 
 
@@ -117,12 +136,18 @@ def run(args, parser) -> str:
     device = torch.device(args.device)
     chosen, dtypes = _chosen_suites(parser, args), _dtypes(parser, args, device)
     environment = {**describe_environment(device), "preset": args.preset}
-    print(f"mmkern bench {args.preset}: {environment['device']}, torch {environment['torch']}, "
-          f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}", file=sys.stderr)
+    print(
+        f"mmkern bench {args.preset}: {environment['device']}, torch {environment['torch']}, "
+        f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}",
+        file=sys.stderr,
+    )
     compute = list(dict.fromkeys([*dtypes, *(s.compute for s in chosen if s.compute)]))
     ceilings = measure_ceilings(device, compute)
-    print("device ceilings: copy {:.1f} GB/s; matrix product {}".format(
-        ceilings["copy_gbps"], ", ".join(f"{d} {t:.2f} TFLOP/s" for d, t in ceilings["matmul_tflops"].items())))
+    print(
+        "device ceilings: copy {:.1f} GB/s; matrix product {}".format(
+            ceilings["copy_gbps"], ", ".join(f"{d} {t:.2f} TFLOP/s" for d, t in ceilings["matmul_tflops"].items())
+        )
+    )
     budget = args.budget if args.budget is not None else BUDGET_S[args.preset]
     records, refused, notes = [], [], set()
     for suite in chosen:
@@ -135,9 +160,19 @@ def run(args, parser) -> str:
         for dtype in dtypes:
             options = ProviderOptions(device, dtype, with_compile=not args.no_compile, notes=notes)
             cases = [suite.make_case(name, spec, dtype) for name, spec in names.items()]
-            suite_records = run_cases(suite.op, cases, lambda case: suite.make_providers(case, options),
-                                      device=device, dtype=dtype, modes=modes, reference=suite.reference,
-                                      only=args.providers, repeats=args.repeats, budget_s=budget, refusals=refused)
+            suite_records = run_cases(
+                suite.op,
+                cases,
+                lambda case: suite.make_providers(case, options),
+                device=device,
+                dtype=dtype,
+                modes=modes,
+                reference=suite.reference,
+                only=args.providers,
+                repeats=args.repeats,
+                budget_s=budget,
+                refusals=refused,
+            )
             attach_fractions(suite_records, ceilings, suite.compute)
             print(f"\n{suite.op}, {str(dtype).replace('torch.', '')}\n{format_table(suite_records)}")
             records.extend(suite_records)
@@ -151,8 +186,13 @@ def run(args, parser) -> str:
 def _write_run(args, environment, ceilings, records, refused, notes) -> str:
     run_dir = os.path.join(args.out, run_folder_name(environment))
     os.makedirs(run_dir, exist_ok=True)
-    saved = {"environment": environment, "preset": args.preset, "ceilings": ceilings, "refused": refused,
-             "notes": notes}
+    saved = {
+        "environment": environment,
+        "preset": args.preset,
+        "ceilings": ceilings,
+        "refused": refused,
+        "notes": notes,
+    }
     _, json_path = write_records(records, os.path.join(run_dir, "results"), saved)
     _, as_dicts = load_records(json_path)
     plots = [] if args.no_plots else plot_speedups(as_dicts, os.path.join(run_dir, "plots"))

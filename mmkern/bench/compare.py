@@ -28,9 +28,17 @@ def compare_records(old: list, new: list, old_device_type: str = "cpu", new_devi
     """(changes of the rows both runs have, keys only the old run has, keys only the new run has)."""
     old_by_key = {tuple(r[k] for k in KEY): r for r in old}
     new_by_key = {tuple(r[k] for k in KEY): r for r in new}
-    changes = [Change(key, old_by_key[key]["median_ms"], new_by_key[key]["median_ms"],
-                      timing_method(old_by_key[key], old_device_type), timing_method(new_by_key[key], new_device_type))
-               for key in new_by_key if key in old_by_key]
+    changes = [
+        Change(
+            key,
+            old_by_key[key]["median_ms"],
+            new_by_key[key]["median_ms"],
+            timing_method(old_by_key[key], old_device_type),
+            timing_method(new_by_key[key], new_device_type),
+        )
+        for key in new_by_key
+        if key in old_by_key
+    ]
     return changes, sorted(set(old_by_key) - set(new_by_key)), sorted(set(new_by_key) - set(old_by_key))
 
 
@@ -38,10 +46,13 @@ def regressions(changes: list, threshold_percent: float) -> list:
     return [c for c in changes if c.percent > threshold_percent]
 
 
-def format_comparison(changes: list, only_old: list, only_new: list, old_env: dict, new_env: dict,
-                      threshold_percent=None) -> str:
-    lines = [f"old: {old_env.get('device')} {old_env.get('timestamp')}  new: {new_env.get('device')} "
-             f"{new_env.get('timestamp')}"]
+def format_comparison(
+    changes: list, only_old: list, only_new: list, old_env: dict, new_env: dict, threshold_percent=None
+) -> str:
+    lines = [
+        f"old: {old_env.get('device')} {old_env.get('timestamp')}  new: {new_env.get('device')} "
+        f"{new_env.get('timestamp')}"
+    ]
     if old_env.get("device") != new_env.get("device"):
         lines.append("note: the runs are on different devices; the changes compare the devices too")
     rows = [["op", "case", "provider", "mode", "dtype", "old ms", "new ms", "change"]]

@@ -55,8 +55,10 @@ def _patched(owner, name, value):
 
 
 # The Python calls that read a tensor's values on the host: each one waits for the device on a GPU.
-_READS = [(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__",
-                                             "nonzero", "numpy", "cpu")] + [(torch, "equal")]
+_READS = [
+    (torch.Tensor, name)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu")
+] + [(torch, "equal")]
 
 
 def count_host_reads(fn) -> int:
@@ -147,32 +149,68 @@ def host_cases(device: torch.device, dtype: torch.dtype) -> list:
     def sdpa(query, key, value):
         group = query.shape[2] // key.shape[2]
         return F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2).repeat_interleave(group, 1),
-            value.transpose(1, 2).repeat_interleave(group, 1), attn_mask=padding).transpose(1, 2)
+            query.transpose(1, 2),
+            key.transpose(1, 2).repeat_interleave(group, 1),
+            value.transpose(1, 2).repeat_interleave(group, 1),
+            attn_mask=padding,
+        ).transpose(1, 2)
 
     cases = [
-        ("concat_linear", lambda: ops.concat_linear([text, image], weight, bias, activation="gelu"),
-         lambda: F.gelu(F.linear(torch.cat([text, image.expand(-1, 16, -1)], -1), weight, bias)), "cat + linear + gelu",
-         ([text, image, weight, bias],) * 2),
-        ("cross_modal_attention", lambda: ops.cross_modal_attention(q, k, v, kv_lens=kv_lens),
-         lambda: sdpa(q, k, v), "SDPA, padding mask", ([q, k, v],) * 2),
-        ("cross_modal_attention_packed",
-         lambda: ops.cross_modal_attention_packed(packed_q, packed_k, packed_v, cu_q, cu_k, 16, 24),
-         lambda: sdpa(q, k, v), "SDPA, padding mask", ([packed_q, packed_k, packed_v], [q, k, v])),
-        ("quantize_and_concat_linear", lambda: ops.quantize_and_concat_linear([text, image], weight, bias),
-         lambda: F.linear(torch.cat([text, image.expand(-1, 16, -1)], -1), weight, bias), "cat + linear",
-         ([text, image, weight, bias],) * 2),
-        ("quantized_concat_linear",
-         lambda: ops.quantized_concat_linear(inputs_q, scales, weight_q, weight_scale[:, 0], bias, out_dtype=dtype),
-         lambda: reference.quantized_concat_linear(inputs_q, scales, weight_q, weight_scale[:, 0], bias,
-                                                   out_dtype=dtype), "dequantize + cat + linear", None),
-        ("quantize_per_token", lambda: ops.quantize_per_token(text.detach()),
-         lambda: reference.quantize_per_token(text.detach()), "eager composition", None),
-        ("quantized_fusion",
-         lambda: ops.quantized_fusion([x for x, _ in features], [s for _, s in features], fusion_weights,
-                                      out_dtype=dtype),
-         lambda: reference.quantized_fusion([x for x, _ in features], [s for _, s in features], fusion_weights,
-                                            out_dtype=dtype), "dequantize + weighted sum", None),
+        (
+            "concat_linear",
+            lambda: ops.concat_linear([text, image], weight, bias, activation="gelu"),
+            lambda: F.gelu(F.linear(torch.cat([text, image.expand(-1, 16, -1)], -1), weight, bias)),
+            "cat + linear + gelu",
+            ([text, image, weight, bias],) * 2,
+        ),
+        (
+            "cross_modal_attention",
+            lambda: ops.cross_modal_attention(q, k, v, kv_lens=kv_lens),
+            lambda: sdpa(q, k, v),
+            "SDPA, padding mask",
+            ([q, k, v],) * 2,
+        ),
+        (
+            "cross_modal_attention_packed",
+            lambda: ops.cross_modal_attention_packed(packed_q, packed_k, packed_v, cu_q, cu_k, 16, 24),
+            lambda: sdpa(q, k, v),
+            "SDPA, padding mask",
+            ([packed_q, packed_k, packed_v], [q, k, v]),
+        ),
+        (
+            "quantize_and_concat_linear",
+            lambda: ops.quantize_and_concat_linear([text, image], weight, bias),
+            lambda: F.linear(torch.cat([text, image.expand(-1, 16, -1)], -1), weight, bias),
+            "cat + linear",
+            ([text, image, weight, bias],) * 2,
+        ),
+        (
+            "quantized_concat_linear",
+            lambda: ops.quantized_concat_linear(inputs_q, scales, weight_q, weight_scale[:, 0], bias, out_dtype=dtype),
+            lambda: reference.quantized_concat_linear(
+                inputs_q, scales, weight_q, weight_scale[:, 0], bias, out_dtype=dtype
+            ),
+            "dequantize + cat + linear",
+            None,
+        ),
+        (
+            "quantize_per_token",
+            lambda: ops.quantize_per_token(text.detach()),
+            lambda: reference.quantize_per_token(text.detach()),
+            "eager composition",
+            None,
+        ),
+        (
+            "quantized_fusion",
+            lambda: ops.quantized_fusion(
+                [x for x, _ in features], [s for _, s in features], fusion_weights, out_dtype=dtype
+            ),
+            lambda: reference.quantized_fusion(
+                [x for x, _ in features], [s for _, s in features], fusion_weights, out_dtype=dtype
+            ),
+            "dequantize + weighted sum",
+            None,
+        ),
     ]
     return [HostCase(*case) for case in cases]
 
@@ -185,38 +223,60 @@ def measure(device: torch.device, dtype: torch.dtype) -> list:
             ours, theirs = case.mmkern_calls(), case.baseline_calls()
             for mode in ours:
                 times = host_us({"mmkern": ours[mode], "baseline": theirs[mode]})
-                records.append(HostRecord(case.op, mode, times["mmkern"], count_host_reads(ours[mode]),
-                                          case.baseline_name, times["baseline"]))
-                print(f"{case.op:30s} {mode:9s} mmkern {times['mmkern']:8.1f} us  reads {records[-1].reads}  "
-                      f"{case.baseline_name} {times['baseline']:8.1f} us", file=sys.stderr)
+                records.append(
+                    HostRecord(
+                        case.op,
+                        mode,
+                        times["mmkern"],
+                        count_host_reads(ours[mode]),
+                        case.baseline_name,
+                        times["baseline"],
+                    )
+                )
+                print(
+                    f"{case.op:30s} {mode:9s} mmkern {times['mmkern']:8.1f} us  reads {records[-1].reads}  "
+                    f"{case.baseline_name} {times['baseline']:8.1f} us",
+                    file=sys.stderr,
+                )
     return records
 
 
-METHOD_CPU = ("CPU time per call (least over {rounds} interleaved rounds) of each op's GPU path, run on a CPU "
-              "under MMKERN_TRITON_INTERPRET=1 with Triton's launch a no-op (mmkern's own host work and "
-              "Triton's interpreted launcher, no kernel); torch's calls beside it run for real on tiny "
-              "tensors. Tiny {dtype} tensors; backward is the gradient call alone on a kept graph.")
-METHOD_CUDA = ("CPU time per call (least over {rounds} interleaved rounds) of enqueueing calls back to back on "
-               "the GPU without synchronising; tiny {dtype} tensors; backward is the gradient call alone on a "
-               "kept graph.")
+METHOD_CPU = (
+    "CPU time per call (least over {rounds} interleaved rounds) of each op's GPU path, run on a CPU "
+    "under MMKERN_TRITON_INTERPRET=1 with Triton's launch a no-op (mmkern's own host work and "
+    "Triton's interpreted launcher, no kernel); torch's calls beside it run for real on tiny "
+    "tensors. Tiny {dtype} tensors; backward is the gradient call alone on a kept graph."
+)
+METHOD_CUDA = (
+    "CPU time per call (least over {rounds} interleaved rounds) of enqueueing calls back to back on "
+    "the GPU without synchronising; tiny {dtype} tensors; backward is the gradient call alone on a "
+    "kept graph."
+)
 
 
 def format_table(records: list) -> str:
-    lines = ["| op | mode | mmkern host us | host reads | torch call | torch host us | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | mode | mmkern host us | host reads | torch call | torch host us | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
-        lines.append(f"| {r.op} | {r.mode} | {r.mmkern_us:.1f} | {r.reads} | {r.baseline} | {r.baseline_us:.1f} "
-                     f"| {r.mmkern_us / r.baseline_us:.2f}x |")
+        lines.append(
+            f"| {r.op} | {r.mode} | {r.mmkern_us:.1f} | {r.reads} | {r.baseline} | {r.baseline_us:.1f} "
+            f"| {r.mmkern_us / r.baseline_us:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def run(device: torch.device, dtype: torch.dtype) -> tuple:
     """(records, method): on a CPU, needs the interpreter switch (``main`` sets it)."""
     if device.type == "cpu" and not _config.TRITON_ON_CPU:
-        raise RuntimeError("the host preset on a CPU runs the GPU path: set MMKERN_TRITON_INTERPRET=1 before "
-                           "importing mmkern (mmkern bench --preset host does)")
+        raise RuntimeError(
+            "the host preset on a CPU runs the GPU path: set MMKERN_TRITON_INTERPRET=1 before "
+            "importing mmkern (mmkern bench --preset host does)"
+        )
     method = (METHOD_CUDA if device.type == "cuda" else METHOD_CPU).format(
-        rounds=ROUNDS, dtype=str(dtype).replace("torch.", ""))
+        rounds=ROUNDS, dtype=str(dtype).replace("torch.", "")
+    )
     return measure(device, dtype), method
 
 
@@ -232,9 +292,11 @@ def write_run(records: list, method: str, environment: dict, run_dir: str) -> st
         writer.writeheader()
         writer.writerows({**environment, **row} for row in rows)
     with open(os.path.join(run_dir, "report.md"), "w") as handle:
-        handle.write(f"# mmkern bench, host preset\n\n{environment['device']}, torch {environment['torch']}, "
-                     f"Triton {environment['triton']}, mmkern {environment['mmkern']}, {environment['timestamp']}\n\n"
-                     f"{method}\n\n{format_table(records)}\n")
+        handle.write(
+            f"# mmkern bench, host preset\n\n{environment['device']}, torch {environment['torch']}, "
+            f"Triton {environment['triton']}, mmkern {environment['mmkern']}, {environment['timestamp']}\n\n"
+            f"{method}\n\n{format_table(records)}\n"
+        )
     return json_path
 
 

@@ -51,7 +51,9 @@ def profile_step(step, device: torch.device, calls: int = CALLS) -> dict:
         with quiet_stderr():
             prof.stop()
     averages = prof.key_averages()
-    rows = [e for e in averages if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda and _device_time(e, cuda) > 0]
+    rows = [
+        e for e in averages if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda and _device_time(e, cuda) > 0
+    ]
     rows.sort(key=lambda e: -_device_time(e, cuda))
     kernels = [(e.key, _device_time(e, cuda) / calls, e.count / calls) for e in rows]
     newer = bool(averages) and hasattr(averages[0], "self_device_time_total")
@@ -74,10 +76,17 @@ def profile_suites(chosen: list, device: torch.device, log=print) -> list:
         for mode in suite.modes:
             if mode == "backward":
                 continue
-            summary = {"op": suite.op, "case": name, "mode": mode, **profile_step(mode_steps(fn, [args], mode)[0], device)}
+            summary = {
+                "op": suite.op,
+                "case": name,
+                "mode": mode,
+                **profile_step(mode_steps(fn, [args], mode)[0], device),
+            }
             kernel_us = sum(us for _, us, _ in summary["kernels"])
-            log(f"{suite.op} {name} {mode}: host {summary['host_ms']:.3f} ms/call, "
-                f"{'kernels' if device.type == 'cuda' else 'CPU ops'} {kernel_us / 1e3:.3f} ms/call")
+            log(
+                f"{suite.op} {name} {mode}: host {summary['host_ms']:.3f} ms/call, "
+                f"{'kernels' if device.type == 'cuda' else 'CPU ops'} {kernel_us / 1e3:.3f} ms/call"
+            )
             for kernel, us, launches in summary["kernels"][:TOP]:
                 log(f"    {us:9.1f} us  x{launches:g}  {kernel[:90]}")
             summaries.append(summary)

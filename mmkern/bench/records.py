@@ -93,8 +93,10 @@ def write_records(records: list, path_stem: str, extra: dict) -> tuple:
     """``path_stem``.csv (a row per record, with ``extra["environment"]`` on every row) and
     ``path_stem``.json (``extra`` and the records)."""
     environment = extra.get("environment", {})
-    rows = [{**environment, **{k: v for k, v in asdict(r).items() if k != "params"}, "params": json.dumps(r.params)}
-            for r in records]
+    rows = [
+        {**environment, **{k: v for k, v in asdict(r).items() if k != "params"}, "params": json.dumps(r.params)}
+        for r in records
+    ]
     csv_path, json_path = path_stem + ".csv", path_stem + ".json"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["op"])
@@ -133,20 +135,39 @@ def format_table(records: list) -> str:
     """One line per record: device time (median and spread), host time, and 'of peak', the larger of its
     fractions of the device's measured matrix-product and copy ceilings."""
     baseline = next((r.baseline for r in records if r.baseline), "baseline")
-    header = ["case", "mode", "provider", "device ms", "p20-p80 ms", "host ms", "timing", "TFLOP/s", "GB/s",
-              "of peak", "peak MB", f"vs {baseline}"]
+    header = [
+        "case",
+        "mode",
+        "provider",
+        "device ms",
+        "p20-p80 ms",
+        "host ms",
+        "timing",
+        "TFLOP/s",
+        "GB/s",
+        "of peak",
+        "peak MB",
+        f"vs {baseline}",
+    ]
     lines = [header]
     for r in records:
         fractions = [f for f in (r.flops_fraction, r.bandwidth_fraction) if f is not None]
-        lines.append([
-            r.case, r.mode, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
-            "" if r.host_ms is None else f"{r.host_ms:.3f}", r.timing,
-            "" if r.tflops is None else f"{r.tflops:.3f}",
-            "" if r.gbps is None else f"{r.gbps:.1f}",
-            _percent(max(fractions, default=None)),
-            f"{r.peak_memory_mb:.1f}",
-            "" if r.speedup is None else f"{r.speedup:.2f}x",
-        ])
+        lines.append(
+            [
+                r.case,
+                r.mode,
+                r.provider,
+                f"{r.median_ms:.3f}",
+                f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+                "" if r.host_ms is None else f"{r.host_ms:.3f}",
+                r.timing,
+                "" if r.tflops is None else f"{r.tflops:.3f}",
+                "" if r.gbps is None else f"{r.gbps:.1f}",
+                _percent(max(fractions, default=None)),
+                f"{r.peak_memory_mb:.1f}",
+                "" if r.speedup is None else f"{r.speedup:.2f}x",
+            ]
+        )
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))

@@ -23,12 +23,14 @@ def _number(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-TIMING_NOTE = ("Device time is the GPU's time per call: CUDA-graph replays of rotated calls where the call "
-               "can be captured (cuda-graph), else CUDA events around each call enqueued behind a sleep kernel "
-               "so the host runs ahead (events), the L2 flushed before each sample; on a CPU, wall time "
-               "(cpu-wall). Host time is the host's time per call in a loop enqueueing calls back to back. "
-               "events-idle: a record from before this method, one call between events from an idle GPU, "
-               "the host's latency included. Speedups compare device times.")
+TIMING_NOTE = (
+    "Device time is the GPU's time per call: CUDA-graph replays of rotated calls where the call "
+    "can be captured (cuda-graph), else CUDA events around each call enqueued behind a sleep kernel "
+    "so the host runs ahead (events), the L2 flushed before each sample; on a CPU, wall time "
+    "(cpu-wall). Host time is the host's time per call in a loop enqueueing calls back to back. "
+    "events-idle: a record from before this method, one call between events from an idle GPU, "
+    "the host's latency included. Speedups compare device times."
+)
 
 
 def _of_peak(r: dict) -> str:
@@ -80,25 +82,40 @@ def markdown_report(run: dict, plot_paths: list, report_dir: str) -> str:
     environment, ceilings = run["environment"], run.get("ceilings") or {}
     lines = [f"# mmkern benchmarks on {environment['device']}", "", *_environment_lines(environment), ""]
     if ceilings:
-        lines += ["## The device's measured ceilings", "",
-                  f"- copy: {ceilings['copy_gbps']:.1f} GB/s (a {ceilings['copy_bytes'] / 2**20:.0f} MiB "
-                  "device-to-device copy, read and write counted)"]
-        lines += [f"- matrix product, {dtype}: {tflops:.2f} TFLOP/s ({ceilings['matmul_size']} cubed)"
-                  for dtype, tflops in ceilings["matmul_tflops"].items()]
+        lines += [
+            "## The device's measured ceilings",
+            "",
+            f"- copy: {ceilings['copy_gbps']:.1f} GB/s (a {ceilings['copy_bytes'] / 2**20:.0f} MiB "
+            "device-to-device copy, read and write counted)",
+        ]
+        lines += [
+            f"- matrix product, {dtype}: {tflops:.2f} TFLOP/s ({ceilings['matmul_size']} cubed)"
+            for dtype, tflops in ceilings["matmul_tflops"].items()
+        ]
         lines.append("")
     lines += [TIMING_NOTE, ""]
-    header = ("| case | mode | provider | device ms | p20-p80 ms | host ms | timing | TFLOP/s | GB/s | of peak | "
-              "peak MB | speedup |")
+    header = (
+        "| case | mode | provider | device ms | p20-p80 ms | host ms | timing | TFLOP/s | GB/s | of peak | "
+        "peak MB | speedup |"
+    )
     for (op, dtype), group in _groups(run["records"]).items():
         baselines = " or ".join(dict.fromkeys(r["baseline"] for r in group if r.get("baseline")))
-        lines += [f"## {op}, {dtype}", "", f"Speedups are over {baselines or 'nothing'} (each case's reference).",
-                  "", header, "|---" * 12 + "|"]
+        lines += [
+            f"## {op}, {dtype}",
+            "",
+            f"Speedups are over {baselines or 'nothing'} (each case's reference).",
+            "",
+            header,
+            "|---" * 12 + "|",
+        ]
         for r in group:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | {r['median_ms']:.3f} | "
-                         f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {_number(r.get('host_ms'), 3)} | "
-                         f"{timing_method(r, environment['device_type'])} | {_number(r['tflops'], 3)} | "
-                         f"{_number(r['gbps'], 1)} | {_of_peak(r)} | {r['peak_memory_mb']:.1f} | "
-                         f"{'' if r.get('speedup') is None else format(r['speedup'], '.2f') + 'x'} |")
+            lines.append(
+                f"| {r['case']} | {r['mode']} | {r['provider']} | {r['median_ms']:.3f} | "
+                f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {_number(r.get('host_ms'), 3)} | "
+                f"{timing_method(r, environment['device_type'])} | {_number(r['tflops'], 3)} | "
+                f"{_number(r['gbps'], 1)} | {_of_peak(r)} | {r['peak_memory_mb']:.1f} | "
+                f"{'' if r.get('speedup') is None else format(r['speedup'], '.2f') + 'x'} |"
+            )
         lines.append("")
         prefix = f"{op}-{dtype}-"
         for path in plot_paths:
@@ -131,16 +148,26 @@ def readme_section(run_path: str, readme_dir: str) -> str:
     saved, records = load_records(run_path)
     environment = saved["environment"]
     report = os.path.relpath(os.path.join(os.path.dirname(run_path), "report.md"), readme_dir)
-    lines = [README_BEGIN, "",
-             f"Measured on **{environment['device']}** on {environment['timestamp'][:10]} (torch "
-             f"{environment['torch']}, Triton {environment['triton']}, mmkern {environment['mmkern']}; preset "
-             f"`{saved.get('preset', '?')}`). Every figure, with its spread and peak memory, is in [the run's "
-             f"report]({report}). {TIMING_NOTE}", ""]
+    lines = [
+        README_BEGIN,
+        "",
+        f"Measured on **{environment['device']}** on {environment['timestamp'][:10]} (torch "
+        f"{environment['torch']}, Triton {environment['triton']}, mmkern {environment['mmkern']}; preset "
+        f"`{saved.get('preset', '?')}`). Every figure, with its spread and peak memory, is in [the run's "
+        f"report]({report}). {TIMING_NOTE}",
+        "",
+    ]
     if environment["device_type"] != "cuda":
-        lines += ["No GPU run is recorded yet, so these are CPU figures (the C++ CPU kernels); GPU figures "
-                  "come with the first `mmkern bench` run on a GPU committed under `benchmarks/results/`.", ""]
-    lines += ["| op | dtype | case | mode | mmkern device ms | host ms | timing | vs reference | "
-              "fastest other provider | of peak |", "|---" * 10 + "|"]
+        lines += [
+            "No GPU run is recorded yet, so these are CPU figures (the C++ CPU kernels); GPU figures "
+            "come with the first `mmkern bench` run on a GPU committed under `benchmarks/results/`.",
+            "",
+        ]
+    lines += [
+        "| op | dtype | case | mode | mmkern device ms | host ms | timing | vs reference | "
+        "fastest other provider | of peak |",
+        "|---" * 10 + "|",
+    ]
     for (op, dtype), group in _groups(records).items():
         for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in group):
             rows = [r for r in group if r["case"] == case and r["mode"] == mode]
@@ -151,9 +178,11 @@ def readme_section(run_path: str, readme_dir: str) -> str:
             fastest = min(others, key=lambda r: r["median_ms"], default=None)
             versus = f"{ours['speedup']:.2f}x over {ours['baseline']}" if ours.get("speedup") is not None else ""
             other = "" if fastest is None else f"{fastest['provider']} {fastest['median_ms']:.3f} ms"
-            lines.append(f"| {op} | {dtype} | {case} | {mode} | {ours['median_ms']:.3f} | "
-                         f"{_number(ours.get('host_ms'), 3)} | {timing_method(ours, environment['device_type'])} | "
-                         f"{versus} | {other} | {_of_peak(ours)} |")
+            lines.append(
+                f"| {op} | {dtype} | {case} | {mode} | {ours['median_ms']:.3f} | "
+                f"{_number(ours.get('host_ms'), 3)} | {timing_method(ours, environment['device_type'])} | "
+                f"{versus} | {other} | {_of_peak(ours)} |"
+            )
     return "\n".join(lines + ["", README_END])
 
 

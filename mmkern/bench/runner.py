@@ -38,10 +38,16 @@ class Case:
     params: dict = field(default_factory=dict)
 
     def work(self, mode: str) -> tuple:
-        flops = {"forward": self.forward_flops, "backward": self.backward_flops,
-                 "forward+backward": self.forward_flops + self.backward_flops}[mode]
-        moved = {"forward": self.forward_bytes, "backward": self.backward_bytes,
-                 "forward+backward": self.forward_bytes + self.backward_bytes}[mode]
+        flops = {
+            "forward": self.forward_flops,
+            "backward": self.backward_flops,
+            "forward+backward": self.forward_flops + self.backward_flops,
+        }[mode]
+        moved = {
+            "forward": self.forward_bytes,
+            "backward": self.backward_bytes,
+            "forward+backward": self.forward_bytes + self.backward_bytes,
+        }[mode]
         return flops, moved
 
 
@@ -60,8 +66,9 @@ def mode_steps(fn, arg_sets, mode) -> list:
         out = fn(*args)
         grad = torch.randn_like(out)
         if mode == "backward":
-            steps.append(lambda out=out, grad=grad, leaves=leaves: torch.autograd.grad(out, leaves, grad,
-                                                                                       retain_graph=True))
+            steps.append(
+                lambda out=out, grad=grad, leaves=leaves: torch.autograd.grad(out, leaves, grad, retain_graph=True)
+            )
         else:
             del out
             steps.append(lambda args=args, grad=grad, leaves=leaves: torch.autograd.grad(fn(*args), leaves, grad))
@@ -76,7 +83,7 @@ def last_level_cache_bytes(device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).L2_cache_size
     sizes = []
     cache_dir = "/sys/devices/system/cpu/cpu0/cache"
-    for index in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else []):
+    for index in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
         try:
             with open(os.path.join(cache_dir, index, "size")) as handle:
                 text = handle.read().strip()
@@ -123,8 +130,10 @@ def agreeing_providers(op, case, providers, args, dtype, reference, with_grads, 
             print(f"\n{op} {case.name}: provider {provider!r} {reason}; not timed", file=sys.stderr)
             continue
         names = ["output"] + [f"gradient {i}" for i in range(len(actual) - 1)]
-        errors = [(name, math.inf if (a is None) != (e is None) else 0.0 if a is None else _disagreement(a, e))
-                  for name, a, e in zip(names, actual, expected)]
+        errors = [
+            (name, math.inf if (a is None) != (e is None) else 0.0 if a is None else _disagreement(a, e))
+            for name, a, e in zip(names, actual, expected)
+        ]
         name, error = max(errors, key=lambda item: item[1])
         if error > AGREEMENT[dtype]:
             reason = f"disagrees with {reference!r} ({name}: relative error {error:.2e})"
@@ -144,9 +153,22 @@ def _progress(total: int, description: str):
         return None
 
 
-def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, device: torch.device,
-              dtype: torch.dtype, modes=MODES, reference: str = "eager", only=None, warmup: int = 2,
-              repeats: int = 20, budget_s: float = 2.0, rotate: bool = True, refusals=None) -> list:
+def run_cases(
+    op: str,
+    cases: list,
+    make_providers: Callable[[Case], dict],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    modes=MODES,
+    reference: str = "eager",
+    only=None,
+    warmup: int = 2,
+    repeats: int = 20,
+    budget_s: float = 2.0,
+    rotate: bool = True,
+    refusals=None,
+) -> list:
     """Times every (case, provider, mode), the providers of one (case, mode) interleaved, and
     measures each one's peak memory; returns Records, with speedups against ``reference``.
     ``only``: the provider names to time (the reference still runs, to check them against). A case
@@ -163,30 +185,48 @@ def run_cases(op: str, cases: list, make_providers: Callable[[Case], dict], *, d
         copies = input_copies(first, device) if rotate else 1
         arg_sets = [first] + [case.make_args(device, dtype, seed=seed) for seed in range(1, copies)]
         case_reference = case.params.get("reference", reference)
-        providers = {name: fn for name, fn in make_providers(case).items()
-                     if only is None or name in only or name == case_reference}
-        providers = agreeing_providers(op, case, providers, first, dtype, case_reference,
-                                        any(m != "forward" for m in modes), refusals)
+        providers = {
+            name: fn
+            for name, fn in make_providers(case).items()
+            if only is None or name in only or name == case_reference
+        }
+        providers = agreeing_providers(
+            op, case, providers, first, dtype, case_reference, any(m != "forward" for m in modes), refusals
+        )
         providers = {name: fn for name, fn in providers.items() if only is None or name in only}
         for mode in modes:
             if bar is not None:
                 bar.set_postfix_str(f"{case.name} {mode}")
             calls = {provider: mode_steps(fn, arg_sets, mode) for provider, fn in providers.items()}
             # A backward alone replays a graph recorded outside the capture stream: never graphed.
-            timings = time_calls(calls, device, warmup=warmup, repeats=repeats, budget_s=budget_s,
-                                 graphable=mode != "backward")
+            timings = time_calls(
+                calls, device, warmup=warmup, repeats=repeats, budget_s=budget_s, graphable=mode != "backward"
+            )
             flops, moved = case.work(mode)
             for provider, steps in calls.items():
                 stats = timings[provider]
                 seconds = stats.median_ms / 1e3
-                records.append(Record(
-                    op=op, case=case.name, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
-                    median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, min_ms=stats.min_ms,
-                    repeats=stats.repeats, tflops=flops / seconds / 1e12 if flops else None,
-                    gbps=moved / seconds / 1e9 if moved else None,
-                    peak_memory_mb=peak_memory_bytes(steps[0], device) / 2**20, timing=stats.method,
-                    host_ms=stats.host_ms, input_copies=len(arg_sets), params=case.params,
-                ))
+                records.append(
+                    Record(
+                        op=op,
+                        case=case.name,
+                        provider=provider,
+                        mode=mode,
+                        dtype=str(dtype).replace("torch.", ""),
+                        median_ms=stats.median_ms,
+                        p20_ms=stats.p20_ms,
+                        p80_ms=stats.p80_ms,
+                        min_ms=stats.min_ms,
+                        repeats=stats.repeats,
+                        tflops=flops / seconds / 1e12 if flops else None,
+                        gbps=moved / seconds / 1e9 if moved else None,
+                        peak_memory_mb=peak_memory_bytes(steps[0], device) / 2**20,
+                        timing=stats.method,
+                        host_ms=stats.host_ms,
+                        input_copies=len(arg_sets),
+                        params=case.params,
+                    )
+                )
             del calls  # frees retained backward graphs before the next case allocates
         if bar is not None:
             bar.update(1)

@@ -35,12 +35,14 @@ def summary_lines(results_path: str, table_path: str | None = None, max_lines: i
         speedup = "" if ours.get("speedup") is None else f"{ours['speedup']:.2f}x"
         peak = f"{100 * max(fractions):.0f}%" if fractions else ""
         method = timing_method(ours, device_type)
-        body.append(f"{op[:24]:<24} {case[:36]:<36} {mode.replace('forward+backward', 'fwd+bwd')[:8]:<8} "
-                    f"{ours['median_ms']:>8.3f} {host:>8} {speedup:>7} {fastest['provider'][:16]:<16} {peak}"
-                    + ("" if method == "cuda-graph" else f" ({method})"))
+        body.append(
+            f"{op[:24]:<24} {case[:36]:<36} {mode.replace('forward+backward', 'fwd+bwd')[:8]:<8} "
+            f"{ours['median_ms']:>8.3f} {host:>8} {speedup:>7} {fastest['provider'][:16]:<16} {peak}"
+            + ("" if method == "cuda-graph" else f" ({method})")
+        )
     room = max_lines - len(lines) - len(tail)
     if len(body) > room:
-        body = body[:room - 1] + [f"... {len(body) - room + 1} more rows in the run's report.md"]
+        body = body[: room - 1] + [f"... {len(body) - room + 1} more rows in the run's report.md"]
     return lines + body + tail
 
 

@@ -40,8 +40,9 @@ class TimingStats:
     @classmethod
     def of(cls, samples_ms: list, method: str = "cpu-wall", host_ms: float | None = None) -> "TimingStats":
         quantiles = statistics.quantiles(samples_ms, n=5, method="inclusive") if len(samples_ms) > 1 else samples_ms * 4
-        return cls(statistics.median(samples_ms), quantiles[0], quantiles[3], min(samples_ms), len(samples_ms),
-                   method, host_ms)
+        return cls(
+            statistics.median(samples_ms), quantiles[0], quantiles[3], min(samples_ms), len(samples_ms), method, host_ms
+        )
 
 
 # A CUDA-graph sample replays enough calls to take about this much device time, at most GRAPH_CALLS:
@@ -65,8 +66,7 @@ class CudaClock:
         self.stream = torch.cuda.current_stream(device)
         props = torch.cuda.get_device_properties(device)
         # Twice the L2, zeroed before each sample, leaves none of the last sample's data in it.
-        self._flush = torch.empty(2 * max(getattr(props, "L2_cache_size", 0), 2**20), dtype=torch.uint8,
-                                  device=device)
+        self._flush = torch.empty(2 * max(getattr(props, "L2_cache_size", 0), 2**20), dtype=torch.uint8, device=device)
         self._cycles_per_ms = None
 
     now = staticmethod(time.perf_counter)
@@ -123,6 +123,7 @@ class _Rotation:
 class _Timed:
     """What one sample runs: ``run`` makes ``calls`` calls in ``host_ms`` of the host's time (which sizes
     the sleep ahead of a batch); ``call_host_ms``: the host's time per call of the call itself."""
+
     run: object
     calls: int
     method: str
@@ -173,14 +174,18 @@ def _cuda_timed(name: str, rotation: _Rotation, clock, graphable: bool) -> _Time
         replay = clock.graph(rotation, calls)
     except RuntimeError as refusal:
         clock.synchronize()
-        print(f"\n{name}: cannot be captured in a CUDA graph ({str(refusal).splitlines()[0][:120]}); "
-              "its device time is from events", file=sys.stderr)
+        print(
+            f"\n{name}: cannot be captured in a CUDA graph ({str(refusal).splitlines()[0][:120]}); "
+            "its device time is from events",
+            file=sys.stderr,
+        )
         return plain
     return _Timed(replay, calls, "cuda-graph", host_time_ms(replay, clock), host_ms)
 
 
-def time_calls(calls: dict, device: torch.device, *, warmup: int, repeats: int, budget_s: float,
-               graphable: bool = True, clock=None) -> dict:
+def time_calls(
+    calls: dict, device: torch.device, *, warmup: int, repeats: int, budget_s: float, graphable: bool = True, clock=None
+) -> dict:
     """Times each of ``calls`` (name: list of steps, the same work on separate copies of the inputs;
     each call runs the next step) ``repeats`` times after ``warmup`` rounds, in interleaved rounds,
     so that drift in the machine's speed (clocks, neighbours, thermals) lands on every call alike
@@ -204,8 +209,9 @@ def time_calls(calls: dict, device: torch.device, *, warmup: int, repeats: int, 
             samples[name] += device_samples_ms(one, clock, min(SAMPLES_PER_ROUND, repeats - len(samples[name])))
         if round_index >= 2 and time.perf_counter() - start > budget_s * len(calls):
             break
-    return {name: TimingStats.of(times, timed[name].method, timed[name].call_host_ms)
-            for name, times in samples.items()}
+    return {
+        name: TimingStats.of(times, timed[name].method, timed[name].call_host_ms) for name, times in samples.items()
+    }
 
 
 def _time_on_cpu(rotations: dict, repeats: int, budget_s: float) -> dict:

@@ -44,6 +44,7 @@ MARGIN = 0.03
 @dataclass
 class Target:
     """A shape class of a family, and the (suite, case, dtype, mode) that reaches it first."""
+
     family: str
     key: str
     suite: object
@@ -81,8 +82,9 @@ def plan(chosen: list, dtypes: list, device: torch.device, preset: str) -> list:
                         key = tiles.shape_class(family, *family_args)
                         if key is None:
                             continue
-                        target = targets.setdefault((family, key), Target(family, key, suite, case, dtype, mode,
-                                                                          family_args))
+                        target = targets.setdefault(
+                            (family, key), Target(family, key, suite, case, dtype, mode, family_args)
+                        )
                         if name not in target.cases:
                             target.cases.append(name)
                 del args
@@ -91,8 +93,11 @@ def plan(chosen: list, dtypes: list, device: torch.device, preset: str) -> list:
 
 def _default(target: Target):
     """The shape-only tile of the target (no override, no table)."""
-    function = {"gemm": tiles.gemm_tile, "attention_forward": tiles.attention_forward_tile,
-                "attention_backward": tiles.attention_backward_tile}[target.family]
+    function = {
+        "gemm": tiles.gemm_tile,
+        "attention_forward": tiles.attention_forward_tile,
+        "attention_backward": tiles.attention_backward_tile,
+    }[target.family]
     with tiles.use_table({}):
         return function(*target.args)
 
@@ -112,14 +117,19 @@ def candidates(target: Target) -> list:
         shapes = [(64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)]
         if dtype in (torch.float32, torch.float64):
             shapes = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
-        others = [GemmTile(bm, bn, block_k, 8, warps, stages) for bm, bn in shapes
-                  if bm <= max(16, tiles.power_of_2_at_least(m, 16, 256))
-                  and bn <= max(32, tiles.power_of_2_at_least(n, 32, 256))
-                  for warps in (4, 8) for stages in (3, 4)]
+        others = [
+            GemmTile(bm, bn, block_k, 8, warps, stages)
+            for bm, bn in shapes
+            if bm <= max(16, tiles.power_of_2_at_least(m, 16, 256))
+            and bn <= max(32, tiles.power_of_2_at_least(n, 32, 256))
+            for warps in (4, 8)
+            for stages in (3, 4)
+        ]
     else:
         wide = max(target.args[-3], target.args[-2]) if target.family == "attention_forward" else max(target.args[:2])
-        blocks = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)] if wide <= 128 else [(32, 32), (64, 32),
-                                                                                             (64, 64)]
+        blocks = (
+            [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)] if wide <= 128 else [(32, 32), (64, 32), (64, 64)]
+        )
         if target.family == "attention_backward":
             blocks = [(32, 32), (64, 32), (32, 64), (64, 64), (128, 64)] if wide <= 128 else [(32, 32), (64, 32)]
         if target.args[-1] in (torch.float32, torch.float64):
@@ -131,14 +141,16 @@ def candidates(target: Target) -> list:
 
 def _forced(target: Target, tile):
     """An override that gives ``tile`` to the target's class and the table's or default tile elsewhere."""
-    return tiles.override(target.family,
-                          lambda *args: tile if tiles.shape_class(target.family, *args) == target.key else None)
+    return tiles.override(
+        target.family, lambda *args: tile if tiles.shape_class(target.family, *args) == target.key else None
+    )
 
 
 def _with_tile(fn, target, tile):
     def call(*args):
         with _forced(target, tile):
             return fn(*args)
+
     return call
 
 
@@ -160,8 +172,10 @@ def checked(target: Target, tile_list: list, device: torch.device, deadline: flo
         except Exception as failure:  # noqa: BLE001 - a tile that cannot compile or launch is a tile to drop
             dropped[tile] = f"fails: {type(failure).__name__}: {str(failure).splitlines()[0][:120]}"
             continue
-        errors = [0.0 if (a is None and e is None) else math.inf if (a is None) != (e is None) else _disagreement(a, e)
-                  for a, e in zip(actual, expected)]
+        errors = [
+            0.0 if (a is None and e is None) else math.inf if (a is None) != (e is None) else _disagreement(a, e)
+            for a, e in zip(actual, expected)
+        ]
         if max(errors) > AGREEMENT[dtype]:
             dropped[tile] = f"disagrees with the reference (relative error {max(errors):.2e})"
         else:
@@ -179,16 +193,24 @@ def timed(target: Target, tile_list: list, device: torch.device, repeats: int, b
     return {tile: s.median_ms for tile, s in stats.items()}
 
 
-def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 10, log=print, start=None,
-          progress=None) -> dict:
+def sweep(
+    targets: list, device: torch.device, budget_s: float, repeats: int = 10, log=print, start=None, progress=None
+) -> dict:
     """The table (a dict as tiles.use_table takes it) from timing each target's candidates; stops
     starting targets once ``budget_s`` from ``start`` (a time.perf_counter() value; default now) is
     spent, and says which it left. ``progress(table)`` is called after each target, so a sweep cut
     short keeps what it measured."""
     environment = describe_environment(device)
     families = {family: {} for family in tiles.FAMILIES}
-    table = {"gpu": environment["device"], "environment": environment, "budget_s": budget_s, "families": families,
-             "kept_default": {}, "dropped": {}, "left_out": [f"{t.family} {t.key}" for t in targets]}
+    table = {
+        "gpu": environment["device"],
+        "environment": environment,
+        "budget_s": budget_s,
+        "families": families,
+        "kept_default": {},
+        "dropped": {},
+        "left_out": [f"{t.family} {t.key}" for t in targets],
+    }
     start = time.perf_counter() if start is None else start
     for index, target in enumerate(targets):
         left = budget_s - (time.perf_counter() - start)
@@ -205,19 +227,33 @@ def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 1
             table["dropped"][label] = {str(tiles.tile_entry(t)): why for t, why in dropped.items()}
         default = tile_list[0]
         if default not in kept:
-            raise RuntimeError(f"{label}: the default tile fails its own check ({dropped.get(default)}); "
-                               "that is a kernel bug, not a tuning result")
+            raise RuntimeError(
+                f"{label}: the default tile fails its own check ({dropped.get(default)}); "
+                "that is a kernel bug, not a tuning result"
+            )
         medians = timed(target, kept, device, repeats, budget_s=share / (2 * len(kept)))
         best = min(kept, key=medians.get)
-        summary = {"case": target.case.name, "dtype": str(target.dtype).replace("torch.", ""), "mode": target.mode,
-                   "cases": target.cases, "default": tiles.tile_entry(default), "default_ms": medians[default],
-                   "candidates": len(tile_list), "timed": len(kept)}
+        summary = {
+            "case": target.case.name,
+            "dtype": str(target.dtype).replace("torch.", ""),
+            "mode": target.mode,
+            "cases": target.cases,
+            "default": tiles.tile_entry(default),
+            "default_ms": medians[default],
+            "candidates": len(tile_list),
+            "timed": len(kept),
+        }
         untried = len(tile_list) - len(kept) - len(dropped)
         if best != default and medians[best] < (1 - MARGIN) * medians[default]:
-            families[target.family][target.key] = {"tile": tiles.tile_entry(best), "median_ms": medians[best],
-                                                    **summary}
-            log(f"{label}: {best} {medians[best]:.4f} ms, default {medians[default]:.4f} ms "
-                f"({medians[default] / medians[best]:.2f}x; {len(kept)} of {len(tile_list)} candidates timed)")
+            families[target.family][target.key] = {
+                "tile": tiles.tile_entry(best),
+                "median_ms": medians[best],
+                **summary,
+            }
+            log(
+                f"{label}: {best} {medians[best]:.4f} ms, default {medians[default]:.4f} ms "
+                f"({medians[default] / medians[best]:.2f}x; {len(kept)} of {len(tile_list)} candidates timed)"
+            )
         else:
             table["kept_default"][label] = summary
             log(f"{label}: default kept ({medians[default]:.4f} ms; {len(kept)} of {len(tile_list)} timed)")
@@ -229,13 +265,15 @@ def sweep(targets: list, device: torch.device, budget_s: float, repeats: int = 1
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mmkern tune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mmkern tune", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budget", type=float, default=180.0, help="seconds for the whole sweep (default 180)")
     parser.add_argument("--ops", default=",".join(TUNED_OPS), help=f"comma-separated, of {', '.join(TUNED_OPS)}")
     parser.add_argument("--dtype", default=None, help="comma-separated (default: bfloat16 on cuda, float32 on cpu)")
-    parser.add_argument("--preset", default="full", choices=("quick", "full"),
-                        help="whose cases give the shape classes (default: full)")
+    parser.add_argument(
+        "--preset", default="full", choices=("quick", "full"), help="whose cases give the shape classes (default: full)"
+    )
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -245,14 +283,17 @@ def main(argv=None) -> int:
     if device.type != "cuda" and not _config.TRITON_ON_CPU:
         parser.error("the sweep runs mmkern's GPU path: on a CUDA device, or on a CPU with MMKERN_TRITON_INTERPRET=1")
     if device.type != "cuda" and args.out is None:
-        parser.error("--out: through the interpreter the timings say nothing about a GPU, so no GPU's table is "
-                     "written; name the file")
+        parser.error(
+            "--out: through the interpreter the timings say nothing about a GPU, so no GPU's table is "
+            "written; name the file"
+        )
     ops = args.ops.split(",")
     unknown = sorted(set(ops) - set(TUNED_OPS))
     if unknown:
         parser.error(f"--ops: unknown {unknown}; the tuned ops are {', '.join(TUNED_OPS)}")
-    dtypes = [getattr(torch, name) for name in (args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-              .split(",")]
+    dtypes = [
+        getattr(torch, name) for name in (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")).split(",")
+    ]
     chosen = [s for s in suites() if s.op in ops]
     if args.cases is not None:
         names = set(args.cases.split(","))
@@ -261,8 +302,11 @@ def main(argv=None) -> int:
     targets = plan(chosen, dtypes, device, args.preset)
     if not targets:
         parser.error("no shape class to tune: the chosen cases reach no tile family")
-    print(f"mmkern tune: {len(targets)} shape classes, budget {args.budget:g} s "
-          f"({time.perf_counter() - start:.0f} s of it to plan)", file=sys.stderr)
+    print(
+        f"mmkern tune: {len(targets)} shape classes, budget {args.budget:g} s "
+        f"({time.perf_counter() - start:.0f} s of it to plan)",
+        file=sys.stderr,
+    )
     path = args.out or tiles.table_path(describe_environment(device)["device"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -274,14 +318,17 @@ def main(argv=None) -> int:
     table = sweep(targets, device, args.budget, args.repeats, start=start, progress=write)
     write(table)
     tuned = sum(len(entries) for entries in table["families"].values())
-    print(f"table: {path} ({tuned} tuned class(es), {len(table['kept_default'])} kept the default, "
-          f"{len(table['left_out'])} left out)")
+    print(
+        f"table: {path} ({tuned} tuned class(es), {len(table['kept_default'])} kept the default, "
+        f"{len(table['left_out'])} left out)"
+    )
     return 0
 
 
 def _only_cases(suite, names: set):
     def cases(preset, device_type):
         return {n: spec for n, spec in suite.cases(preset, device_type).items() if n in names}
+
     return replace(suite, cases=cases)
 
 

@@ -7,6 +7,17 @@ from mmkern.data.feature_store import QuantizedFeatureStore
 from mmkern.data.images import resize_and_normalize
 from mmkern.data.text import WordTokenizer, pad_sequences
 
-__all__ = ["ANSWERS", "DigitQuestions", "MultimodalCollate", "QuantizedFeatureStore", "WordTokenizer", "dtmf_tone",
-           "frame_count", "log_spectrogram", "pad_sequences", "question_tokenizer", "resize_and_normalize",
-           "to_device"]
+__all__ = [
+    "ANSWERS",
+    "DigitQuestions",
+    "MultimodalCollate",
+    "QuantizedFeatureStore",
+    "WordTokenizer",
+    "dtmf_tone",
+    "frame_count",
+    "log_spectrogram",
+    "pad_sequences",
+    "question_tokenizer",
+    "resize_and_normalize",
+    "to_device",
+]

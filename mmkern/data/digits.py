@@ -12,8 +12,12 @@ from mmkern.data.text import WordTokenizer
 ANSWERS = ("no", "yes") + tuple(str(n) for n in range(19))
 SAMPLE_RATE = 8000
 _IMAGE_QUESTIONS = ("is this digit even ?", "is it larger than {n} ?", "what is it plus {n} ?")
-_TONE_QUESTIONS = ("what is the picture plus the tone ?", "is the picture larger than the tone ?",
-                   "is the picture smaller than the tone ?", "is the sum of the picture and the tone even ?")
+_TONE_QUESTIONS = (
+    "what is the picture plus the tone ?",
+    "is the picture larger than the tone ?",
+    "is the picture smaller than the tone ?",
+    "is the sum of the picture and the tone even ?",
+)
 
 
 def _answer_about_image(template: int, digit: int, n: int) -> str:
@@ -21,8 +25,12 @@ def _answer_about_image(template: int, digit: int, n: int) -> str:
 
 
 def _answer_about_both(template: int, digit: int, tone: int) -> str:
-    return (str(digit + tone), ("no", "yes")[digit > tone], ("no", "yes")[digit < tone],
-            ("no", "yes")[(digit + tone) % 2 == 0])[template]
+    return (
+        str(digit + tone),
+        ("no", "yes")[digit > tone],
+        ("no", "yes")[digit < tone],
+        ("no", "yes")[(digit + tone) % 2 == 0],
+    )[template]
 
 
 def question_tokenizer() -> WordTokenizer:
@@ -52,8 +60,16 @@ class DigitQuestions(Dataset):
     ``ANSWERS``. Everything is drawn from ``seed``: the same arguments give the same samples.
     """
 
-    def __init__(self, split: str = "train", *, tones: bool = False, questions_per_image: int = 8,
-                 image_size: int = 16, noise: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        tones: bool = False,
+        questions_per_image: int = 8,
+        image_size: int = 16,
+        noise: float = 0.1,
+        seed: int = 0,
+    ):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if questions_per_image < 1:
@@ -74,8 +90,9 @@ class DigitQuestions(Dataset):
         self.digits = targets[picked]
         count = len(picked) * questions_per_image
         self.image_index = torch.arange(len(picked)).repeat_interleave(questions_per_image)
-        self.templates = torch.randint(len(_TONE_QUESTIONS if tones else _IMAGE_QUESTIONS), (count,),
-                                       generator=generator)
+        self.templates = torch.randint(
+            len(_TONE_QUESTIONS if tones else _IMAGE_QUESTIONS), (count,), generator=generator
+        )
         self.numbers = torch.randint(10, (count,), generator=generator)
         self.tones = tones
         self.spectrograms = [self._spectrogram(int(n), generator, noise) for n in self.numbers] if tones else None

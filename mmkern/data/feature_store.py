@@ -31,8 +31,10 @@ class QuantizedFeatureStore:
 
     def _path(self, key: str) -> str:
         if not isinstance(key, str) or not _KEY.match(key):
-            raise ValueError(f"key must be letters, digits, '.', '_' or '-' (a file name), starting with a letter or "
-                             f"digit, got {key!r}")
+            raise ValueError(
+                f"key must be letters, digits, '.', '_' or '-' (a file name), starting with a letter or "
+                f"digit, got {key!r}"
+            )
         return os.path.join(self.root, key + ".pt")
 
     def put(self, key: str, features: torch.Tensor) -> None:

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 
-def resize_and_normalize(images: torch.Tensor, size: int | tuple, mean=0.5, std=0.5,
-                         value_range: float | None = None) -> torch.Tensor:
+def resize_and_normalize(
+    images: torch.Tensor, size: int | tuple, mean=0.5, std=0.5, value_range: float | None = None
+) -> torch.Tensor:
     """``(N, C, size_h, size_w)`` float32 images, bilinearly resized (antialiased when shrinking)
     and normalised per channel as ``(x / value_range - mean) / std``.
 
@@ -14,8 +15,10 @@ def resize_and_normalize(images: torch.Tensor, size: int | tuple, mean=0.5, std=
     channel.
     """
     if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
-        raise ValueError(f"images must be an (N, C, H, W) or (N, H, W) tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        raise ValueError(
+            f"images must be an (N, C, H, W) or (N, H, W) tensor, got "
+            f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
+        )
     if images.is_complex() or images.dtype == torch.bool:
         raise TypeError(f"images must be real numbers, got {images.dtype}")
     size = (size, size) if isinstance(size, int) else tuple(size)

@@ -36,8 +36,9 @@ class WordTokenizer:
         ids = [self.ids.get(w, self.unknown_id) for w in words(text)]
         return [self.begin_id] * begin + ids + [self.end_id] * end
 
-    def __call__(self, texts: Sequence[str], *, max_length: int | None = None, begin: bool = False,
-                 end: bool = False) -> tuple:
+    def __call__(
+        self, texts: Sequence[str], *, max_length: int | None = None, begin: bool = False, end: bool = False
+    ) -> tuple:
         """``(ids (B, L) int64 right-padded with <pad>, lengths (B,) int64)``; texts longer than
         ``max_length`` are cut to it. ``L`` is the longest length (at least 1, so a batch of empty
         texts still has a shape every layer accepts)."""
@@ -60,5 +61,5 @@ def pad_sequences(sequences: Sequence[torch.Tensor], padding_value: float = 0) -
     dtype = sequences[0].dtype if len(sequences) else torch.long
     padded = torch.full((len(sequences), longest, *rest), padding_value, dtype=dtype)
     for i, s in enumerate(sequences):
-        padded[i, :len(s)] = s
+        padded[i, : len(s)] = s
     return padded, lengths

@@ -24,8 +24,8 @@ with ``"mmkern"``, with an error that says so, rather than given masks its own c
 import torch
 
 from mmkern import ops, reference
-from mmkern.ops.masks import hiding_bias
 from mmkern.integrations.huggingface_mask import calls_the_interface, is_compact, mmkern_mask
+from mmkern.ops.masks import hiding_bias
 
 NAME = "mmkern"
 MAX_HEAD_DIM = 256
@@ -38,21 +38,33 @@ def _reference_attention(q, k, v, *, dropout_p=0.0, softcap=None, **keywords):
     """The kernel's arguments on the eager reference, for the head dims the kernel does not take: every
     mask, window, softcap, sink and bias as the kernel would apply them, at eager attention's cost."""
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else None
-    return reference.cross_modal_attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed, softcap=softcap or 0.0,
-                                           **keywords)[0]
+    return reference.cross_modal_attention(
+        q, k, v, dropout_p=dropout_p, dropout_seed=seed, softcap=softcap or 0.0, **keywords
+    )[0]
 
 
 def _refuse_unsupported(kwargs) -> None:
     if kwargs.get("output_attentions"):
-        raise ValueError('attn_implementation="mmkern" returns no attention weights (output_attentions=True); '
-                         'use attn_implementation="eager" to get them')
+        raise ValueError(
+            'attn_implementation="mmkern" returns no attention weights (output_attentions=True); '
+            'use attn_implementation="eager" to get them'
+        )
 
 
-def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                             is_causal: bool | None = None, softcap: float | None = None,
-                             sliding_window: int | None = None, s_aux: torch.Tensor | None = None,
-                             **kwargs) -> tuple:
+def mmkern_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple:
     """transformers' attention signature: query ``(B, H, Lq, D)``, key and value ``(B, Hkv, Lk, D)``;
     returns ``((B, Lq, H, Dv), None)``."""
     _refuse_unsupported(kwargs)
@@ -65,8 +77,10 @@ def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     key_mask = None
     if attention_mask is None:
         if any(kwargs.get(name) is not None for name in _PACKED_KEYWORDS):
-            raise ValueError('attn_implementation="mmkern" does not take packed sequences as cu_seq_lens_* '
-                             "keywords; pass position_ids (or an attention mask) so the mask keeps them apart")
+            raise ValueError(
+                'attn_implementation="mmkern" does not take packed sequences as cu_seq_lens_* '
+                "keywords; pass position_ids (or an attention mask) so the mask keeps them apart"
+            )
         causal = is_causal and q_length > 1
         if causal and key.shape[2] > q_length:
             # SDPA's causal None: the first Lq keys, top left (transformers' prefill into a static cache).
@@ -88,17 +102,27 @@ def mmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         bias = attention_mask if bias is None else bias + attention_mask
     fits = query.shape[-1] <= MAX_HEAD_DIM and value.shape[-1] <= MAX_HEAD_DIM
     attention = ops.cross_modal_attention if fits else _reference_attention
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                    key_mask=key_mask, bias=bias, scale=scaling, dropout_p=dropout, **variant)
+    out = attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        key_mask=key_mask,
+        bias=bias,
+        scale=scaling,
+        dropout_p=dropout,
+        **variant,
+    )
     return out, None
 
 
 def _check_model_takes_the_interface(model, requested) -> None:
     if requested == NAME and not calls_the_interface(type(model)):
-        raise ValueError(f"{type(model).__name__} does not call attention through transformers' AttentionInterface "
-                         f'(it supports neither attn_implementation="sdpa" nor "flex_attention"), so '
-                         f'attn_implementation="{NAME}" cannot run it; use attn_implementation="eager" for this '
-                         "model (or for its sub-config in a composite model)")
+        raise ValueError(
+            f"{type(model).__name__} does not call attention through transformers' AttentionInterface "
+            f'(it supports neither attn_implementation="sdpa" nor "flex_attention"), so '
+            f'attn_implementation="{NAME}" cannot run it; use attn_implementation="eager" for this '
+            "model (or for its sub-config in a composite model)"
+        )
 
 
 def register() -> None:
@@ -107,8 +131,10 @@ def register() -> None:
         from transformers import AttentionInterface, PreTrainedModel
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as error:
-        raise ImportError("mmkern.integrations.huggingface needs transformers with AttentionInterface "
-                          "(4.48 or newer): pip install -U transformers") from error
+        raise ImportError(
+            "mmkern.integrations.huggingface needs transformers with AttentionInterface "
+            "(4.48 or newer): pip install -U transformers"
+        ) from error
     AttentionInterface.register(NAME, mmkern_attention_forward)
     AttentionMaskInterface.register(NAME, mmkern_mask)
     check = PreTrainedModel.get_correct_attn_implementation

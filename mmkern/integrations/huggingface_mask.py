@@ -23,8 +23,9 @@ COMPACT_DTYPE = torch.uint8
 def calls_the_interface(model: type) -> bool:
     """Whether a model class's layers call attention through transformers' AttentionInterface (with the
     interface's masks): those that support SDPA or flex_attention through it, or say they do."""
-    return any(getattr(model, flag, False)
-               for flag in ("_supports_sdpa", "_supports_flex_attn", "_supports_attention_backend"))
+    return any(
+        getattr(model, flag, False) for flag in ("_supports_sdpa", "_supports_flex_attn", "_supports_attention_backend")
+    )
 
 
 @torch.compiler.assume_constant_result  # a lookup in transformers' registry: not traced
@@ -42,7 +43,7 @@ def _takes_compact_masks(config_type: type) -> bool:
 
 
 def _pattern(mask_function) -> str | None:
-    """"causal", "sliding_causal" or "bidirectional" for transformers' own mask functions, None for
+    """ "causal", "sliding_causal" or "bidirectional" for transformers' own mask functions, None for
     any other (an overlay, packed sequences, a user's function)."""
     from transformers import masking_utils as mu
 
@@ -52,11 +53,18 @@ def _pattern(mask_function) -> str | None:
         return "bidirectional"
     # sliding_window_causal_mask_function(w) is and_masks(sliding_window_overlay(w), causal_mask_function).
     code = getattr(mask_function, "__code__", None)
-    if code is None or code.co_freevars != ("mask_functions",) or not mask_function.__qualname__.startswith("and_masks"):
+    if (
+        code is None
+        or code.co_freevars != ("mask_functions",)
+        or not mask_function.__qualname__.startswith("and_masks")
+    ):
         return None
     parts = mask_function.__closure__[0].cell_contents
-    if (len(parts) == 2 and parts[1] is mu.causal_mask_function
-            and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")):
+    if (
+        len(parts) == 2
+        and parts[1] is mu.causal_mask_function
+        and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")
+    ):
         return "sliding_causal"
     return None
 
@@ -66,16 +74,33 @@ def is_compact(mask) -> bool:
     return isinstance(mask, torch.Tensor) and mask.dtype == COMPACT_DTYPE and mask.dim() == 4 and mask.shape[2] == 1
 
 
-def mmkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-                attention_mask: torch.Tensor | None = None, local_size: int | None = None, config=None,
-                use_vmap: bool = False, device="cpu", **kwargs):
+def mmkern_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    config=None,
+    use_vmap: bool = False,
+    device="cpu",
+    **kwargs,
+):
     """transformers' mask-interface signature; see the module's docstring."""
     from transformers import masking_utils as mu
 
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
     pattern = _pattern(mask_function)
-    compact = (pattern is not None and not use_vmap and config is not None and _takes_compact_masks(type(config))
-               and isinstance(kv_offset, int) and isinstance(kv_length, int))
+    compact = (
+        pattern is not None
+        and not use_vmap
+        and config is not None
+        and _takes_compact_masks(type(config))
+        and isinstance(kv_offset, int)
+        and isinstance(kv_length, int)
+    )
     if compact and not isinstance(q_offset, int):
         # A static cache's offset, held in a tensor: a decode step's one query sees every key up to its
         # own position (the rest of the cache is empty), with no causal offset to know on the host.
@@ -86,9 +111,20 @@ def mmkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         # query's, the first W of the key tensor (the rest of a static cache is empty).
         width = q_offset - kv_offset + q_length if compact and pattern != "bidirectional" else kv_length
     if not compact or not 0 < width <= kv_length:
-        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                            local_size=local_size, use_vmap=use_vmap, device=device, config=config, **kwargs)
+        return mu.sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            use_vmap=use_vmap,
+            device=device,
+            config=config,
+            **kwargs,
+        )
     if attention_mask is None:
         # None means what it does to SDPA (a causal None is top left over the first Lq keys): only where
         # that is this mask.
@@ -97,7 +133,7 @@ def mmkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         keep = torch.ones(batch_size, width, dtype=torch.bool, device=device)
     else:
         padding = mu.prepare_padding_mask(attention_mask.to(device=device, dtype=torch.bool), kv_length, kv_offset)
-        keep = padding[:, kv_offset:kv_offset + width]
+        keep = padding[:, kv_offset : kv_offset + width]
     if not isinstance(q_offset, int):
         keep = keep & (torch.arange(kv_offset, kv_offset + width, device=device) <= q_offset)
     return keep.to(COMPACT_DTYPE)[:, None, None, :]

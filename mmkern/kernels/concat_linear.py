@@ -55,6 +55,7 @@ class ProjectionPlan:
 
     ``per_token`` indexes the inputs whose leading shape is the output's; each of ``groups`` is a
     broadcast leading shape (padded to the output's rank) and the inputs that have it."""
+
     lead: tuple
     rows: int
     columns: tuple  # each input's slice of the weight's columns
@@ -89,11 +90,20 @@ def projection_plan(shapes: tuple) -> ProjectionPlan:
         group.append(index)
     addend_lead = leading_shape_of([own for own, _ in groups]) if groups else ()
     row_map = broadcast_row_map(lead, addend_lead) if groups else IDENTITY_ROW_MAP
-    broadcast_dims = tuple(tuple(d for d in range(rank) if own[d] == 1 and lead[d] != 1)
-                           for own in ((1,) * (rank - len(shape) + 1) + tuple(shape[:-1]) for shape in shapes))
-    return ProjectionPlan(lead, math.prod(lead), tuple(columns), tuple(per_token),
-                          tuple((own, tuple(members)) for own, members in groups), addend_lead, row_map,
-                          broadcast_dims)
+    broadcast_dims = tuple(
+        tuple(d for d in range(rank) if own[d] == 1 and lead[d] != 1)
+        for own in ((1,) * (rank - len(shape) + 1) + tuple(shape[:-1]) for shape in shapes)
+    )
+    return ProjectionPlan(
+        lead,
+        math.prod(lead),
+        tuple(columns),
+        tuple(per_token),
+        tuple((own, tuple(members)) for own, members in groups),
+        addend_lead,
+        row_map,
+        broadcast_dims,
+    )
 
 
 def _gemm_operands(x, columns, weight, token_scale):
@@ -105,12 +115,15 @@ def _fused_gemm(segments, out, addend, row_map, bias, activation, saved, column_
     """out = act(sum over segments (token_scale *) x @ W[:, cols].T, times column_scale, + addend[row_map]
     + bias), for (x, columns, weight, token_scale or None) segments whose leading shape is out's;
     launches past MAX_SEGMENTS chain through fp32 partial sums (each already column-scaled)."""
-    chunks = [segments[i:i + MAX_SEGMENTS] for i in range(0, len(segments), MAX_SEGMENTS)] or [[]]
+    chunks = [segments[i : i + MAX_SEGMENTS] for i in range(0, len(segments), MAX_SEGMENTS)] or [[]]
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
         target = out if last else out.new_empty(out.shape, dtype=accumulate_dtype(out.dtype))
         segmented_matmul(
-            target, [_gemm_operands(*segment) for segment in chunk], addend=addend, row_map=row_map,
+            target,
+            [_gemm_operands(*segment) for segment in chunk],
+            addend=addend,
+            row_map=row_map,
             bias=bias if last else None,
             activation=activation if last else "none",
             saved=saved if last else None,
@@ -131,8 +144,9 @@ def _project(plan, inputs, scales, weight, out, bias, activation, saved, column_
         partials = []
         for own, members in plan.groups:
             partial = out.new_empty((math.prod(own), out_features), dtype=accumulate_dtype(out.dtype))
-            _fused_gemm([segment(i) for i in members], partial, None, IDENTITY_ROW_MAP, None, "none", None,
-                        column_scale)
+            _fused_gemm(
+                [segment(i) for i in members], partial, None, IDENTITY_ROW_MAP, None, "none", None, column_scale
+            )
             partials.append(partial.view(*own, out_features))
         # Several broadcast patterns at once are rare: their sum is materialised at its broadcast shape.
         addend, row_map = functools.reduce(torch.add, partials), plan.row_map
@@ -152,20 +166,31 @@ def concat_linear_forward(inputs, weight, bias, activation, *, scales=None, weig
     out = weight.new_empty((*plan.lead, out_features), dtype=out_dtype)
     smooth = activation in SMOOTH_ACTIVATIONS
     saved = weight.new_empty((*plan.lead, out_features) if smooth else (0,), dtype=out_dtype)
-    _project(plan, inputs, scales, weight, out.view(plan.rows, out_features), bias, activation,
-             saved.view(plan.rows, out_features) if smooth else None, weight_scale)
+    _project(
+        plan,
+        inputs,
+        scales,
+        weight,
+        out.view(plan.rows, out_features),
+        bias,
+        activation,
+        saved.view(plan.rows, out_features) if smooth else None,
+        weight_scale,
+    )
     return out, saved
 
 
 def quantized_concat_linear_forward(inputs, scales, weight, weight_scale, bias, activation, out_dtype):
     """mmkern::quantized_concat_linear: int8 inputs with per-token scales, an int8 weight with
     per-channel scales. Returns (out, activation_saved)."""
-    return concat_linear_forward(inputs, weight, bias, activation, scales=scales, weight_scale=weight_scale,
-                                 out_dtype=out_dtype)
+    return concat_linear_forward(
+        inputs, weight, bias, activation, scales=scales, weight_scale=weight_scale, out_dtype=out_dtype
+    )
 
 
-def concat_linear_backward(grad_out, inputs, weight, activation_saved, activation,
-                           input_needs_grad, weight_needs_grad, bias_needs_grad):
+def concat_linear_backward(
+    grad_out, inputs, weight, activation_saved, activation, input_needs_grad, weight_needs_grad, bias_needs_grad
+):
     plan = projection_plan(tuple(x.shape for x in inputs))
     rows, out_features = plan.rows, weight.shape[0]
     acc = accumulate_dtype(weight.dtype)

@@ -36,8 +36,7 @@ import triton
 import triton.language as tl
 
 from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, power_of_2_at_least, traceable
-from mmkern.kernels.tiles import (attention_backward_tile, attention_forward_tile, cdiv, combine_block_m,
-                                  key_splits)
+from mmkern.kernels.tiles import attention_backward_tile, attention_forward_tile, cdiv, combine_block_m, key_splits
 
 # Offsets a program reads at once to take their running maximum (one load for batches up to it).
 OFFSETS_BLOCK: tl.constexpr = tl.constexpr(256)
@@ -63,8 +62,14 @@ def _scalars(scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi,
     ln2 = _ln2(ACC_DTYPE)
     scale = _wide(scale_hi, scale_lo, ACC_DTYPE)
     softcap = _wide(softcap_hi, softcap_lo, ACC_DTYPE)
-    return (ln2, scale, scale / ln2, _wide(dropout_scale_hi, dropout_scale_lo, ACC_DTYPE), scale / softcap,
-            softcap / ln2)
+    return (
+        ln2,
+        scale,
+        scale / ln2,
+        _wide(dropout_scale_hi, dropout_scale_lo, ACC_DTYPE),
+        scale / softcap,
+        softcap / ln2,
+    )
 
 
 @triton.jit
@@ -158,12 +163,16 @@ def _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid):
 
 
 @triton.jit
-def _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk, valid, ln2,
-               ACC_DTYPE: tl.constexpr):
+def _bias_log2(
+    bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk, valid, ln2, ACC_DTYPE: tl.constexpr
+):
     """The (rows, cols) tile of head h's bias in base-2 units (the scores' own), 0 outside ``valid``.
     Broadcast dims have stride 0: a bias shared by the batch or the heads is read where it lies."""
-    bias = tl.load(bias_ptr + b * stride_bb + h * stride_bh + rows[:, None] * stride_bq + cols[None, :] * stride_bk,
-                   mask=valid, other=0.0)
+    bias = tl.load(
+        bias_ptr + b * stride_bb + h * stride_bh + rows[:, None] * stride_bq + cols[None, :] * stride_bk,
+        mask=valid,
+        other=0.0,
+    )
     return bias.to(ACC_DTYPE) / ln2
 
 
@@ -232,20 +241,80 @@ def _store_rows(ptr, values, rows, cols, stride_row, stride_col, length, write_l
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, sinks_ptr, bias_ptr,
-    stride_qb, stride_ql, stride_qh, stride_qd,
-    stride_kb, stride_kl, stride_kh, stride_kd,
-    stride_vb, stride_vl, stride_vh, stride_vd,
-    stride_ob, stride_ol, stride_oh, stride_od, stride_os,
-    stride_lb, stride_lh, stride_ll, stride_ls, stride_mb, stride_ml, stride_bb, stride_bh, stride_bq, stride_bk,
-    Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, KEYS_PER_SPLIT,
-    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
-    softcap_hi, softcap_lo,
-    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    seed_ptr,
+    q_starts_ptr,
+    k_starts_ptr,
+    q_lens_ptr,
+    kv_lens_ptr,
+    key_mask_ptr,
+    sinks_ptr,
+    bias_ptr,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ll,
+    stride_ls,
+    stride_mb,
+    stride_ml,
+    stride_bb,
+    stride_bh,
+    stride_bq,
+    stride_bk,
+    Q_LEN,
+    K_LEN,
+    Q_ROWS,
+    K_ROWS,
+    Q_HEADS,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
+    KEYS_PER_SPLIT,
+    scale_hi,
+    scale_lo,
+    dropout_threshold,
+    dropout_scale_hi,
+    dropout_scale_lo,
+    window_left,
+    window_right,
+    softcap_hi,
+    softcap_lo,
+    PACKED: tl.constexpr,
+    HAS_Q_LENS: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -268,11 +337,15 @@ def _forward_kernel(
     k_base = k_ptr + b * stride_kb + k_start * stride_kl + (h // GROUP) * stride_kh
     v_base = v_ptr + b * stride_vb + k_start * stride_vl + (h // GROUP) * stride_vh
     row_valid = rows < q_len
-    q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-                mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    q = tl.load(
+        q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+        mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :],
+        other=0.0,
+    )
 
     ln2, _, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
-        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE)
+        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
+    )
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, DV_PAD), ACC_DTYPE)
@@ -290,14 +363,30 @@ def _forward_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + cols0
         col_valid = cols < hi
-        k = tl.load(k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
-                    mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
+        k = tl.load(
+            k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
+            mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None],
+            other=0.0,
+        )
         # Not unpacked into `_`: the unused scale above is `_` too, and Triton would carry it round the loop.
-        s = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
-                         cap_out, SOFTCAP)[0]
+        s = _scores_log2(
+            tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in, cap_out, SOFTCAP
+        )[0]
         if HAS_BIAS:
-            s = s + _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
-                               row_valid[:, None] & col_valid[None, :], ln2, ACC_DTYPE)
+            s = s + _bias_log2(
+                bias_ptr,
+                b,
+                h,
+                rows,
+                cols,
+                stride_bb,
+                stride_bh,
+                stride_bq,
+                stride_bk,
+                row_valid[:, None] & col_valid[None, :],
+                ln2,
+                ACC_DTYPE,
+            )
         seen = col_valid
         if HAS_KEY_MASK:
             seen = seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
@@ -315,8 +404,11 @@ def _forward_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold), p, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
-                    mask=col_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
+        v = tl.load(
+            v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
+            mask=col_valid[:, None] & (v_dims < V_DIM)[None, :],
+            other=0.0,
+        )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
 
@@ -333,8 +425,11 @@ def _forward_kernel(
     out_base = out_ptr + b * stride_ob + out_start * stride_ol + h * stride_oh + split * stride_os
     _store_rows(out_base, out, rows, v_dims, stride_ol, stride_od, q_len, write_limit, V_DIM)
     lse = tl.where(row_valid, lse, float("-inf"))
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh + (out_start + rows) * stride_ll + split * stride_ls, lse,
-             mask=rows < write_limit)
+    tl.store(
+        lse_ptr + b * stride_lb + h * stride_lh + (out_start + rows) * stride_ll + split * stride_ls,
+        lse,
+        mask=rows < write_limit,
+    )
 
 
 @triton.jit
@@ -349,14 +444,40 @@ def _add_sink(sinks_ptr, h, m, total, acc, ln2, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def _combine_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, q_starts_ptr, q_lens_ptr, sinks_ptr,
-    stride_pb, stride_pl, stride_ph, stride_pd, stride_ps,
-    stride_qb, stride_qh, stride_ql, stride_qs,
-    stride_ob, stride_ol, stride_oh, stride_od,
-    stride_lb, stride_lh, stride_ll,
-    Q_LEN, Q_ROWS, Q_HEADS, V_DIM: tl.constexpr, SPLITS,
-    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_SINKS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    sinks_ptr,
+    stride_pb,
+    stride_pl,
+    stride_ph,
+    stride_pd,
+    stride_ps,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_qs,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    stride_lb,
+    stride_lh,
+    stride_ll,
+    Q_LEN,
+    Q_ROWS,
+    Q_HEADS,
+    V_DIM: tl.constexpr,
+    SPLITS,
+    PACKED: tl.constexpr,
+    HAS_Q_LENS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -390,20 +511,47 @@ def _combine_splits_kernel(
     out = acc / tl.where(has_keys, total, 1.0)[:, None]
     lse = tl.where(has_keys, (m_safe + tl.log2(tl.where(has_keys, total, 1.0))) * _ln2(ACC_DTYPE), float("-inf"))
     lse = tl.where(rows < q_len, lse, float("-inf"))
-    _store_rows(out_ptr + b * stride_ob + q_start * stride_ol + h * stride_oh, out, rows, v_dims,
-                stride_ol, stride_od, q_len, write_limit, V_DIM)
+    _store_rows(
+        out_ptr + b * stride_ob + q_start * stride_ol + h * stride_oh,
+        out,
+        rows,
+        v_dims,
+        stride_ol,
+        stride_od,
+        q_len,
+        write_limit,
+        V_DIM,
+    )
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll, lse, mask=row_mask)
 
 
 @triton.jit
 def _delta_kernel(
-    grad_ptr, out_ptr, delta_ptr, q_starts_ptr, q_lens_ptr,
-    stride_gb, stride_gl, stride_gh, stride_gd,
-    stride_ob, stride_ol, stride_oh, stride_od,
-    stride_db, stride_dh, stride_dl,
-    Q_LEN, Q_ROWS, Q_HEADS, V_DIM: tl.constexpr,
-    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    grad_ptr,
+    out_ptr,
+    delta_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    stride_gb,
+    stride_gl,
+    stride_gh,
+    stride_gd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    stride_db,
+    stride_dh,
+    stride_dl,
+    Q_LEN,
+    Q_ROWS,
+    Q_HEADS,
+    V_DIM: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_Q_LENS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O), the softmax backward's correction (dropout included, as O holds it)."""
     pid_m = tl.program_id(0)
@@ -415,23 +563,48 @@ def _delta_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     v_dims = tl.arange(0, DV_PAD)
     mask = (rows < q_len)[:, None] & (v_dims < V_DIM)[None, :]
-    grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
-                   + v_dims[None, :] * stride_gd, mask=mask, other=0.0)
-    out = tl.load(out_ptr + b * stride_ob + h * stride_oh + (q_start + rows)[:, None] * stride_ol
-                  + v_dims[None, :] * stride_od, mask=mask, other=0.0)
+    grad = tl.load(
+        grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl + v_dims[None, :] * stride_gd,
+        mask=mask,
+        other=0.0,
+    )
+    out = tl.load(
+        out_ptr + b * stride_ob + h * stride_oh + (q_start + rows)[:, None] * stride_ol + v_dims[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(grad.to(ACC_DTYPE) * out.to(ACC_DTYPE), 1)
     tl.store(delta_ptr + b * stride_db + h * stride_dh + (q_start + rows) * stride_dl, delta, mask=rows < write_limit)
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, bias_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in, cap_out,
-                   diagonal, window_left, window_right, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _probabilities(
+    q,
+    k,
+    lse_log2,
+    bias_log2,
+    rows,
+    cols,
+    row_valid,
+    col_seen,
+    scale_log2,
+    cap_in,
+    cap_out,
+    diagonal,
+    window_left,
+    window_right,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp (with the bias's
     tile added to the scores), zero outside the valid rows and seen keys and outside the window; and
     the softcap's slope (see _scores_log2)."""
-    s, slope = _scores_log2(tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in,
-                            cap_out, SOFTCAP)
+    s, slope = _scores_log2(
+        tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in, cap_out, SOFTCAP
+    )
     if HAS_BIAS:
         s = s + bias_log2
     p = tl.exp2(s - lse_log2[:, None])
@@ -452,27 +625,91 @@ def _finite_lse(lse_log2, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _grad_kv_kernel(
-    q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, bias_ptr,
-    stride_qb, stride_ql, stride_qh, stride_qd,
-    stride_kb, stride_kl, stride_kh, stride_kd,
-    stride_vb, stride_vl, stride_vh, stride_vd,
-    stride_gb, stride_gl, stride_gh, stride_gd,
-    stride_lb, stride_lh, stride_ll,
-    stride_dkb, stride_dkl, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvl, stride_dvh, stride_dvd, stride_mb, stride_ml, stride_bb, stride_bh, stride_bq, stride_bk,
-    Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, KV_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
-    softcap_hi, softcap_lo,
-    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    grad_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    seed_ptr,
+    q_starts_ptr,
+    k_starts_ptr,
+    q_lens_ptr,
+    kv_lens_ptr,
+    key_mask_ptr,
+    bias_ptr,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    stride_gb,
+    stride_gl,
+    stride_gh,
+    stride_gd,
+    stride_lb,
+    stride_lh,
+    stride_ll,
+    stride_dkb,
+    stride_dkl,
+    stride_dkh,
+    stride_dkd,
+    stride_dvb,
+    stride_dvl,
+    stride_dvh,
+    stride_dvd,
+    stride_mb,
+    stride_ml,
+    stride_bb,
+    stride_bh,
+    stride_bq,
+    stride_bk,
+    Q_LEN,
+    K_LEN,
+    Q_ROWS,
+    K_ROWS,
+    Q_HEADS,
+    KV_HEADS,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
+    scale_hi,
+    scale_lo,
+    dropout_threshold,
+    dropout_scale_hi,
+    dropout_scale_lo,
+    window_left,
+    window_right,
+    softcap_hi,
+    softcap_lo,
+    PACKED: tl.constexpr,
+    HAS_Q_LENS: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
-        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE)
+        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
+    )
     bh = tl.program_id(1).to(tl.int64)
     b = bh // KV_HEADS
     kv_h = bh % KV_HEADS
@@ -491,10 +728,16 @@ def _grad_kv_kernel(
     if HAS_KEY_MASK:
         col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
     # K^T (D, BLOCK_N) and V^T (Dv, BLOCK_N), read once for every query of every head in the group.
-    k_t = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[None, :] * stride_kl
-                  + dims[:, None] * stride_kd, mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
-    v_t = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + (k_start + cols)[None, :] * stride_vl
-                  + v_dims[:, None] * stride_vd, mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
+    k_t = tl.load(
+        k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[None, :] * stride_kl + dims[:, None] * stride_kd,
+        mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None],
+        other=0.0,
+    )
+    v_t = tl.load(
+        v_ptr + b * stride_vb + kv_h * stride_vh + (k_start + cols)[None, :] * stride_vl + v_dims[:, None] * stride_vd,
+        mask=col_valid[None, :] & (v_dims < V_DIM)[:, None],
+        other=0.0,
+    )
     dk = tl.zeros((BLOCK_N, D_PAD), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, DV_PAD), ACC_DTYPE)
     # A block past kv_len, or all hidden by the key mask, still writes its zeros; only blocks with keys
@@ -514,19 +757,55 @@ def _grad_kv_kernel(
         for start in range(q_begin, q_end, BLOCK_M):
             rows = start + rows0
             row_valid = rows < q_len
-            q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-                        mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-            grad = tl.load(g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
-                           mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
+            q = tl.load(
+                q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+                mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :],
+                other=0.0,
+            )
+            grad = tl.load(
+                g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
+                mask=row_valid[:, None] & (v_dims < V_DIM)[None, :],
+                other=0.0,
+            )
             lse_log2 = _finite_lse(tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2, HAS_BIAS)
             delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
             bias_log2 = 0.0
             if HAS_BIAS:
-                bias_log2 = _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
-                                       row_valid[:, None] & col_valid[None, :], ln2, ACC_DTYPE)
-            p, slope = _probabilities(q, k_t, lse_log2, bias_log2, rows, cols, row_valid, col_seen, scale_log2, cap_in,
-                                      cap_out, diagonal, window_left, window_right, WINDOWED, SOFTCAP, HAS_BIAS,
-                                      ACC_DTYPE, INPUT_PRECISION)
+                bias_log2 = _bias_log2(
+                    bias_ptr,
+                    b,
+                    h,
+                    rows,
+                    cols,
+                    stride_bb,
+                    stride_bh,
+                    stride_bq,
+                    stride_bk,
+                    row_valid[:, None] & col_valid[None, :],
+                    ln2,
+                    ACC_DTYPE,
+                )
+            p, slope = _probabilities(
+                q,
+                k_t,
+                lse_log2,
+                bias_log2,
+                rows,
+                cols,
+                row_valid,
+                col_seen,
+                scale_log2,
+                cap_in,
+                cap_out,
+                diagonal,
+                window_left,
+                window_right,
+                WINDOWED,
+                SOFTCAP,
+                HAS_BIAS,
+                ACC_DTYPE,
+                INPUT_PRECISION,
+            )
             dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             kept = p
             if DROPOUT:
@@ -537,35 +816,117 @@ def _grad_kv_kernel(
             ds = p * (dp - delta[:, None]) * slope
             dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    _store_rows(dk_ptr + b * stride_dkb + kv_h * stride_dkh + k_start * stride_dkl, dk * scale, cols, dims,
-                stride_dkl, stride_dkd, kv_len, write_limit, HEAD_DIM)
-    _store_rows(dv_ptr + b * stride_dvb + kv_h * stride_dvh + k_start * stride_dvl, dv, cols, v_dims,
-                stride_dvl, stride_dvd, kv_len, write_limit, V_DIM)
+    _store_rows(
+        dk_ptr + b * stride_dkb + kv_h * stride_dkh + k_start * stride_dkl,
+        dk * scale,
+        cols,
+        dims,
+        stride_dkl,
+        stride_dkd,
+        kv_len,
+        write_limit,
+        HEAD_DIM,
+    )
+    _store_rows(
+        dv_ptr + b * stride_dvb + kv_h * stride_dvh + k_start * stride_dvl,
+        dv,
+        cols,
+        v_dims,
+        stride_dvl,
+        stride_dvd,
+        kv_len,
+        write_limit,
+        V_DIM,
+    )
 
 
 @triton.jit
 def _grad_q_kernel(
-    q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dq_ptr, seed_ptr,
-    q_starts_ptr, k_starts_ptr, q_lens_ptr, kv_lens_ptr, key_mask_ptr, bias_ptr, dbias_ptr,
-    stride_qb, stride_ql, stride_qh, stride_qd,
-    stride_kb, stride_kl, stride_kh, stride_kd,
-    stride_vb, stride_vl, stride_vh, stride_vd,
-    stride_gb, stride_gl, stride_gh, stride_gd,
-    stride_lb, stride_lh, stride_ll,
-    stride_dqb, stride_dql, stride_dqh, stride_dqd, stride_mb, stride_ml, stride_bb, stride_bh, stride_bq, stride_bk,
-    stride_dbb, stride_dbh, stride_dbq, stride_dbk,
-    Q_LEN, K_LEN, Q_ROWS, K_ROWS, Q_HEADS, GROUP, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    scale_hi, scale_lo, dropout_threshold, dropout_scale_hi, dropout_scale_lo, window_left, window_right,
-    softcap_hi, softcap_lo,
-    PACKED: tl.constexpr, HAS_Q_LENS: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr,
-    WINDOWED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    grad_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    seed_ptr,
+    q_starts_ptr,
+    k_starts_ptr,
+    q_lens_ptr,
+    kv_lens_ptr,
+    key_mask_ptr,
+    bias_ptr,
+    dbias_ptr,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_vd,
+    stride_gb,
+    stride_gl,
+    stride_gh,
+    stride_gd,
+    stride_lb,
+    stride_lh,
+    stride_ll,
+    stride_dqb,
+    stride_dql,
+    stride_dqh,
+    stride_dqd,
+    stride_mb,
+    stride_ml,
+    stride_bb,
+    stride_bh,
+    stride_bq,
+    stride_bk,
+    stride_dbb,
+    stride_dbh,
+    stride_dbq,
+    stride_dbk,
+    Q_LEN,
+    K_LEN,
+    Q_ROWS,
+    K_ROWS,
+    Q_HEADS,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
+    scale_hi,
+    scale_lo,
+    dropout_threshold,
+    dropout_scale_hi,
+    dropout_scale_lo,
+    window_left,
+    window_right,
+    softcap_hi,
+    softcap_lo,
+    PACKED: tl.constexpr,
+    HAS_Q_LENS: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
-        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE)
+        scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
+    )
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Q_HEADS
     h = bh % Q_HEADS
@@ -580,10 +941,16 @@ def _grad_q_kernel(
     v_dims = tl.arange(0, DV_PAD)
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     row_valid = rows < q_len
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + (q_start + rows)[:, None] * stride_ql
-                + dims[None, :] * stride_qd, mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    grad = tl.load(grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl
-                   + v_dims[None, :] * stride_gd, mask=row_valid[:, None] & (v_dims < V_DIM)[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + (q_start + rows)[:, None] * stride_ql + dims[None, :] * stride_qd,
+        mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :],
+        other=0.0,
+    )
+    grad = tl.load(
+        grad_ptr + b * stride_gb + h * stride_gh + (q_start + rows)[:, None] * stride_gl + v_dims[None, :] * stride_gd,
+        mask=row_valid[:, None] & (v_dims < V_DIM)[None, :],
+        other=0.0,
+    )
     row_offsets = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll  # lse and delta share a layout
     lse_log2 = _finite_lse(tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) / ln2, HAS_BIAS)
     delta = tl.load(delta_ptr + row_offsets, mask=row_valid, other=0.0)
@@ -603,21 +970,46 @@ def _grad_q_kernel(
     for start in range(keys_begin, keys_end, BLOCK_N):
         cols = start + cols0
         col_valid = cols < kv_len
-        k = tl.load(k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
-                    mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
-                      mask=col_valid[None, :] & (v_dims < V_DIM)[:, None], other=0.0)
+        k = tl.load(
+            k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
+            mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+        v_t = tl.load(
+            v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
+            mask=col_valid[None, :] & (v_dims < V_DIM)[:, None],
+            other=0.0,
+        )
         col_seen = col_valid
         if HAS_KEY_MASK:
             col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
         tile_valid = row_valid[:, None] & col_valid[None, :]
         bias_log2 = 0.0
         if HAS_BIAS:
-            bias_log2 = _bias_log2(bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk,
-                                   tile_valid, ln2, ACC_DTYPE)
-        p, slope = _probabilities(q, tl.trans(k), lse_log2, bias_log2, rows, cols, row_valid, col_seen, scale_log2,
-                                  cap_in, cap_out, diagonal, window_left, window_right, WINDOWED, SOFTCAP, HAS_BIAS,
-                                  ACC_DTYPE, INPUT_PRECISION)
+            bias_log2 = _bias_log2(
+                bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk, tile_valid, ln2, ACC_DTYPE
+            )
+        p, slope = _probabilities(
+            q,
+            tl.trans(k),
+            lse_log2,
+            bias_log2,
+            rows,
+            cols,
+            row_valid,
+            col_seen,
+            scale_log2,
+            cap_in,
+            cap_out,
+            diagonal,
+            window_left,
+            window_right,
+            WINDOWED,
+            SOFTCAP,
+            HAS_BIAS,
+            ACC_DTYPE,
+            INPUT_PRECISION,
+        )
         dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
             keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
@@ -625,12 +1017,24 @@ def _grad_q_kernel(
         # The gradient of the scores after the softcap (the bias's own), then before it.
         d_scores = p * (dp - delta[:, None])
         if BIAS_GRAD:
-            tl.store(dbias_ptr + b * stride_dbb + h * stride_dbh + rows[:, None] * stride_dbq
-                     + cols[None, :] * stride_dbk, d_scores, mask=tile_valid)
+            tl.store(
+                dbias_ptr + b * stride_dbb + h * stride_dbh + rows[:, None] * stride_dbq + cols[None, :] * stride_dbk,
+                d_scores,
+                mask=tile_valid,
+            )
         ds = d_scores * slope
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql, dq * scale, rows, dims,
-                stride_dql, stride_dqd, q_len, write_limit, HEAD_DIM)
+    _store_rows(
+        dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql,
+        dq * scale,
+        rows,
+        dims,
+        stride_dql,
+        stride_dqd,
+        q_len,
+        write_limit,
+        HEAD_DIM,
+    )
 
 
 def float_halves(x: float) -> tuple:
@@ -645,9 +1049,27 @@ class Problem:
     Padded tensors are (B, L, H, D) with optional per-sample lengths; packed ones are (total, H, D)
     viewed as (1, total, H, D) with batch stride 0 and cu_seqlens giving each sample's rows."""
 
-    def __init__(self, q, k, v, *, kv_lens=None, q_lens=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                 max_seqlen_q=None, max_seqlen_k=None, scale, dropout_p, dropout_seed, window=(-1, -1), key_mask=None,
-                 softcap=0.0, sinks=None, bias=None):
+    def __init__(
+        self,
+        q,
+        k,
+        v,
+        *,
+        kv_lens=None,
+        q_lens=None,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        scale,
+        dropout_p,
+        dropout_seed,
+        window=(-1, -1),
+        key_mask=None,
+        softcap=0.0,
+        sinks=None,
+        bias=None,
+    ):
         self.packed = cu_seqlens_q is not None
         if self.packed:
             self.batch = cu_seqlens_q.shape[0] - 1
@@ -692,8 +1114,13 @@ class Problem:
         """(scale as float32 halves, dropout threshold, dropout scale as float32 halves, window left,
         window right, softcap as float32 halves (1 for none, never read)): Triton passes a Python
         float as float32, which float64 kernels cannot afford."""
-        return (*float_halves(self.scale), self.dropout_threshold, *float_halves(self.dropout_scale), *self.window,
-                *float_halves(self.softcap or 1.0))
+        return (
+            *float_halves(self.scale),
+            self.dropout_threshold,
+            *float_halves(self.dropout_scale),
+            *self.window,
+            *float_halves(self.softcap or 1.0),
+        )
 
     def key_mask_strides(self):
         """(sample, key) strides of the key mask: (B, Lk), or (total_k,) with sample stride 0 when packed."""
@@ -727,10 +1154,16 @@ class Problem:
 
     def common_flags(self):
         return {
-            **self.span_flags(), "DROPOUT": self.dropout, "WINDOWED": self.window != (-1, -1),
-            "HAS_KEY_MASK": self.has_key_mask, "SOFTCAP": self.softcap > 0, "HAS_BIAS": self.has_bias,
+            **self.span_flags(),
+            "DROPOUT": self.dropout,
+            "WINDOWED": self.window != (-1, -1),
+            "HAS_KEY_MASK": self.has_key_mask,
+            "SOFTCAP": self.softcap > 0,
+            "HAS_BIAS": self.has_bias,
             "ACC_DTYPE": self.acc_tl_dtype,
-            "INPUT_PRECISION": input_precision(self.q.dtype), "D_PAD": self.d_pad, "DV_PAD": self.dv_pad,
+            "INPUT_PRECISION": input_precision(self.q.dtype),
+            "D_PAD": self.d_pad,
+            "DV_PAD": self.dv_pad,
         }
 
     def forward_tile(self):
@@ -744,8 +1177,9 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     """Writes out (B, Lq, Hq, Dv) or packed (total_q, Hq, Dv), and lse (B, Hq, Lq) or (Hq, total_q)."""
     tile = p.forward_tile()
     block_m, block_n = tile.block_m, tile.block_n
-    splits, keys_per_split = key_splits(p.batch * p.q_heads * cdiv(p.q_len, block_m), p.k_len, block_n,
-                                        multiprocessors(p.q.device))
+    splits, keys_per_split = key_splits(
+        p.batch * p.q_heads * cdiv(p.q_len, block_m), p.k_len, block_n, multiprocessors(p.q.device)
+    )
     out4 = out.unsqueeze(0) if p.packed else out
     if splits > 1:
         # Partials (B, Lq, Hq, splits, Dv) and base-2 lse (B, Hq, Lq, splits) in the accumulation
@@ -763,24 +1197,69 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     if grid[0] == 0 or grid[1] == 0:
         return
     traceable(_forward_kernel)[grid](
-        p.q, p.k, p.v, target, target_lse, p.dropout_seed, *p.span_args(), p.key_mask, p.sinks, p.bias,
-        *p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *out_strides, *lse_strides, *p.key_mask_strides(),
+        p.q,
+        p.k,
+        p.v,
+        target,
+        target_lse,
+        p.dropout_seed,
+        *p.span_args(),
+        p.key_mask,
+        p.sinks,
+        p.bias,
+        *p.strides(p.q),
+        *p.strides(p.k),
+        *p.strides(p.v),
+        *out_strides,
+        *lse_strides,
+        *p.key_mask_strides(),
         *p.bias_strides(),
-        p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, keys_per_split,
+        p.q_len,
+        p.k_len,
+        p.q_rows,
+        p.k_rows,
+        p.q_heads,
+        p.group,
+        p.head_dim,
+        p.v_dim,
+        keys_per_split,
         *p.scalars(),
-        HAS_SINKS=p.has_sinks, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tile.num_warps,
-        num_stages=tile.num_stages, **p.common_flags(),
+        HAS_SINKS=p.has_sinks,
+        SPLIT=splits > 1,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        **p.common_flags(),
     )
     if splits > 1:
         cu_q, _, q_lens, _ = p.span_args()
         combine_block = combine_block_m()
         traceable(_combine_splits_kernel)[(cdiv(p.q_len, combine_block), p.batch * p.q_heads)](
-            part_out, part_lse, out4, lse, cu_q, q_lens, p.sinks,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(4), part_out.stride(3),
+            part_out,
+            part_lse,
+            out4,
+            lse,
+            cu_q,
+            q_lens,
+            p.sinks,
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_out.stride(4),
+            part_out.stride(3),
             *part_lse.stride(),
-            *p.strides(out4), *p.lse_strides(lse),
-            p.q_len, p.q_rows, p.q_heads, p.v_dim, splits,
-            **p.span_flags(with_keys=False), HAS_SINKS=p.has_sinks, ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad,
+            *p.strides(out4),
+            *p.lse_strides(lse),
+            p.q_len,
+            p.q_rows,
+            p.q_heads,
+            p.v_dim,
+            splits,
+            **p.span_flags(with_keys=False),
+            HAS_SINKS=p.has_sinks,
+            ACC_DTYPE=p.acc_tl_dtype,
+            DV_PAD=p.dv_pad,
             BLOCK_M=combine_block,
         )
 
@@ -796,49 +1275,154 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
     cu_q, cu_k, q_lens, kv_lens = p.span_args()
     if p.batch * p.q_heads and p.q_len:
         traceable(_delta_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
-            grad_out, out, delta, cu_q, q_lens, *p.strides(grad_out), *p.strides(out), *p.lse_strides(delta),
-            p.q_len, p.q_rows, p.q_heads, p.v_dim,
-            **p.span_flags(with_keys=False), ACC_DTYPE=p.acc_tl_dtype, DV_PAD=p.dv_pad,
+            grad_out,
+            out,
+            delta,
+            cu_q,
+            q_lens,
+            *p.strides(grad_out),
+            *p.strides(out),
+            *p.lse_strides(delta),
+            p.q_len,
+            p.q_rows,
+            p.q_heads,
+            p.v_dim,
+            **p.span_flags(with_keys=False),
+            ACC_DTYPE=p.acc_tl_dtype,
+            DV_PAD=p.dv_pad,
             BLOCK_M=block_m,
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
-    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": tile.num_warps, "num_stages": tile.num_stages,
-             **p.common_flags()}
-    operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out),
-                       *p.lse_strides(lse))
+    tiles = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": tile.num_warps,
+        "num_stages": tile.num_stages,
+        **p.common_flags(),
+    }
+    operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out), *p.lse_strides(lse))
     if p.batch * p.kv_heads and p.k_len:
         traceable(_grad_kv_kernel)[(cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
-            *shared, grad_k, grad_v, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask, p.bias,
-            *operand_strides, *p.strides(grad_k), *p.strides(grad_v), *p.key_mask_strides(), *p.bias_strides(),
-            p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.kv_heads, p.group, p.head_dim, p.v_dim, *scalars,
+            *shared,
+            grad_k,
+            grad_v,
+            p.dropout_seed,
+            cu_q,
+            cu_k,
+            q_lens,
+            kv_lens,
+            p.key_mask,
+            p.bias,
+            *operand_strides,
+            *p.strides(grad_k),
+            *p.strides(grad_v),
+            *p.key_mask_strides(),
+            *p.bias_strides(),
+            p.q_len,
+            p.k_len,
+            p.q_rows,
+            p.k_rows,
+            p.q_heads,
+            p.kv_heads,
+            p.group,
+            p.head_dim,
+            p.v_dim,
+            *scalars,
             **tiles,
         )
     if p.batch * p.q_heads and p.q_len:
         traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
-            *shared, grad_q, p.dropout_seed, cu_q, cu_k, q_lens, kv_lens, p.key_mask, p.bias,
+            *shared,
+            grad_q,
+            p.dropout_seed,
+            cu_q,
+            cu_k,
+            q_lens,
+            kv_lens,
+            p.key_mask,
+            p.bias,
             p.placeholder if grad_bias is None else grad_bias,
-            *operand_strides, *p.strides(grad_q), *p.key_mask_strides(), *p.bias_strides(),
+            *operand_strides,
+            *p.strides(grad_q),
+            *p.key_mask_strides(),
+            *p.bias_strides(),
             *((0, 0, 0, 0) if grad_bias is None else grad_bias.stride()),
-            p.q_len, p.k_len, p.q_rows, p.k_rows, p.q_heads, p.group, p.head_dim, p.v_dim, *scalars,
-            BIAS_GRAD=grad_bias is not None, **tiles,
+            p.q_len,
+            p.k_len,
+            p.q_rows,
+            p.k_rows,
+            p.q_heads,
+            p.group,
+            p.head_dim,
+            p.v_dim,
+            *scalars,
+            BIAS_GRAD=grad_bias is not None,
+            **tiles,
         )
 
 
-def forward(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None,
-            softcap=0.0, sinks=None, bias=None) -> tuple:
+def forward(
+    q,
+    k,
+    v,
+    kv_lens,
+    q_lens,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+    sinks=None,
+    bias=None,
+) -> tuple:
     """mmkern::cross_modal_attention: (out (B, Lq, Hq, Dv), lse (B, Hq, Lq)); every row is written."""
     batch, q_len, q_heads, _ = q.shape
     out = q.new_empty((batch, q_len, q_heads, v.shape[3]))
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
-    _launch_forward(Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                            dropout_seed=dropout_seed, window=(window_left, window_right), key_mask=key_mask,
-                            softcap=softcap, sinks=sinks, bias=bias), out, lse)
+    _launch_forward(
+        Problem(
+            q,
+            k,
+            v,
+            kv_lens=kv_lens,
+            q_lens=q_lens,
+            scale=scale,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            window=(window_left, window_right),
+            key_mask=key_mask,
+            softcap=softcap,
+            sinks=sinks,
+            bias=bias,
+        ),
+        out,
+        lse,
+    )
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
-             window_right=-1, key_mask=None, softcap=0.0, bias=None, bias_grad=False) -> tuple:
+def backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    kv_lens,
+    q_lens,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+    bias=None,
+    bias_grad=False,
+) -> tuple:
     """mmkern::cross_modal_attention_backward: (grad q, grad k, grad v, grad bias (B, Hq, Lq, Lk) in the
     accumulation dtype, or an empty tensor without bias_grad); every row is written."""
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
@@ -846,33 +1430,104 @@ def backward(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p, dro
     acc = accumulate_dtype(q.dtype)
     # Written only where a query sees a key: zeros first.
     grad_bias = q.new_zeros((batch, q_heads, q_len, k.shape[1]) if bias_grad else (0,), dtype=acc)
-    problem = Problem(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                      dropout_seed=dropout_seed, window=(window_left, window_right), key_mask=key_mask,
-                      softcap=softcap, bias=bias)
+    problem = Problem(
+        q,
+        k,
+        v,
+        kv_lens=kv_lens,
+        q_lens=q_lens,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        window=(window_left, window_right),
+        key_mask=key_mask,
+        softcap=softcap,
+        bias=bias,
+    )
     _launch_backward(problem, grad_out, out, lse.contiguous(), *grads, grad_bias if bias_grad else None)
     return (*grads, grad_bias)
 
 
-def packed_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                   dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0, sinks=None) -> tuple:
+def packed_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+    sinks=None,
+) -> tuple:
     """mmkern::cross_modal_attention_packed: (out (total_q, Hq, Dv), lse (Hq, total_q))."""
     total, q_heads, _ = q.shape
     # Rows no sample owns are never visited: they start as zeros and -inf.
     out = q.new_zeros((total, q_heads, v.shape[2]))
     lse = q.new_full((q_heads, total), float("-inf"), dtype=accumulate_dtype(q.dtype))
-    _launch_forward(Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                            window=(window_left, window_right), key_mask=key_mask, softcap=softcap, sinks=sinks),
-                    out, lse)
+    _launch_forward(
+        Problem(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            scale=scale,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            window=(window_left, window_right),
+            key_mask=key_mask,
+            softcap=softcap,
+            sinks=sinks,
+        ),
+        out,
+        lse,
+    )
     return out, lse
 
 
-def packed_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0) -> tuple:
+def packed_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+) -> tuple:
     """mmkern::cross_modal_attention_packed_backward: (grad q, grad k, grad v), zero on unowned rows."""
     grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-    problem = Problem(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                      max_seqlen_k=max_seqlen_k, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                      window=(window_left, window_right), key_mask=key_mask, softcap=softcap)
+    problem = Problem(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        window=(window_left, window_right),
+        key_mask=key_mask,
+        softcap=softcap,
+    )
     _launch_backward(problem, grad_out, out, lse.contiguous(), *grads)
     return tuple(grads)

@@ -23,10 +23,25 @@ def _dequantized(x_ptr, scale_ptr, offs, rows, mask):
 
 @triton.jit
 def quantized_fusion_kernel(
-    out_ptr, addend_ptr, gate_ptr, weights_ptr, first_weight,
-    x0_ptr, s0_ptr, x1_ptr, s1_ptr, x2_ptr, s2_ptr, x3_ptr, s3_ptr,
-    numel, cols,
-    NUM_INPUTS: tl.constexpr, GATED: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_ADDEND: tl.constexpr,
+    out_ptr,
+    addend_ptr,
+    gate_ptr,
+    weights_ptr,
+    first_weight,
+    x0_ptr,
+    s0_ptr,
+    x1_ptr,
+    s1_ptr,
+    x2_ptr,
+    s2_ptr,
+    x3_ptr,
+    s3_ptr,
+    numel,
+    cols,
+    NUM_INPUTS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -34,7 +49,9 @@ def quantized_fusion_kernel(
     rows = offs // cols
     if GATED:
         g = tl.sigmoid(tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        acc = g * _dequantized(x0_ptr, s0_ptr, offs, rows, mask) + (1.0 - g) * _dequantized(x1_ptr, s1_ptr, offs, rows, mask)
+        acc = g * _dequantized(x0_ptr, s0_ptr, offs, rows, mask) + (1.0 - g) * _dequantized(
+            x1_ptr, s1_ptr, offs, rows, mask
+        )
     else:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         if HAS_ADDEND:
@@ -64,8 +81,11 @@ def quantized_fusion_forward(inputs, scales, weights, gate, mode, out_dtype):
         return out
     gated = mode == "gated"
     gate = gate.contiguous() if gated else None
-    chunks = [[0, 1]] if gated else [list(range(i, min(i + MAX_INPUTS, len(inputs))))
-                                     for i in range(0, len(inputs), MAX_INPUTS)]
+    chunks = (
+        [[0, 1]]
+        if gated
+        else [list(range(i, min(i + MAX_INPUTS, len(inputs)))) for i in range(0, len(inputs), MAX_INPUTS)]
+    )
     addend = None
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
@@ -75,8 +95,18 @@ def quantized_fusion_forward(inputs, scales, weights, gate, mode, out_dtype):
             pointers += [inputs[i], scales[i]]
         pointers += [None, None] * (MAX_INPUTS - len(chunk))  # constants the kernel never reads
         traceable(quantized_fusion_kernel)[(cdiv(numel, FUSION_BLOCK),)](
-            target, addend, gate, weights, chunk[0], *pointers, numel, cols,
-            NUM_INPUTS=len(chunk), GATED=gated, HAS_WEIGHTS=weights is not None, HAS_ADDEND=addend is not None,
+            target,
+            addend,
+            gate,
+            weights,
+            chunk[0],
+            *pointers,
+            numel,
+            cols,
+            NUM_INPUTS=len(chunk),
+            GATED=gated,
+            HAS_WEIGHTS=weights is not None,
+            HAS_ADDEND=addend is not None,
             BLOCK=FUSION_BLOCK,
         )
         addend = target

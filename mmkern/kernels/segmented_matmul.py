@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, planned, traceable
-from mmkern.kernels.tiles import cdiv, epilogue_split, gemm_splits, gemm_tile, overridden as tiles_overridden
+from mmkern.kernels.tiles import cdiv, epilogue_split, gemm_splits, gemm_tile
+from mmkern.kernels.tiles import overridden as tiles_overridden
 
 MAX_SEGMENTS = 4
 
@@ -35,10 +36,26 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
 @triton.jit
-def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, split, splits,
-                        offs_m, offs_n, mask_m, mask_n,
-                        BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-                        EVEN_K: tl.constexpr):
+def _accumulate_segment(
+    acc,
+    a_ptr,
+    stride_am,
+    stride_ak,
+    b_ptr,
+    stride_bk,
+    stride_bn,
+    K,
+    split,
+    splits,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
     # This program's share of K: whole BLOCK_K steps of a split (all of K without split-K).
     chunk = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
     k_start = split * chunk
@@ -66,25 +83,81 @@ def _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stri
 
 
 @triton.jit
-def _add_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, scale_ptr, stride_scale,
-                 split, splits, offs_m, offs_n, mask_m, mask_n,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, EVEN_K: tl.constexpr,
-                 QUANTIZED: tl.constexpr, FIRST: tl.constexpr):
+def _add_segment(
+    acc,
+    a_ptr,
+    stride_am,
+    stride_ak,
+    b_ptr,
+    stride_bk,
+    stride_bn,
+    K,
+    scale_ptr,
+    stride_scale,
+    split,
+    splits,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    FIRST: tl.constexpr,
+):
     if QUANTIZED:
         # The first segment's int32 sum becomes the fp32 accumulator, so two accumulators are live only
         # from the second segment on.
-        products = _accumulate_segment(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), a_ptr, stride_am, stride_ak,
-                                       b_ptr, stride_bk, stride_bn, K, split, splits, offs_m, offs_n, mask_m,
-                                       mask_n, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K)
+        products = _accumulate_segment(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+            a_ptr,
+            stride_am,
+            stride_ak,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            K,
+            split,
+            splits,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            BLOCK_K,
+            INPUT_PRECISION,
+            INDEX_64,
+            EVEN_K,
+        )
         token_scale = tl.load(scale_ptr + offs_m * stride_scale, mask=mask_m, other=0.0)
         if FIRST:
             acc = products.to(acc.dtype) * token_scale[:, None]
         else:
             acc += products.to(acc.dtype) * token_scale[:, None]
     else:
-        acc = _accumulate_segment(acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, K, split, splits,
-                                  offs_m, offs_n, mask_m, mask_n, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K)
+        acc = _accumulate_segment(
+            acc,
+            a_ptr,
+            stride_am,
+            stride_ak,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            K,
+            split,
+            splits,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            BLOCK_K,
+            INPUT_PRECISION,
+            INDEX_64,
+            EVEN_K,
+        )
     return acc
 
 
@@ -113,12 +186,34 @@ def _column_half(acc, UPPER: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, rows, mask_m, first_column, N,
-              out_ptr, stride_om, stride_on, saved_ptr, stride_sm, stride_sn, addend_ptr, stride_pm, stride_pn,
-              bias_ptr, stride_bias, column_scale_ptr, stride_column_scale,
-              HAS_COLUMN_SCALE: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_BIAS: tl.constexpr,
-              STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-              WIDTH: tl.constexpr):
+def _epilogue(
+    acc,
+    offs_m,
+    rows,
+    mask_m,
+    first_column,
+    N,
+    out_ptr,
+    stride_om,
+    stride_on,
+    saved_ptr,
+    stride_sm,
+    stride_sn,
+    addend_ptr,
+    stride_pm,
+    stride_pn,
+    bias_ptr,
+    stride_bias,
+    column_scale_ptr,
+    stride_column_scale,
+    HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_PREACTIVATION: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
     """act(acc * column_scale + addend[rows] + bias) stored for the WIDTH columns from first_column."""
     offs_n = first_column + tl.arange(0, WIDTH)
     mask_n = offs_n < N
@@ -130,30 +225,94 @@ def _epilogue(acc, offs_m, rows, mask_m, first_column, N,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     if STORE_PREACTIVATION:
-        tl.store(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
-                 acc.to(saved_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+            acc.to(saved_ptr.dtype.element_ty),
+            mask=mask,
+        )
     acc = _activation(acc, ACTIVATION)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
 def segmented_matmul_kernel(
-    out_ptr, stride_om, stride_on, stride_osplit,
-    saved_ptr, stride_sm, stride_sn,
-    addend_ptr, stride_pm, stride_pn, div0, mod0, mul0, div1, mod1, mul1,
-    bias_ptr, stride_bias,
-    column_scale_ptr, stride_column_scale,
-    a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0, s0_ptr, stride_s0,
-    a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1, s1_ptr, stride_s1,
-    a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2, s2_ptr, stride_s2,
-    a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3, s3_ptr, stride_s3,
-    M, N, splits,
-    NUM_SEGMENTS: tl.constexpr, QUANTIZED: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
-    HAS_ADDEND: tl.constexpr, ADDEND_TERMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    STORE_PREACTIVATION: tl.constexpr, ACTIVATION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    out_ptr,
+    stride_om,
+    stride_on,
+    stride_osplit,
+    saved_ptr,
+    stride_sm,
+    stride_sn,
+    addend_ptr,
+    stride_pm,
+    stride_pn,
+    div0,
+    mod0,
+    mul0,
+    div1,
+    mod1,
+    mul1,
+    bias_ptr,
+    stride_bias,
+    column_scale_ptr,
+    stride_column_scale,
+    a0_ptr,
+    stride_a0m,
+    stride_a0k,
+    b0_ptr,
+    stride_b0k,
+    stride_b0n,
+    K0,
+    s0_ptr,
+    stride_s0,
+    a1_ptr,
+    stride_a1m,
+    stride_a1k,
+    b1_ptr,
+    stride_b1k,
+    stride_b1n,
+    K1,
+    s1_ptr,
+    stride_s1,
+    a2_ptr,
+    stride_a2m,
+    stride_a2k,
+    b2_ptr,
+    stride_b2k,
+    stride_b2n,
+    K2,
+    s2_ptr,
+    stride_s2,
+    a3_ptr,
+    stride_a3m,
+    stride_a3k,
+    b3_ptr,
+    stride_b3k,
+    stride_b3n,
+    K3,
+    s3_ptr,
+    stride_s3,
+    M,
+    N,
+    splits,
+    NUM_SEGMENTS: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    ADDEND_TERMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_PREACTIVATION: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M row blocks share each column block of B while it sits in L2.
@@ -178,21 +337,113 @@ def segmented_matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if NUM_SEGMENTS > 0:
-        acc = _add_segment(acc, a0_ptr, stride_a0m, stride_a0k, b0_ptr, stride_b0k, stride_b0n, K0,
-                           s0_ptr, stride_s0, split, splits, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, True)
+        acc = _add_segment(
+            acc,
+            a0_ptr,
+            stride_a0m,
+            stride_a0k,
+            b0_ptr,
+            stride_b0k,
+            stride_b0n,
+            K0,
+            s0_ptr,
+            stride_s0,
+            split,
+            splits,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            INPUT_PRECISION,
+            INDEX_64,
+            EVEN_K,
+            QUANTIZED,
+            True,
+        )
     if NUM_SEGMENTS > 1:
-        acc = _add_segment(acc, a1_ptr, stride_a1m, stride_a1k, b1_ptr, stride_b1k, stride_b1n, K1,
-                           s1_ptr, stride_s1, split, splits, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, False)
+        acc = _add_segment(
+            acc,
+            a1_ptr,
+            stride_a1m,
+            stride_a1k,
+            b1_ptr,
+            stride_b1k,
+            stride_b1n,
+            K1,
+            s1_ptr,
+            stride_s1,
+            split,
+            splits,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            INPUT_PRECISION,
+            INDEX_64,
+            EVEN_K,
+            QUANTIZED,
+            False,
+        )
     if NUM_SEGMENTS > 2:
-        acc = _add_segment(acc, a2_ptr, stride_a2m, stride_a2k, b2_ptr, stride_b2k, stride_b2n, K2,
-                           s2_ptr, stride_s2, split, splits, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, False)
+        acc = _add_segment(
+            acc,
+            a2_ptr,
+            stride_a2m,
+            stride_a2k,
+            b2_ptr,
+            stride_b2k,
+            stride_b2n,
+            K2,
+            s2_ptr,
+            stride_s2,
+            split,
+            splits,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            INPUT_PRECISION,
+            INDEX_64,
+            EVEN_K,
+            QUANTIZED,
+            False,
+        )
     if NUM_SEGMENTS > 3:
-        acc = _add_segment(acc, a3_ptr, stride_a3m, stride_a3k, b3_ptr, stride_b3k, stride_b3n, K3,
-                           s3_ptr, stride_s3, split, splits, offs_m, offs_n, mask_m, mask_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, INDEX_64, EVEN_K, QUANTIZED, False)
+        acc = _add_segment(
+            acc,
+            a3_ptr,
+            stride_a3m,
+            stride_a3k,
+            b3_ptr,
+            stride_b3k,
+            stride_b3n,
+            K3,
+            s3_ptr,
+            stride_s3,
+            split,
+            splits,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            INPUT_PRECISION,
+            INDEX_64,
+            EVEN_K,
+            QUANTIZED,
+            False,
+        )
 
     # The addend's row for each output row: sum_t ((m // div_t) % mod_t) * mul_t over ADDEND_TERMS terms
     # (-1 terms: the identity; 0: every row reads row 0).
@@ -215,10 +466,34 @@ def segmented_matmul_kernel(
             columns = _column_half(columns, piece // (EPILOGUE_SPLIT // 2))
         if EPILOGUE_SPLIT > 2:
             columns = _column_half(columns, piece % 2)
-        _epilogue(columns, offs_m, rows, mask_m, pid_n * BLOCK_N + piece * (BLOCK_N // EPILOGUE_SPLIT), N,
-                  out_ptr, stride_om, stride_on, saved_ptr, stride_sm, stride_sn, addend_ptr, stride_pm, stride_pn,
-                  bias_ptr, stride_bias, column_scale_ptr, stride_column_scale, HAS_COLUMN_SCALE, HAS_ADDEND,
-                  HAS_BIAS, STORE_PREACTIVATION, ACTIVATION, ACC_DTYPE, BLOCK_N // EPILOGUE_SPLIT)
+        _epilogue(
+            columns,
+            offs_m,
+            rows,
+            mask_m,
+            pid_n * BLOCK_N + piece * (BLOCK_N // EPILOGUE_SPLIT),
+            N,
+            out_ptr,
+            stride_om,
+            stride_on,
+            saved_ptr,
+            stride_sm,
+            stride_sn,
+            addend_ptr,
+            stride_pm,
+            stride_pn,
+            bias_ptr,
+            stride_bias,
+            column_scale_ptr,
+            stride_column_scale,
+            HAS_COLUMN_SCALE,
+            HAS_ADDEND,
+            HAS_BIAS,
+            STORE_PREACTIVATION,
+            ACTIVATION,
+            ACC_DTYPE,
+            BLOCK_N // EPILOGUE_SPLIT,
+        )
 
 
 def _operand(tensor, dims: int) -> tuple:
@@ -246,9 +521,22 @@ def addend_terms(row_map, M) -> tuple:
 
 
 @planned
-def _launch_plan(M, N, Ks: tuple, quantized: bool, operand_dtype, out_dtype, has_column_scale: bool, row_map,
-                 has_bias: bool, stores_preactivation: bool, activation: str, multiprocessors: int, precision: str,
-                 index_64: bool) -> tuple:
+def _launch_plan(
+    M,
+    N,
+    Ks: tuple,
+    quantized: bool,
+    operand_dtype,
+    out_dtype,
+    has_column_scale: bool,
+    row_map,
+    has_bias: bool,
+    stores_preactivation: bool,
+    activation: str,
+    multiprocessors: int,
+    precision: str,
+    index_64: bool,
+) -> tuple:
     """(grid, K splits, the row map's six scalars, constexprs) of one launch; cached while no tile override
     is active (tiles.override). ``Ks`` are the segments' K; ``row_map`` is None without an addend. Only a
     launch whose epilogue is linear (no addend, bias, activation or saved pre-activation) splits K: its
@@ -262,19 +550,40 @@ def _launch_plan(M, N, Ks: tuple, quantized: bool, operand_dtype, out_dtype, has
     index_64 = index_64 or splits * M * N >= 2**31  # the split-K workspace's offsets
     terms = addend_terms(row_map, M) if has_addend else None
     row_args = sum((*(terms or ()), (1, 1, 0), (1, 1, 0))[:2], ())
-    return (blocks, splits), splits, row_args, {
-        "NUM_SEGMENTS": len(Ks), "QUANTIZED": quantized, "HAS_COLUMN_SCALE": has_column_scale,
-        "HAS_ADDEND": has_addend, "ADDEND_TERMS": -1 if terms is None else len(terms), "HAS_BIAS": has_bias,
-        "STORE_PREACTIVATION": stores_preactivation, "ACTIVATION": ACTIVATION_CODES[activation],
-        "ACC_DTYPE": tl.float64 if accumulate_dtype(out_dtype) == torch.float64 else tl.float32,
-        "INPUT_PRECISION": precision, "INDEX_64": index_64, "EVEN_K": all(k % tile.block_k == 0 for k in Ks),
-        "EPILOGUE_SPLIT": epilogue_split(tile, has_addend or stores_preactivation),
-        **tile.launch_options(),
-    }
+    return (
+        (blocks, splits),
+        splits,
+        row_args,
+        {
+            "NUM_SEGMENTS": len(Ks),
+            "QUANTIZED": quantized,
+            "HAS_COLUMN_SCALE": has_column_scale,
+            "HAS_ADDEND": has_addend,
+            "ADDEND_TERMS": -1 if terms is None else len(terms),
+            "HAS_BIAS": has_bias,
+            "STORE_PREACTIVATION": stores_preactivation,
+            "ACTIVATION": ACTIVATION_CODES[activation],
+            "ACC_DTYPE": tl.float64 if accumulate_dtype(out_dtype) == torch.float64 else tl.float32,
+            "INPUT_PRECISION": precision,
+            "INDEX_64": index_64,
+            "EVEN_K": all(k % tile.block_k == 0 for k in Ks),
+            "EPILOGUE_SPLIT": epilogue_split(tile, has_addend or stores_preactivation),
+            **tile.launch_options(),
+        },
+    )
 
 
-def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0)), bias=None,
-                     activation="none", saved=None, column_scale=None):
+def segmented_matmul(
+    out,
+    segments,
+    *,
+    addend=None,
+    row_map=((1, 1, 0), (1, 1, 0)),
+    bias=None,
+    activation="none",
+    saved=None,
+    column_scale=None,
+):
     """Writes act((sum_s a_s @ b_s) * column_scale + addend[row_map] + bias) into ``out`` (M, N), and
     the pre-activation into ``saved`` when given. ``segments`` is a list of at most MAX_SEGMENTS
     (a (M, K_s), b (K_s, N)) pairs, or (a, b, token_scale (M,)) triples of int8 operands, possibly
@@ -289,8 +598,15 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     for segment in segments:
         a, b = segment[0], segment[1]
         token_scale = segment[2] if quantized else None
-        segment_args += [a, *a.stride(), b, *b.stride(), a.shape[1], token_scale,
-                         token_scale.stride(0) if quantized else None]
+        segment_args += [
+            a,
+            *a.stride(),
+            b,
+            *b.stride(),
+            a.shape[1],
+            token_scale,
+            token_scale.stride(0) if quantized else None,
+        ]
         operands += [a, b, token_scale]
         Ks.append(a.shape[1])
     # The segments a launch does not have, and absent epilogue operands, are None: constants the
@@ -299,13 +615,35 @@ def segmented_matmul(out, segments, *, addend=None, row_map=((1, 1, 0), (1, 1, 0
     operand_dtype = segments[0][0].dtype if segments else out.dtype
     plan = _launch_plan if not tiles_overridden() else _launch_plan.__wrapped__
     grid, splits, row_args, constexprs = plan(
-        M, N, tuple(Ks), quantized, operand_dtype, out.dtype, column_scale is not None,
-        None if addend is None else row_map, bias is not None, saved is not None, activation,
-        multiprocessors(out.device), input_precision(operand_dtype), _needs_64_bit_indices(operands))
+        M,
+        N,
+        tuple(Ks),
+        quantized,
+        operand_dtype,
+        out.dtype,
+        column_scale is not None,
+        None if addend is None else row_map,
+        bias is not None,
+        saved is not None,
+        activation,
+        multiprocessors(out.device),
+        input_precision(operand_dtype),
+        _needs_64_bit_indices(operands),
+    )
     target = out if splits == 1 else out.new_empty((splits, M, N), dtype=accumulate_dtype(out.dtype))
     traceable(segmented_matmul_kernel)[grid](
-        target, *target.stride()[-2:], target.stride(0) if splits > 1 else 0, *_operand(saved, 2),
-        *_operand(addend, 2), *row_args, *_operand(bias, 1), *_operand(column_scale, 1), *segment_args, M, N, splits,
+        target,
+        *target.stride()[-2:],
+        target.stride(0) if splits > 1 else 0,
+        *_operand(saved, 2),
+        *_operand(addend, 2),
+        *row_args,
+        *_operand(bias, 1),
+        *_operand(column_scale, 1),
+        *segment_args,
+        M,
+        N,
+        splits,
         **constexprs,
     )
     if splits > 1:

@@ -42,8 +42,14 @@ class GemmTile:
     num_stages: int
 
     def launch_options(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m,
-                "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "GROUP_M": self.group_m,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
 
 
 @dataclass(frozen=True)
@@ -102,20 +108,23 @@ def table_path(gpu_name: str) -> str:
 
 
 def shape_class(family: str, *args):
-    """The table key of a family's arguments (those its tile function takes), e.g. "bfloat16/m1024/n256/k512";
-    None where a size is symbolic (torch.compile's dynamic shapes keep the shape-only choice)."""
+    """The table key of a family's arguments (those its tile function takes), e.g.
+    "bfloat16/m1024/n256/k512"; None where a size is symbolic (torch.compile's dynamic shapes keep the
+    shape-only choice)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if family == "gemm":
-        (m, n, k, dtype, _), sizes = args, {"m": args[0], "n": args[1], "k": args[2]}
+        dtype, sizes = args[3], {"m": args[0], "n": args[1], "k": args[2]}
     elif family == "attention_forward":
-        (_, d_pad, dv_pad, dtype), sizes = args, {"q": args[0], "d": args[1], "dv": args[2]}
+        dtype, sizes = args[3], {"q": args[0], "d": args[1], "dv": args[2]}
     else:
-        (d_pad, dv_pad, dtype), sizes = args, {"d": args[0], "dv": args[1]}
+        dtype, sizes = args[2], {"d": args[0], "dv": args[1]}
     if any(type(size) is not int for size in sizes.values()):
         return None
-    rounded = {name: size if name in ("d", "dv") else power_of_2_at_least(size, 16, LARGEST_CLASS)
-               for name, size in sizes.items()}
+    rounded = {
+        name: size if name in ("d", "dv") else power_of_2_at_least(size, 16, LARGEST_CLASS)
+        for name, size in sizes.items()
+    }
     return "/".join([str(dtype).replace("torch.", ""), *(f"{name}{size}" for name, size in rounded.items())])
 
 

@@ -42,8 +42,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward_norm = nn.LayerNorm(dim)
         self.feed_forward = FeedForward(dim, mlp_ratio * dim)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = self.norm(x)
         if context is None:
             attended, _ = self.attention(h, h, h, kv_lens=lengths, q_lens=lengths)

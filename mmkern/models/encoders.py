@@ -13,9 +13,13 @@ class ConvImageEncoder(nn.Module):
     def __init__(self, dim: int, in_channels: int = 1, width: int = 32):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, dim, 3, stride=2, padding=1), nn.GELU())
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * width, dim, 3, stride=2, padding=1),
+            nn.GELU(),
+        )
 
     def forward(self, images: torch.Tensor) -> tuple:
         tokens = self.layers(images).flatten(2).transpose(1, 2)
@@ -25,8 +29,9 @@ class ConvImageEncoder(nn.Module):
 class PatchImageEncoder(nn.Module):
     """A vision transformer: non-overlapping patches, learned positions, transformer blocks."""
 
-    def __init__(self, dim: int, image_size: int, patch_size: int, in_channels: int = 1, depth: int = 2,
-                 heads: int = 4):
+    def __init__(
+        self, dim: int, image_size: int, patch_size: int, in_channels: int = 1, depth: int = 2, heads: int = 4
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
@@ -80,7 +85,7 @@ class TransformerTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple:
         if ids.shape[1] > self.positions.shape[1]:
             raise ValueError(f"text of {ids.shape[1]} tokens is longer than max_length ({self.positions.shape[1]})")
-        x = self.embedding(ids) + self.positions[:, :ids.shape[1]]
+        x = self.embedding(ids) + self.positions[:, : ids.shape[1]]
         for block in self.blocks:
             x = block(x, lengths)
         tokens = self.norm(x)

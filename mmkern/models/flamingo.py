@@ -4,7 +4,7 @@ cross-attention layers (Alayrac et al., 2022), small enough to train on a CPU.""
 import torch
 from torch import nn
 
-from mmkern.models.blocks import FeedForward, TransformerBlock
+from mmkern.models.blocks import FeedForward
 from mmkern.models.encoders import ConvImageEncoder, PatchImageEncoder
 from mmkern.nn import CrossModalAttention
 from mmkern.nn.backend import set_backend
@@ -19,10 +19,18 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         self.visual_projection = nn.Linear(visual_dim, dim) if visual_dim not in (None, dim) else nn.Identity()
-        self.layers = nn.ModuleList(nn.ModuleDict({
-            "latent_norm": nn.LayerNorm(dim), "visual_norm": nn.LayerNorm(dim),
-            "attention": CrossModalAttention(dim, heads, batch_first=True),
-            "feed_forward_norm": nn.LayerNorm(dim), "feed_forward": FeedForward(dim, 2 * dim)}) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "latent_norm": nn.LayerNorm(dim),
+                    "visual_norm": nn.LayerNorm(dim),
+                    "attention": CrossModalAttention(dim, heads, batch_first=True),
+                    "feed_forward_norm": nn.LayerNorm(dim),
+                    "feed_forward": FeedForward(dim, 2 * dim),
+                }
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, visual: torch.Tensor, visual_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +63,13 @@ class GatedCrossAttentionBlock(nn.Module):
         self.feed_forward_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        attended, _ = self.attention(self.norm(x), latents, latents, q_lens=lengths,
-                                     kv_lens=None if lengths is None else torch.full_like(lengths, latents.shape[1]))
+        attended, _ = self.attention(
+            self.norm(x),
+            latents,
+            latents,
+            q_lens=lengths,
+            kv_lens=None if lengths is None else torch.full_like(lengths, latents.shape[1]),
+        )
         x = x + torch.tanh(self.attention_gate) * attended
         return x + torch.tanh(self.feed_forward_gate) * self.feed_forward(self.feed_forward_norm(x))
 
@@ -90,15 +103,32 @@ class FlamingoLM(nn.Module):
     a pretrained language model; above 0 to train from scratch). ``backend`` as in the other models.
     """
 
-    def __init__(self, vocab_size: int, *, image_encoder: str = "cnn", dim: int = 128, depth: int = 2, heads: int = 4,
-                 num_latents: int = 16, resampler_depth: int = 2, image_size: int = 16, patch_size: int = 4,
-                 in_channels: int = 1, max_frames: int = 8, max_text_length: int = 64, gate_init: float = 0.0,
-                 backend: str = "mmkern"):
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        image_encoder: str = "cnn",
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        num_latents: int = 16,
+        resampler_depth: int = 2,
+        image_size: int = 16,
+        patch_size: int = 4,
+        in_channels: int = 1,
+        max_frames: int = 8,
+        max_text_length: int = 64,
+        gate_init: float = 0.0,
+        backend: str = "mmkern",
+    ):
         super().__init__()
         if image_encoder not in ("cnn", "vit"):
             raise ValueError(f"image_encoder must be 'cnn' or 'vit', got {image_encoder!r}")
-        self.image_encoder = ConvImageEncoder(dim, in_channels) if image_encoder == "cnn" else \
-            PatchImageEncoder(dim, image_size, patch_size, in_channels, depth=1, heads=heads)
+        self.image_encoder = (
+            ConvImageEncoder(dim, in_channels)
+            if image_encoder == "cnn"
+            else PatchImageEncoder(dim, image_size, patch_size, in_channels, depth=1, heads=heads)
+        )
         self.frame_embedding = nn.Parameter(torch.zeros(max_frames, 1, dim))
         self.resampler = PerceiverResampler(dim, num_latents, resampler_depth, heads)
         self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
@@ -124,25 +154,38 @@ class FlamingoLM(nn.Module):
 
     def decode(self, latents: torch.Tensor, text_ids: torch.Tensor, text_lens: torch.Tensor | None = None):
         if text_ids.shape[1] > self.positions.shape[1]:
-            raise ValueError(f"text of {text_ids.shape[1]} tokens is longer than max_text_length "
-                             f"({self.positions.shape[1]})")
-        x = self.embedding(text_ids) + self.positions[:, :text_ids.shape[1]]
+            raise ValueError(
+                f"text of {text_ids.shape[1]} tokens is longer than max_text_length ({self.positions.shape[1]})"
+            )
+        x = self.embedding(text_ids) + self.positions[:, : text_ids.shape[1]]
         for cross, block in zip(self.cross_blocks, self.blocks):
             x = block(cross(x, latents, text_lens))
         return self.lm_head(self.norm(x))
 
-    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_lens: torch.Tensor | None = None,
-                frame_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_lens: torch.Tensor | None = None,
+        frame_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.decode(self.visual_latents(images, frame_lens), text_ids, text_lens)
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor,
-                 max_new_tokens: int = 8, end_id: int | None = None, frame_lens: torch.Tensor | None = None) -> list:
+    def generate(
+        self,
+        images: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_lens: torch.Tensor,
+        max_new_tokens: int = 8,
+        end_id: int | None = None,
+        frame_lens: torch.Tensor | None = None,
+    ) -> list:
         """Greedy decoding after each sample's ``prompt_lens[b]`` prompt tokens (right-padded
         ``prompt_ids``); stops a sample at ``end_id`` (not returned) or after ``max_new_tokens``. Returns
         one list of new token ids per sample. The visual latents are computed once."""
         latents = self.visual_latents(images, frame_lens)
-        sequences = [prompt_ids[b, :int(prompt_lens[b])].tolist() for b in range(prompt_ids.shape[0])]
+        sequences = [prompt_ids[b, : int(prompt_lens[b])].tolist() for b in range(prompt_ids.shape[0])]
         new_tokens = [[] for _ in sequences]
         active = list(range(len(sequences)))
         for _ in range(max_new_tokens):
@@ -151,7 +194,7 @@ class FlamingoLM(nn.Module):
             width = max(len(sequences[b]) for b in active)
             ids = torch.zeros(len(active), width, dtype=torch.long, device=prompt_ids.device)
             for row, b in enumerate(active):
-                ids[row, :len(sequences[b])] = torch.tensor(sequences[b], device=prompt_ids.device)
+                ids[row, : len(sequences[b])] = torch.tensor(sequences[b], device=prompt_ids.device)
             lens = torch.tensor([len(sequences[b]) for b in active], device=prompt_ids.device)
             logits = self.decode(latents[active], ids, lens)
             chosen = logits[torch.arange(len(active), device=logits.device), lens - 1].argmax(-1).tolist()

@@ -23,8 +23,17 @@ class TriModalClassifier(nn.Module):
     returns logits ``(B, num_classes)``.
     """
 
-    def __init__(self, num_classes: int, vocab_size: int, audio_bins: int, *, dim: int = 128, in_channels: int = 1,
-                 heads: int = 4, backend: str = "mmkern"):
+    def __init__(
+        self,
+        num_classes: int,
+        vocab_size: int,
+        audio_bins: int,
+        *,
+        dim: int = 128,
+        in_channels: int = 1,
+        heads: int = 4,
+        backend: str = "mmkern",
+    ):
         super().__init__()
         self.image_encoder = ConvImageEncoder(dim, in_channels)
         self.audio_encoder = SpectrogramEncoder(audio_bins, dim, heads=heads)
@@ -34,8 +43,11 @@ class TriModalClassifier(nn.Module):
         set_backend(self, backend)
 
     def features(self, images, audio, audio_lens, text_ids, text_lens) -> list:
-        return [self.image_encoder(images)[2], self.audio_encoder(audio, audio_lens)[2],
-                self.text_encoder(text_ids, text_lens)[2]]
+        return [
+            self.image_encoder(images)[2],
+            self.audio_encoder(audio, audio_lens)[2],
+            self.text_encoder(text_ids, text_lens)[2],
+        ]
 
     def forward(self, images, audio, audio_lens, text_ids, text_lens) -> torch.Tensor:
         return self.head(self.fusion(*self.features(images, audio, audio_lens, text_ids, text_lens)))
@@ -43,14 +55,23 @@ class TriModalClassifier(nn.Module):
     @torch.no_grad()
     def encode(self, images, audio, audio_lens, text_ids, text_lens) -> list:
         """The three modalities' features as int8 ``(xq, scale)`` pairs, ready to cache."""
-        return [self.fusion._ops.quantize_per_token(x) for x in self.features(images, audio, audio_lens, text_ids,
-                                                                               text_lens)]
+        return [
+            self.fusion._ops.quantize_per_token(x)
+            for x in self.features(images, audio, audio_lens, text_ids, text_lens)
+        ]
 
     def classify(self, pairs) -> torch.Tensor:
         """Logits from cached int8 features (``encode``'s pairs), never dequantized."""
         ops = self.fusion._ops
         weight = self.fusion.weight.detach()
         weight_q, weight_scale = ops.quantize_per_token(weight)
-        fused = ops.quantized_concat_linear([q for q, _ in pairs], [s for _, s in pairs], weight_q, weight_scale[:, 0],
-                                            self.fusion.bias, activation="gelu", out_dtype=weight.dtype)
+        fused = ops.quantized_concat_linear(
+            [q for q, _ in pairs],
+            [s for _, s in pairs],
+            weight_q,
+            weight_scale[:, 0],
+            self.fusion.bias,
+            activation="gelu",
+            out_dtype=weight.dtype,
+        )
         return self.head(fused)

@@ -22,19 +22,38 @@ class VisionTextClassifier(nn.Module):
     ``forward(images (B, C, H, W), text_ids (B, L), text_lens (B,))`` returns logits ``(B, num_classes)``.
     """
 
-    def __init__(self, num_classes: int, vocab_size: int, *, image_encoder: str = "cnn", text_encoder: str = "gru",
-                 fusion: str = "concat", dim: int = 128, image_size: int = 16, in_channels: int = 1,
-                 patch_size: int = 4, depth: int = 2, heads: int = 4, max_text_length: int = 64,
-                 backend: str = "mmkern"):
+    def __init__(
+        self,
+        num_classes: int,
+        vocab_size: int,
+        *,
+        image_encoder: str = "cnn",
+        text_encoder: str = "gru",
+        fusion: str = "concat",
+        dim: int = 128,
+        image_size: int = 16,
+        in_channels: int = 1,
+        patch_size: int = 4,
+        depth: int = 2,
+        heads: int = 4,
+        max_text_length: int = 64,
+        backend: str = "mmkern",
+    ):
         super().__init__()
         if image_encoder not in IMAGE_ENCODERS:
             raise ValueError(f"image_encoder must be one of {IMAGE_ENCODERS}, got {image_encoder!r}")
         if text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}")
-        self.image_encoder = ConvImageEncoder(dim, in_channels) if image_encoder == "cnn" else \
-            PatchImageEncoder(dim, image_size, patch_size, in_channels, depth, heads)
-        self.text_encoder = RecurrentTextEncoder(vocab_size, dim) if text_encoder == "gru" else \
-            TransformerTextEncoder(vocab_size, dim, max_text_length, depth, heads)
+        self.image_encoder = (
+            ConvImageEncoder(dim, in_channels)
+            if image_encoder == "cnn"
+            else PatchImageEncoder(dim, image_size, patch_size, in_channels, depth, heads)
+        )
+        self.text_encoder = (
+            RecurrentTextEncoder(vocab_size, dim)
+            if text_encoder == "gru"
+            else TransformerTextEncoder(vocab_size, dim, max_text_length, depth, heads)
+        )
         self.fusion = PairFusion(fusion, dim, heads)
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         set_backend(self, backend)

@@ -7,5 +7,12 @@ from mmkern.nn.gated_fusion import GatedFusion
 from mmkern.nn.quantized_concat_linear import QuantizedConcatLinear
 from mmkern.nn.quantized_fusion import QuantizedFusion
 
-__all__ = ["BACKENDS", "ConcatLinear", "CrossModalAttention", "GatedFusion", "QuantizedConcatLinear",
-           "QuantizedFusion", "set_backend"]
+__all__ = [
+    "BACKENDS",
+    "ConcatLinear",
+    "CrossModalAttention",
+    "GatedFusion",
+    "QuantizedConcatLinear",
+    "QuantizedFusion",
+    "set_backend",
+]

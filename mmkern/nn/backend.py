@@ -15,14 +15,41 @@ def _straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     return x + (rounded - x).detach()
 
 
-def _eager_cross_modal_attention(q, k, v, *, kv_lens=None, q_lens=None, scale=None, dropout_p=0.0, causal=False,
-                                 window=None, key_mask=None, softcap=None, sinks=None, bias=None):
+def _eager_cross_modal_attention(
+    q,
+    k,
+    v,
+    *,
+    kv_lens=None,
+    q_lens=None,
+    scale=None,
+    dropout_p=0.0,
+    causal=False,
+    window=None,
+    key_mask=None,
+    softcap=None,
+    sinks=None,
+    bias=None,
+):
     # The reference draws its dropout mask from an integer seed; reading one from the global generator
     # is a host sync (and a graph break under torch.compile), paid only when dropout is on.
-    seed = int(torch.randint(2 ** 62, ())) if dropout_p > 0 else None
-    return reference.cross_modal_attention(q, k, v, kv_lens=kv_lens, q_lens=q_lens, scale=scale, dropout_p=dropout_p,
-                                           dropout_seed=seed, causal=causal, window=window, key_mask=key_mask,
-                                           softcap=softcap or 0.0, sinks=sinks, bias=bias)[0]
+    seed = int(torch.randint(2**62, ())) if dropout_p > 0 else None
+    return reference.cross_modal_attention(
+        q,
+        k,
+        v,
+        kv_lens=kv_lens,
+        q_lens=q_lens,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_seed=seed,
+        causal=causal,
+        window=window,
+        key_mask=key_mask,
+        softcap=softcap or 0.0,
+        sinks=sinks,
+        bias=bias,
+    )[0]
 
 
 def _eager_quantize_and_concat_linear(inputs, weight, bias=None, *, activation="none"):

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmkern.nn.backend import UsesBackend
 from mmkern.activations import ACTIVATIONS
+from mmkern.nn.backend import UsesBackend
 
 
 class ConcatLinear(UsesBackend, nn.Module):
@@ -21,8 +21,15 @@ class ConcatLinear(UsesBackend, nn.Module):
     the two.
     """
 
-    def __init__(self, in_features: Sequence[int], out_features: int, bias: bool = True,
-                 activation: str | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: Sequence[int],
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self._set_features(in_features, out_features, activation)
         factory = {"device": device, "dtype": dtype}
@@ -36,7 +43,9 @@ class ConcatLinear(UsesBackend, nn.Module):
             raise ValueError(f"in_features must be a non-empty sequence of widths >= 0, got {in_features}")
         activation = "none" if activation is None else activation
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+            raise ValueError(
+                f"activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}"
+            )
         self.in_features, self.out_features, self.activation = in_features, int(out_features), activation
 
     def reset_parameters(self) -> None:
@@ -48,7 +57,9 @@ class ConcatLinear(UsesBackend, nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, in_features: Sequence[int], activation: str | None = None) -> "ConcatLinear":
+    def from_linear(
+        cls, linear: nn.Linear, in_features: Sequence[int], activation: str | None = None
+    ) -> "ConcatLinear":
         """A ConcatLinear that shares ``linear``'s weight and bias (the same Parameter objects), so
         ``ConcatLinear.from_linear(linear, sizes)(*xs)`` equals ``linear(torch.cat(xs, -1))`` and
         training either trains both."""
@@ -56,7 +67,9 @@ class ConcatLinear(UsesBackend, nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if sum(in_features) != linear.in_features:
             raise ValueError(
-                f"in_features {tuple(in_features)} sum to {sum(in_features)}, but linear.in_features is {linear.in_features}")
+                f"in_features {tuple(in_features)} sum to {sum(in_features)}, "
+                f"but linear.in_features is {linear.in_features}"
+            )
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._set_features(in_features, linear.out_features, activation)
@@ -66,12 +79,18 @@ class ConcatLinear(UsesBackend, nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.in_features):
-            raise ValueError(f"expected {len(self.in_features)} inputs (in_features={self.in_features}), got {len(inputs)}")
+            raise ValueError(
+                f"expected {len(self.in_features)} inputs (in_features={self.in_features}), got {len(inputs)}"
+            )
         for i, (x, width) in enumerate(zip(inputs, self.in_features)):
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != width:
-                raise ValueError(f"inputs[{i}] must have last dim in_features[{i}] = {width}, got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"inputs[{i}] must have last dim in_features[{i}] = {width}, got shape {tuple(x.shape)}"
+                )
         return self._ops.concat_linear(inputs, self.weight, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={self.activation!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activation={self.activation!r}"
+        )

@@ -31,9 +31,19 @@ class CrossModalAttention(UsesBackend, nn.Module):
     (``nn.MultiheadAttention`` gives NaN).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
-                 bias: bool = True, dropout: float = 0.0, batch_first: bool = True, num_kv_heads: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = True,
+        num_kv_heads: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self._set_shape(embed_dim, num_heads, kdim, vdim, num_kv_heads, dropout, batch_first)
@@ -95,8 +105,7 @@ class CrossModalAttention(UsesBackend, nn.Module):
             raise ValueError("mha has add_bias_kv or add_zero_attn, which CrossModalAttention does not implement")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._set_shape(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, mha.num_heads, mha.dropout,
-                          mha.batch_first)
+        module._set_shape(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, mha.num_heads, mha.dropout, mha.batch_first)
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
             module.register_parameter(name, getattr(mha, name))
         module.out_proj = mha.out_proj
@@ -111,19 +120,36 @@ class CrossModalAttention(UsesBackend, nn.Module):
         if self._qkv_same_embed_dim and query is key and key is value:
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split(splits, dim=-1)
         else:
-            weights = self.in_proj_weight.split(splits) if self._qkv_same_embed_dim else \
-                (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+            weights = (
+                self.in_proj_weight.split(splits)
+                if self._qkv_same_embed_dim
+                else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+            )
             q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
-        return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
-                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        return (
+            q.unflatten(-1, (self.num_heads, self.head_dim)),
+            k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+            v.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False,
-                *, kv_lens: torch.Tensor | None = None, q_lens: torch.Tensor | None = None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        kv_lens: torch.Tensor | None = None,
+        q_lens: torch.Tensor | None = None,
+    ):
         if kv_lens is not None or q_lens is not None:
-            return self._forward_with_lengths(query, key, value, kv_lens, q_lens, key_padding_mask, need_weights,
-                                              attn_mask, is_causal)
+            return self._forward_with_lengths(
+                query, key, value, kv_lens, q_lens, key_padding_mask, need_weights, attn_mask, is_causal
+            )
         batched = query.dim() == 3
         if not batched:
             query, key, value = (x.unsqueeze(1 if not self.batch_first else 0) for x in (query, key, value))
@@ -135,13 +161,15 @@ class CrossModalAttention(UsesBackend, nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            out, weights = _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p,
-                                            average_attn_weights)
+            out, weights = _exact_attention(
+                q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p, average_attn_weights
+            )
         elif is_causal and q.shape[1] == k.shape[1]:
             # nn.MultiheadAttention trusts the hint over attn_mask here (it calls SDPA's is_causal); over
             # square self-attention its top-left causal mask is the kernel's bottom-right one.
-            out = self._ops.cross_modal_attention(q, k, v, **_padding(key_padding_mask), dropout_p=dropout_p,
-                                                  causal=True)
+            out = self._ops.cross_modal_attention(
+                q, k, v, **_padding(key_padding_mask), dropout_p=dropout_p, causal=True
+            )
         else:
             # Everything else is read in the kernel, nothing on the host: a boolean padding mask as its key
             # mask, an additive one and any attn_mask as its bias.
@@ -158,19 +186,23 @@ class CrossModalAttention(UsesBackend, nn.Module):
             weights = None if weights is None else weights.squeeze(0)
         return out, (weights if need_weights else None)
 
-    def _forward_with_lengths(self, query, key, value, kv_lens, q_lens, key_padding_mask, need_weights, attn_mask,
-                              is_causal):
+    def _forward_with_lengths(
+        self, query, key, value, kv_lens, q_lens, key_padding_mask, need_weights, attn_mask, is_causal
+    ):
         if key_padding_mask is not None or attn_mask is not None or need_weights or is_causal:
-            raise ValueError("kv_lens and q_lens replace key_padding_mask; they do not combine with attn_mask, "
-                             "need_weights or is_causal")
+            raise ValueError(
+                "kv_lens and q_lens replace key_padding_mask; they do not combine with attn_mask, "
+                "need_weights or is_causal"
+            )
         if query.dim() != 3:
             raise ValueError(f"kv_lens and q_lens need batched inputs, got query of shape {tuple(query.shape)}")
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         self._check(query, key, value, None)
         q, k, v = self._projections(query, key, value)
-        out = self._ops.cross_modal_attention(q, k, v, kv_lens=kv_lens, q_lens=q_lens,
-                                              dropout_p=self.dropout if self.training else 0.0)
+        out = self._ops.cross_modal_attention(
+            q, k, v, kv_lens=kv_lens, q_lens=q_lens, dropout_p=self.dropout if self.training else 0.0
+        )
         out = self.out_proj(out.flatten(-2))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
@@ -179,15 +211,21 @@ class CrossModalAttention(UsesBackend, nn.Module):
             if x.dim() != 3 or x.shape[-1] != width:
                 raise ValueError(f"{name} must be (batch, length, {width}) (or unbatched), got shape {tuple(x.shape)}")
         if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
-            raise ValueError(f"key and value must share batch and length, and the batch of query; got shapes "
-                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+            raise ValueError(
+                f"key and value must share batch and length, and the batch of query; got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != tuple(key.shape[:2]):
-            raise ValueError(f"key_padding_mask must have shape (batch, key length) {tuple(key.shape[:2])}, got "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, key length) {tuple(key.shape[:2])}, got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"kdim={self.kdim}, vdim={self.vdim}, dropout={self.dropout}, batch_first={self.batch_first}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"kdim={self.kdim}, vdim={self.vdim}, dropout={self.dropout}, batch_first={self.batch_first}"
+        )
 
 
 def _padding(key_padding_mask) -> dict:
@@ -218,7 +256,7 @@ def _exact_attention(q, k, v, key_padding_mask, attn_mask, is_causal, dropout_p,
     k_len, group = k.shape[1], heads // k.shape[2]
     qh = q.transpose(1, 2)
     kh, vh = (x.transpose(1, 2).repeat_interleave(group, dim=1) for x in (k, v))
-    scores = qh @ kh.transpose(-1, -2) * head_dim ** -0.5
+    scores = qh @ kh.transpose(-1, -2) * head_dim**-0.5
     if is_causal and attn_mask is None:
         attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu(1)
     if attn_mask is not None:

@@ -32,10 +32,13 @@ class GatedFusion(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.in_features):
-            raise ValueError(f"expected {len(self.in_features)} inputs (in_features={self.in_features}), got {len(inputs)}")
+            raise ValueError(
+                f"expected {len(self.in_features)} inputs (in_features={self.in_features}), got {len(inputs)}"
+            )
         gates = torch.softmax(self.gate(*inputs).unflatten(-1, (len(inputs), self.out_features)), dim=-2)
-        projected = torch.stack(torch.broadcast_tensors(*(torch.tanh(p(x)) for p, x in zip(self.projections, inputs))),
-                                dim=-2)
+        projected = torch.stack(
+            torch.broadcast_tensors(*(torch.tanh(p(x)) for p, x in zip(self.projections, inputs))), dim=-2
+        )
         return (gates * projected).sum(-2)
 
     def extra_repr(self) -> str:

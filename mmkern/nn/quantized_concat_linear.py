@@ -1,6 +1,5 @@
 """``QuantizedConcatLinear``: ``ConcatLinear`` with an int8 weight, fed float or int8 features."""
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -25,25 +24,37 @@ class QuantizedConcatLinear(UsesBackend, nn.Module):
     comes quantized.
     """
 
-    def __init__(self, in_features: Sequence[int], out_features: int, bias: bool = True,
-                 activation: str | None = None, out_dtype: torch.dtype = torch.bfloat16, device=None):
+    def __init__(
+        self,
+        in_features: Sequence[int],
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
         super().__init__()
         # nn.Linear's initialisation, through ConcatLinear, then quantized.
-        self._copy_from(ConcatLinear(in_features, out_features, bias=bias, activation=activation, device=device),
-                        out_dtype)
+        self._copy_from(
+            ConcatLinear(in_features, out_features, bias=bias, activation=activation, device=device), out_dtype
+        )
 
     def _copy_from(self, concat_linear: ConcatLinear, out_dtype: torch.dtype) -> None:
         self.in_features, self.out_features = concat_linear.in_features, concat_linear.out_features
         self.activation, self.out_dtype = concat_linear.activation, out_dtype
         weight = concat_linear.weight.detach()
-        weight_q, weight_scale = self._ops.quantize_per_token(weight.float() if weight.dtype == torch.float64 else weight)
+        weight_q, weight_scale = self._ops.quantize_per_token(
+            weight.float() if weight.dtype == torch.float64 else weight
+        )
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale.view(-1))
         bias = concat_linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
 
     @classmethod
-    def from_float(cls, concat_linear: ConcatLinear, out_dtype: torch.dtype = torch.bfloat16) -> "QuantizedConcatLinear":
+    def from_float(
+        cls, concat_linear: ConcatLinear, out_dtype: torch.dtype = torch.bfloat16
+    ) -> "QuantizedConcatLinear":
         """A copy of ``concat_linear`` with its weight quantized per output channel."""
         if not isinstance(concat_linear, ConcatLinear):
             raise TypeError(f"concat_linear must be an mmkern.nn.ConcatLinear, got {type(concat_linear).__name__}")
@@ -57,7 +68,9 @@ class QuantizedConcatLinear(UsesBackend, nn.Module):
 
     def forward(self, *inputs) -> torch.Tensor:
         if len(inputs) != len(self.in_features):
-            raise ValueError(f"expected {len(self.in_features)} inputs (in_features={self.in_features}), got {len(inputs)}")
+            raise ValueError(
+                f"expected {len(self.in_features)} inputs (in_features={self.in_features}), got {len(inputs)}"
+            )
         floats = [x for x in inputs if isinstance(x, torch.Tensor)]
         for i, (x, width) in enumerate(zip(inputs, self.in_features)):
             if not isinstance(x, torch.Tensor) and not (isinstance(x, (tuple, list)) and len(x) == 2):
@@ -67,15 +80,26 @@ class QuantizedConcatLinear(UsesBackend, nn.Module):
                 raise ValueError(f"inputs[{i}] must have last dim in_features[{i}] = {width}, got shape {tuple(shape)}")
         out_dtype = floats[0].dtype if floats else self.out_dtype
         if torch.is_grad_enabled() and any(x.requires_grad for x in floats):
-            features = [x if isinstance(x, torch.Tensor) else self._ops.dequantize_per_token(*x, out_dtype) for x in inputs]
+            features = [
+                x if isinstance(x, torch.Tensor) else self._ops.dequantize_per_token(*x, out_dtype) for x in inputs
+            ]
             bias = None if self.bias is None else self.bias.to(out_dtype)
-            return self._ops.quantize_and_concat_linear(features, self.dequantized_weight(out_dtype), bias,
-                                                  activation=self.activation)
+            return self._ops.quantize_and_concat_linear(
+                features, self.dequantized_weight(out_dtype), bias, activation=self.activation
+            )
         pairs = [self._ops.quantize_per_token(x) if isinstance(x, torch.Tensor) else tuple(x) for x in inputs]
-        return self._ops.quantized_concat_linear([q for q, _ in pairs], [s for _, s in pairs], self.weight_q,
-                                           self.weight_scale, self.bias, activation=self.activation,
-                                           out_dtype=out_dtype)
+        return self._ops.quantized_concat_linear(
+            [q for q, _ in pairs],
+            [s for _, s in pairs],
+            self.weight_q,
+            self.weight_scale,
+            self.bias,
+            activation=self.activation,
+            out_dtype=out_dtype,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"activation={self.activation!r}, weight=int8 per output channel")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activation={self.activation!r}, weight=int8 per output channel"
+        )

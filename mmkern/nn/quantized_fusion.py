@@ -23,8 +23,15 @@ class QuantizedFusion(UsesBackend, nn.Module):
     ``mmkern.ops.quantize_per_token`` returns them) and returns ``(*lead, d)`` in ``out_dtype``.
     """
 
-    def __init__(self, num_inputs: int, mode: str = "sum", features: int | None = None,
-                 out_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None):
+    def __init__(
+        self,
+        num_inputs: int,
+        mode: str = "sum",
+        features: int | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")

@@ -39,7 +39,9 @@ def check_choice(value, name: str, choices: Sequence) -> None:
 def check_same_device(named: list, device: torch.device, device_name: str, op: str) -> None:
     for name, tensor in named:
         if tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device} but {device_name} is on {device}; all tensors must share one device")
+            raise ValueError(
+                f"{name} is on {tensor.device} but {device_name} is on {device}; all tensors must share one device"
+            )
     if device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{op} runs on cpu and cuda tensors, got tensors on {device}")
 
@@ -51,7 +53,9 @@ def check_concat_shapes(inputs: list, weight: torch.Tensor, bias, inputs_name: s
         if x.dim() == 0:
             raise ValueError(f"{inputs_name}[{i}] must have a feature dimension, got a 0-d tensor")
     if weight.dim() != 2:
-        raise ValueError(f"{weight_name} must be 2-D (out_features, sum of input widths), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{weight_name} must be 2-D (out_features, sum of input widths), got shape {tuple(weight.shape)}"
+        )
     widths = [x.shape[-1] for x in inputs]
     if weight.shape[1] != sum(widths):
         raise ValueError(
@@ -64,7 +68,9 @@ def check_concat_shapes(inputs: list, weight: torch.Tensor, bias, inputs_name: s
         leading_shape(inputs)
     except RuntimeError:
         shapes = ", ".join(f"{inputs_name}[{i}] {tuple(x.shape[:-1])}" for i, x in enumerate(inputs))
-        raise ValueError(f"the leading shapes of the {inputs_name} (all but the last dim) do not broadcast: {shapes}") from None
+        raise ValueError(
+            f"the leading shapes of the {inputs_name} (all but the last dim) do not broadcast: {shapes}"
+        ) from None
 
 
 def checks_values(device: torch.device) -> bool:
@@ -82,8 +88,12 @@ def check_scale_values(named_scales: list) -> None:
     """Scales must be finite and non-negative (where checks_values; one read of the device for all)."""
     if not named_scales or not checks_values(named_scales[0][1].device):
         return
-    bad = torch.stack([~(torch.isfinite(s) & (s >= 0)).all() if s.numel() else s.new_zeros((), dtype=torch.bool)
-                       for _, s in named_scales])
+    bad = torch.stack(
+        [
+            ~(torch.isfinite(s) & (s >= 0)).all() if s.numel() else s.new_zeros((), dtype=torch.bool)
+            for _, s in named_scales
+        ]
+    )
     if bad.any():
         name, scale = named_scales[int(bad.nonzero()[0, 0])]
         value = scale[~(torch.isfinite(scale) & (scale >= 0))][0].item()

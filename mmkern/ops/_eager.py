@@ -33,8 +33,13 @@ def takes_eager_path(tensors) -> bool:
         if type(tensor) not in _PLAIN:
             return False
         device = tensor.device
-    return (device is not None and runs_on_triton(device) and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
+    return (
+        device is not None
+        and runs_on_triton(device)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._are_functorch_transforms_active()
+    )
 
 
 def autocast_inputs(tensors, device_type: str) -> list:

@@ -127,7 +127,8 @@ def register_autocast(qualname: str, cast_inputs: bool) -> None:
             if cast_inputs:
                 dtype = torch.get_autocast_dtype(_device_type)
                 args, kwargs = pytree.tree_map_only(
-                    torch.Tensor, lambda t: t.to(autocast_dtype_of(t, dtype)), (args, kwargs))
+                    torch.Tensor, lambda t: t.to(autocast_dtype_of(t, dtype)), (args, kwargs)
+                )
             with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_KEYS):
                 return op(*args, **kwargs)
 

@@ -13,14 +13,23 @@ from mmkern.activations import ACTIVATIONS, SMOOTH_ACTIVATIONS
 from mmkern.kernels.launch import leading_shape, runs_on_triton, triton_has_float64_dot
 from mmkern.ops._checks import check_choice, check_concat_shapes, check_same_device, check_tensor, tensor_list
 from mmkern.ops._eager import autocast_inputs, needs_gradient, takes_eager_path, without_autocast
-from mmkern.ops._registration import (dtype_after_autocast, register_autocast, register_triton_kernel,
-                                      triton_implementation)
+from mmkern.ops._registration import (
+    dtype_after_autocast,
+    register_autocast,
+    register_triton_kernel,
+    triton_implementation,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  *, activation: str | None = "none") -> torch.Tensor:
+def concat_linear(
+    inputs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = "none",
+) -> torch.Tensor:
     """``act(F.linear(torch.cat([x.expand(*lead, x.shape[-1]) for x in inputs], -1), weight, bias))``
     without building the concat.
 
@@ -62,10 +71,14 @@ def check_concat_linear_arguments(inputs, weight, bias, activation) -> list:
         named.append(("bias", bias))
     for name, tensor in named:
         if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {tensor.dtype}; concat_linear takes float16, bfloat16, float32 or float64")
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}; concat_linear takes float16, bfloat16, float32 or float64"
+            )
         if tensor.dtype == torch.float64 and runs_on_triton(tensor.device) and not triton_has_float64_dot():
-            raise TypeError(f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
-                            "or CPU tensors for float64")
+            raise TypeError(
+                f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
+                "or CPU tensors for float64"
+            )
     check_same_device(named, weight.device, "weight", "concat_linear")
     check_concat_shapes(inputs, weight, bias, "inputs", "weight")
     return inputs
@@ -93,8 +106,9 @@ def _concat_linear_fake(inputs, weight, bias, activation):
 
 
 @torch.library.register_fake("mmkern::concat_linear_backward")
-def _concat_linear_backward_fake(grad_out, inputs, weight, activation_saved, activation,
-                                 input_needs_grad, weight_needs_grad, bias_needs_grad):
+def _concat_linear_backward_fake(
+    grad_out, inputs, weight, activation_saved, activation, input_needs_grad, weight_needs_grad, bias_needs_grad
+):
     grad_inputs = [x.new_empty(x.shape if needed else (0,)) for x, needed in zip(inputs, input_needs_grad)]
     grad_weight = weight.new_empty(weight.shape if weight_needs_grad else (0,))
     grad_bias = weight.new_empty((weight.shape[0],) if bias_needs_grad else (0,))
@@ -115,18 +129,38 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def gradients(ctx, grad_out, inputs, weight, activation_saved, inputs_need_grad, weight_needs_grad, bias_needs_grad,
-              backward=torch.ops.mmkern.concat_linear_backward.default) -> tuple:
+def gradients(
+    ctx,
+    grad_out,
+    inputs,
+    weight,
+    activation_saved,
+    inputs_need_grad,
+    weight_needs_grad,
+    bias_needs_grad,
+    backward=torch.ops.mmkern.concat_linear_backward.default,
+) -> tuple:
     """(grad inputs, grad weight, grad bias) of a concat-projection, by ``backward`` (the backward op,
     or on the eager path its launcher), each None where it is not needed (all of them without a
     ``grad_out``)."""
     bias_needs_grad = bias_needs_grad and ctx.has_bias
     if grad_out is None:
         return [None] * len(inputs), None, None
-    grad_inputs, grad_weight, grad_bias = backward(grad_out, inputs, weight, activation_saved, ctx.activation,
-                                                   list(inputs_need_grad), weight_needs_grad, bias_needs_grad)
-    return ([g if needed else None for g, needed in zip(grad_inputs, inputs_need_grad)],
-            grad_weight if weight_needs_grad else None, grad_bias if bias_needs_grad else None)
+    grad_inputs, grad_weight, grad_bias = backward(
+        grad_out,
+        inputs,
+        weight,
+        activation_saved,
+        ctx.activation,
+        list(inputs_need_grad),
+        weight_needs_grad,
+        bias_needs_grad,
+    )
+    return (
+        [g if needed else None for g, needed in zip(grad_inputs, inputs_need_grad)],
+        grad_weight if weight_needs_grad else None,
+        grad_bias if bias_needs_grad else None,
+    )
 
 
 def _backward(ctx, grad_out, _grad_preactivation):
@@ -147,8 +181,17 @@ class _EagerConcatLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, activation_saved, *xs = ctx.saved_tensors
         weight_needs_grad, bias_needs_grad, _, *inputs_need_grad = ctx.needs_input_grad
-        grad_inputs, grad_weight, grad_bias = gradients(ctx, grad_out, xs, weight, activation_saved, inputs_need_grad,
-                                                        weight_needs_grad, bias_needs_grad, backward=launch_backward)
+        grad_inputs, grad_weight, grad_bias = gradients(
+            ctx,
+            grad_out,
+            xs,
+            weight,
+            activation_saved,
+            inputs_need_grad,
+            weight_needs_grad,
+            bias_needs_grad,
+            backward=launch_backward,
+        )
         return grad_weight, grad_bias, None, *grad_inputs
 
 

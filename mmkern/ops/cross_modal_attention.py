@@ -11,19 +11,35 @@ import torch
 from mmkern.kernels.launch import accumulate_dtype, runs_on_triton, triton_has_float64_dot
 from mmkern.ops._checks import checks_values
 from mmkern.ops._eager import autocast_inputs, needs_gradient, takes_eager_path, without_autocast
-from mmkern.ops._registration import (dtype_after_autocast, register_autocast, register_triton_kernel,
-                                      triton_implementation)
+from mmkern.ops._registration import (
+    dtype_after_autocast,
+    register_autocast,
+    register_triton_kernel,
+    triton_implementation,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 
 
-def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
-                          q_lens: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                          causal: bool = False, window: tuple | None = None, key_mask: torch.Tensor | None = None,
-                          softcap: float | None = None, sinks: torch.Tensor | None = None,
-                          bias: torch.Tensor | None = None, return_lse: bool = False):
+def cross_modal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    q_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    window: tuple | None = None,
+    key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
     """Attention of one modality's queries over another's keys and values, each sample with its own
     lengths: ``softmax(q k^T * scale) v`` per head, over the first ``kv_lens[b]`` keys of sample b.
 
@@ -94,12 +110,24 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     return (out, lse) if return_lse else out
 
 
-def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-                                 scale: float | None = None, dropout_p: float = 0.0, causal: bool = False,
-                                 window: tuple | None = None, key_mask: torch.Tensor | None = None,
-                                 softcap: float | None = None, sinks: torch.Tensor | None = None,
-                                 return_lse: bool = False):
+def cross_modal_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    window: tuple | None = None,
+    key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
     """``cross_modal_attention`` over packed sequences, as flash-attn's varlen API: the samples' rows
     lie one after another, sample b owning rows ``[cu_seqlens[b], cu_seqlens[b + 1])``.
 
@@ -133,13 +161,26 @@ def cross_modal_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", None, q.shape[0], max_seqlen_q, q.device)
-    cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", cu_seqlens_q.shape[0], k.shape[0], max_seqlen_k,
-                                     q.device)
+    cu_seqlens_k = _check_cu_seqlens(
+        cu_seqlens_k, "cu_seqlens_k", cu_seqlens_q.shape[0], k.shape[0], max_seqlen_k, q.device
+    )
     scale = _check_scale(scale, q.shape[2])
     dropout_p, seed = _dropout(dropout_p, q.device)
     variants = _check_variants(key_mask, (k.shape[0],), "(total_k,)", softcap, sinks, q.shape[1], q.device)
-    arguments = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, seed, *window,
-                 *variants)
+    arguments = (
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        dropout_p,
+        seed,
+        *window,
+        *variants,
+    )
     if takes_eager_path((q, k, v, cu_seqlens_q, cu_seqlens_k, variants[0], variants[2])):
         out, lse = _eager_attention("packed_", *arguments)
     else:
@@ -164,19 +205,24 @@ def _check_qkv(q, k, v, packed: bool) -> tuple:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {tensor.dtype}; cross_modal_attention takes float16, bfloat16, "
-                            "float32 or float64")
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}; cross_modal_attention takes float16, bfloat16, float32 or float64"
+            )
         if tensor.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(tensor.shape)}")
         if tensor.device != q.device:
             raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}; q, k and v must share one device")
         if tensor.dtype == torch.float64 and runs_on_triton(tensor.device) and not triton_has_float64_dot():
-            raise TypeError(f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
-                            "or CPU tensors for float64")
+            raise TypeError(
+                f"{name} is float64, which mmkern's Triton kernels need Triton >= 3.5 for; use float32, "
+                "or CPU tensors for float64"
+            )
     for name, tensor in named[1:]:
         if dtype_after_autocast(tensor) != dtype_after_autocast(q):
-            raise TypeError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; q, k and v must share one "
-                            "dtype (or run under torch.autocast)")
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but q has {q.dtype}; q, k and v must share one "
+                "dtype (or run under torch.autocast)"
+            )
     (q_heads, head_dim), (kv_heads, k_dim), v_dim = q.shape[-2:], k.shape[-2:], v.shape[-1]
     if not packed and not k.shape[0] == v.shape[0] == q.shape[0]:
         raise ValueError(f"q, k and v must have the same batch size, got {q.shape[0]}, {k.shape[0]} and {v.shape[0]}")
@@ -230,8 +276,10 @@ def _check_cu_seqlens(cu_seqlens, name, entries, total, max_len, device):
         steps = torch.cat([cu_seqlens.diff(), cu_seqlens.new_zeros(1)])
         first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], *torch.aminmax(steps)]).tolist()
         if first < 0 or last > total or shortest < 0:
-            raise ValueError(f"{name} must be non-decreasing offsets from 0 or more to at most {total} rows, "
-                             f"got {cu_seqlens.tolist()}")
+            raise ValueError(
+                f"{name} must be non-decreasing offsets from 0 or more to at most {total} rows, "
+                f"got {cu_seqlens.tolist()}"
+            )
         if longest > max_len:
             raise ValueError(f"{name} holds a sample of {longest} rows, longer than max_seqlen {max_len}")
     return cu_seqlens
@@ -244,16 +292,20 @@ def _check_window(causal, window) -> tuple:
     if window is None:
         left, right = -1, -1
     else:
-        if (not isinstance(window, (tuple, list)) or len(window) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
+        if (
+            not isinstance(window, (tuple, list))
+            or len(window) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in window)
+        ):
             raise ValueError(f"window must be a (left, right) pair of ints, -1 for unbounded, got {window!r}")
         left, right = window
         if left < -1 or right < -1:
             raise ValueError(f"window sides must be >= -1 (-1: unbounded), got {tuple(window)}")
     if causal:
         if right > 0:
-            raise ValueError(f"causal=True bounds the window's right side at 0, got window={tuple(window)}; "
-                             "pass right = -1 or 0")
+            raise ValueError(
+                f"causal=True bounds the window's right side at 0, got window={tuple(window)}; pass right = -1 or 0"
+            )
         right = 0
     return left, right
 
@@ -271,7 +323,7 @@ def _check_variants(key_mask, mask_shape, mask_layout, softcap, sinks, q_heads, 
             raise ValueError(f"key_mask is on {key_mask.device} but q is on {device}")
     if softcap is None:
         softcap = 0.0
-    elif (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 < float(softcap) < float("inf")):
+    elif not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 < float(softcap) < float("inf"):
         raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor):
@@ -290,7 +342,9 @@ def _check_bias(bias, scores_shape, device):
     if bias is None:
         return None
     if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a float tensor broadcastable to {scores_shape} or None, got {type(bias).__name__}")
+        raise TypeError(
+            f"bias must be a float tensor broadcastable to {scores_shape} or None, got {type(bias).__name__}"
+        )
     if not bias.is_floating_point():
         raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
     if bias.device != device:
@@ -298,48 +352,118 @@ def _check_bias(bias, scores_shape, device):
     try:
         return bias.expand(scores_shape)
     except RuntimeError:
-        raise ValueError(f"bias must be broadcastable to (batch, q_heads, q_len, k_len) = {scores_shape}, got shape "
-                         f"{tuple(bias.shape)}") from None
+        raise ValueError(
+            f"bias must be broadcastable to (batch, q_heads, q_len, k_len) = {scores_shape}, got shape "
+            f"{tuple(bias.shape)}"
+        ) from None
 
 
 def _check_scale(scale, head_dim) -> float:
     if scale is None:
-        return head_dim ** -0.5 if head_dim else 1.0
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not float(scale) == float(scale) \
-            or abs(float(scale)) == float("inf"):
+        return head_dim**-0.5 if head_dim else 1.0
+    if (
+        not isinstance(scale, (int, float))
+        or isinstance(scale, bool)
+        or not float(scale) == float(scale)
+        or abs(float(scale)) == float("inf")
+    ):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return float(scale)
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention")
-def _cross_modal_attention_fake(q, k, v, kv_lens, q_lens, scale, dropout_p, dropout_seed, window_left=-1,
-                                window_right=-1, key_mask=None, softcap=0.0, sinks=None, bias=None):
+def _cross_modal_attention_fake(
+    q,
+    k,
+    v,
+    kv_lens,
+    q_lens,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+    sinks=None,
+    bias=None,
+):
     batch, q_len, q_heads, _ = q.shape
     lse = q.new_empty((batch, q_heads, q_len), dtype=accumulate_dtype(q.dtype))
     return q.new_empty((batch, q_len, q_heads, v.shape[3])), lse
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_backward")
-def _cross_modal_attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, q_lens, scale, dropout_p,
-                                         dropout_seed, window_left=-1, window_right=-1, key_mask=None, softcap=0.0,
-                                         bias=None, bias_grad=False):
+def _cross_modal_attention_backward_fake(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    kv_lens,
+    q_lens,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+    bias=None,
+    bias_grad=False,
+):
     scores = (q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if bias_grad else (0,)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(scores, dtype=accumulate_dtype(q.dtype)))
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty(scores, dtype=accumulate_dtype(q.dtype)),
+    )
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed")
-def _cross_modal_attention_packed_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                       dropout_p, dropout_seed, window_left=-1, window_right=-1, key_mask=None,
-                                       softcap=0.0, sinks=None):
+def _cross_modal_attention_packed_fake(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+    sinks=None,
+):
     total, q_heads, _ = q.shape
     return q.new_empty((total, q_heads, v.shape[2])), q.new_empty((q_heads, total), dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.register_fake("mmkern::cross_modal_attention_packed_backward")
-def _cross_modal_attention_packed_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                max_seqlen_q, max_seqlen_k, scale, dropout_p, dropout_seed,
-                                                window_left=-1, window_right=-1, key_mask=None, softcap=0.0):
+def _cross_modal_attention_packed_backward_fake(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    dropout_p,
+    dropout_seed,
+    window_left=-1,
+    window_right=-1,
+    key_mask=None,
+    softcap=0.0,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -378,7 +502,7 @@ def _gradients(ctx, grad_out, backward) -> tuple:
         last = ()
     grad_sinks = _sinks_gradient(grad_out, out, lse, sinks) if sinks is not None and wanted(3 + len(rest)) else None
     grads = (grad_q, grad_k, grad_v, *(None for _ in rest), grad_sinks, *last)
-    return grads[:len(ctx.needs_input_grad)]
+    return grads[: len(ctx.needs_input_grad)]
 
 
 def _sinks_gradient(grad_out, out, lse, sinks) -> torch.Tensor:
@@ -435,16 +559,24 @@ def _eager_attention(form: str, q, k, v, *rest) -> tuple:
         return _LAUNCHERS[f"{form}forward"](q, k, v, *rest)
 
 
-_LAUNCHERS = {name: triton_implementation(f"mmkern.kernels.cross_modal_attention:{name}")
-              for name in ("forward", "backward", "packed_forward", "packed_backward")}
-_EAGER_FUNCTIONS = {form: _eager_function(_LAUNCHERS[f"{form}forward"], _LAUNCHERS[f"{form}backward"], not form)
-                    for form in ("", "packed_")}
+_LAUNCHERS = {
+    name: triton_implementation(f"mmkern.kernels.cross_modal_attention:{name}")
+    for name in ("forward", "backward", "packed_forward", "packed_backward")
+}
+_EAGER_FUNCTIONS = {
+    form: _eager_function(_LAUNCHERS[f"{form}forward"], _LAUNCHERS[f"{form}backward"], not form)
+    for form in ("", "packed_")
+}
 _register_autograd("mmkern::cross_modal_attention", torch.ops.mmkern.cross_modal_attention_backward.default, True)
-_register_autograd("mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default,
-                   False)
-for _op, _launcher in (("cross_modal_attention", "forward"), ("cross_modal_attention_backward", "backward"),
-                       ("cross_modal_attention_packed", "packed_forward"),
-                       ("cross_modal_attention_packed_backward", "packed_backward")):
+_register_autograd(
+    "mmkern::cross_modal_attention_packed", torch.ops.mmkern.cross_modal_attention_packed_backward.default, False
+)
+for _op, _launcher in (
+    ("cross_modal_attention", "forward"),
+    ("cross_modal_attention_backward", "backward"),
+    ("cross_modal_attention_packed", "packed_forward"),
+    ("cross_modal_attention_packed_backward", "packed_backward"),
+):
     register_triton_kernel(f"mmkern::{_op}", _LAUNCHERS[_launcher])
 for _name in ("cross_modal_attention", "cross_modal_attention_packed"):
     register_autocast(f"mmkern::{_name}", cast_inputs=True)

@@ -108,10 +108,13 @@ def check_quantized_pair(xq, scale, xq_name: str, scale_name: str) -> None:
         raise ValueError(f"{xq_name} must have a feature dimension, got a 0-d tensor")
     expected = (*xq.shape[:-1], 1)
     if tuple(scale.shape) != expected:
-        raise ValueError(f"{scale_name} must have shape {expected} (one scale per row of {xq_name}), got {tuple(scale.shape)}")
+        raise ValueError(
+            f"{scale_name} must have shape {expected} (one scale per row of {xq_name}), got {tuple(scale.shape)}"
+        )
     if scale.device != xq.device:
-        raise ValueError(f"{scale_name} is on {scale.device} but {xq_name} is on {xq.device}; they must share one device")
-
+        raise ValueError(
+            f"{scale_name} is on {scale.device} but {xq_name} is on {xq.device}; they must share one device"
+        )
 
 
 def raise_on_nonfinite_rows(scale: torch.Tensor, name: str) -> None:

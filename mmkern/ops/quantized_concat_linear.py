@@ -12,21 +12,39 @@ from collections.abc import Sequence
 import torch
 
 from mmkern.activations import ACTIVATIONS, SMOOTH_ACTIVATIONS, activation_backward
-from mmkern.ops._checks import (check_choice, check_concat_shapes, check_same_device, check_scale_values, check_tensor,
-                                tensor_list)
+from mmkern.kernels.launch import leading_shape
+from mmkern.ops._checks import (
+    check_choice,
+    check_concat_shapes,
+    check_same_device,
+    check_scale_values,
+    check_tensor,
+    tensor_list,
+)
 from mmkern.ops._eager import eager_function, needs_gradient, takes_eager_path
 from mmkern.ops._registration import register_autocast, register_triton_kernel, triton_implementation
-from mmkern.kernels.launch import leading_shape
-from mmkern.ops.concat_linear import (check_concat_linear_arguments, check_same_dtype, eager_projection, gradients,
-                                      launch_backward)
+from mmkern.ops.concat_linear import (
+    check_concat_linear_arguments,
+    check_same_dtype,
+    eager_projection,
+    gradients,
+    launch_backward,
+)
 from mmkern.ops.quantize_per_token import FLOAT_DTYPES, check_quantized_pair
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def quantized_concat_linear(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], weight_q: torch.Tensor,
-                            weight_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                            activation: str | None = "none", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def quantized_concat_linear(
+    inputs_q: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    weight_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = "none",
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """``concat_linear`` over int8 features, without dequantizing them: segment i's products with
     its weight columns sum exactly in int32, are scaled by its own token scales, and the segments'
     sums are added, then scaled by ``weight_scale``, with bias and activation in the epilogue.
@@ -78,32 +96,46 @@ def _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, a
         raise TypeError(f"out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
     for name, tensor in [(f"inputs_q[{i}]", x) for i, x in enumerate(inputs_q)] + [("weight_q", weight_q)]:
         if tensor.dtype != torch.int8:
-            hint = (" (quantize it with mmkern.ops.quantize_per_token, or pass float features to "
-                    "mmkern.ops.quantize_and_concat_linear)" if tensor.dtype.is_floating_point else "")
+            hint = (
+                " (quantize it with mmkern.ops.quantize_per_token, or pass float features to "
+                "mmkern.ops.quantize_and_concat_linear)"
+                if tensor.dtype.is_floating_point
+                else ""
+            )
             raise TypeError(f"{name} has dtype {tensor.dtype}; expected torch.int8{hint}")
     for i, (x, scale) in enumerate(zip(inputs_q, scales)):
         check_quantized_pair(x, scale, f"inputs_q[{i}]", f"scales[{i}]")
     if weight_scale.dtype != torch.float32:
         raise TypeError(f"weight_scale has dtype {weight_scale.dtype}; per-channel scales are float32")
     if weight_q.dim() == 2 and tuple(weight_scale.shape) != (weight_q.shape[0],):
-        raise ValueError(f"weight_scale must have shape ({weight_q.shape[0]},), one per output channel, "
-                         f"got {tuple(weight_scale.shape)}")
+        raise ValueError(
+            f"weight_scale must have shape ({weight_q.shape[0]},), one per output channel, "
+            f"got {tuple(weight_scale.shape)}"
+        )
     if bias is not None and bias.dtype not in FLOAT_DTYPES:
         raise TypeError(f"bias has dtype {bias.dtype}; expected float16, bfloat16 or float32")
     named_scales = [(f"scales[{i}]", s) for i, s in enumerate(scales)] + [("weight_scale", weight_scale)]
     for name, scale in named_scales:
         if scale.requires_grad:
             raise ValueError(f"{name} requires grad, but quantized_concat_linear is differentiable only in bias")
-    named = ([(f"inputs_q[{i}]", x) for i, x in enumerate(inputs_q)] + named_scales
-             + ([("bias", bias)] if bias is not None else []))
+    named = (
+        [(f"inputs_q[{i}]", x) for i, x in enumerate(inputs_q)]
+        + named_scales
+        + ([("bias", bias)] if bias is not None else [])
+    )
     check_same_device(named, weight_q.device, "weight_q", "quantized_concat_linear")
     check_concat_shapes(inputs_q, weight_q, bias, "inputs_q", "weight_q")
     check_scale_values(named_scales)
     return inputs_q, scales
 
 
-def quantize_and_concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                               *, activation: str | None = "none") -> torch.Tensor:
+def quantize_and_concat_linear(
+    inputs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = "none",
+) -> torch.Tensor:
     """``concat_linear`` with quantization in the loop: the float inputs are quantized to int8 per
     token and the float weight per output channel, and the product runs as
     ``quantized_concat_linear``. The backward is straight-through: every input, the weight and the
@@ -126,8 +158,9 @@ def quantize_and_concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Ten
     if weight.dtype == torch.float64:
         raise TypeError("weight is float64; quantize_and_concat_linear takes float16, bfloat16 or float32")
     if takes_eager_path([*inputs, weight, bias]):
-        return eager_projection(_EagerQuantizeAndConcatLinear, _eager_quantize_and_project, inputs, weight, bias,
-                                activation)
+        return eager_projection(
+            _EagerQuantizeAndConcatLinear, _eager_quantize_and_project, inputs, weight, bias, activation
+        )
     out, *_ = torch.ops.mmkern.quantize_and_concat_linear.default(inputs, weight, bias, activation)
     return out
 
@@ -190,8 +223,9 @@ def _quantize_and_project(inputs, weight, bias, activation, project=torch.ops.mm
 torch.library.register_kernel("mmkern::quantize_and_concat_linear", ("cpu", "cuda"), _quantize_and_project)
 
 
-def _straight_through_save(ctx, xs, weight, bias, activation, out, preactivation, inputs_q, scales, weight_q,
-                           weight_scale) -> None:
+def _straight_through_save(
+    ctx, xs, weight, bias, activation, out, preactivation, inputs_q, scales, weight_q, weight_scale
+) -> None:
     ctx.activation = activation
     ctx.num_inputs = len(xs)
     ctx.has_bias = bias is not None
@@ -205,18 +239,33 @@ def _straight_through_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(preactivation, *inputs_q, *scales, weight_q, weight_scale)
 
 
-def _straight_through_gradients(ctx, grad_out, inputs_need_grad, weight_needs_grad, bias_needs_grad,
-                                backward=torch.ops.mmkern.concat_linear_backward.default) -> tuple:
+def _straight_through_gradients(
+    ctx,
+    grad_out,
+    inputs_need_grad,
+    weight_needs_grad,
+    bias_needs_grad,
+    backward=torch.ops.mmkern.concat_linear_backward.default,
+) -> tuple:
     """(grad inputs, grad weight, grad bias): concat_linear's at the dequantized operands."""
     if grad_out is None:
         return [None] * ctx.num_inputs, None, None
     activation_saved, weight_q, weight_scale, *quantized = ctx.saved_tensors
-    inputs_q, scales = quantized[:ctx.num_inputs], quantized[ctx.num_inputs:]
+    inputs_q, scales = quantized[: ctx.num_inputs], quantized[ctx.num_inputs :]
     dtype = grad_out.dtype
     inputs = [torch.ops.mmkern.dequantize_per_token.default(q, s, dtype) for q, s in zip(inputs_q, scales)]
     weight = torch.ops.mmkern.dequantize_per_token.default(weight_q, weight_scale[:, None], dtype)
-    return gradients(ctx, grad_out, inputs, weight, activation_saved, inputs_need_grad, weight_needs_grad,
-                     bias_needs_grad, backward=backward)
+    return gradients(
+        ctx,
+        grad_out,
+        inputs,
+        weight,
+        activation_saved,
+        inputs_need_grad,
+        weight_needs_grad,
+        bias_needs_grad,
+        backward=backward,
+    )
 
 
 def _straight_through_backward(ctx, grad_out, *_grads_of_non_differentiable):
@@ -236,13 +285,16 @@ class _EagerQuantizeAndConcatLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight_needs_grad, bias_needs_grad, _, *inputs_need_grad = ctx.needs_input_grad
         grad_inputs, grad_weight, grad_bias = _straight_through_gradients(
-            ctx, grad_out, inputs_need_grad, weight_needs_grad, bias_needs_grad, backward=launch_backward)
+            ctx, grad_out, inputs_need_grad, weight_needs_grad, bias_needs_grad, backward=launch_backward
+        )
         return grad_weight, grad_bias, None, *grad_inputs
 
 
 def _eager_quantize_and_project(inputs, weight, bias, activation):
     return _quantize_and_project(inputs, weight, bias, activation, project=_launch_quantized)
 
-torch.library.register_autograd("mmkern::quantize_and_concat_linear", _straight_through_backward,
-                                setup_context=_straight_through_setup_context)
+
+torch.library.register_autograd(
+    "mmkern::quantize_and_concat_linear", _straight_through_backward, setup_context=_straight_through_setup_context
+)
 register_autocast("mmkern::quantize_and_concat_linear", cast_inputs=True)

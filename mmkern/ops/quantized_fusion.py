@@ -19,9 +19,15 @@ MODES = ("sum", "gated")
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def quantized_fusion(inputs_q: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
-                     weights: torch.Tensor | None = None, *, mode: str = "sum", gate: torch.Tensor | None = None,
-                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def quantized_fusion(
+    inputs_q: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    *,
+    mode: str = "sum",
+    gate: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Fuses same-shape quantized features in one pass, dequantizing them on the way.
 
     Args:
@@ -67,11 +73,15 @@ def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
     for i, (x, scale) in enumerate(zip(inputs_q, scales)):
         check_quantized_pair(x, scale, f"inputs_q[{i}]", f"scales[{i}]")
         if x.dtype != inputs_q[0].dtype:
-            raise TypeError(f"inputs_q[{i}] has dtype {x.dtype} but inputs_q[0] has {inputs_q[0].dtype}; "
-                            "fused features share one quantized dtype")
+            raise TypeError(
+                f"inputs_q[{i}] has dtype {x.dtype} but inputs_q[0] has {inputs_q[0].dtype}; "
+                "fused features share one quantized dtype"
+            )
         if x.shape != inputs_q[0].shape:
-            raise ValueError(f"inputs_q[{i}] has shape {tuple(x.shape)} but inputs_q[0] has {tuple(inputs_q[0].shape)}; "
-                             "fused features share one shape")
+            raise ValueError(
+                f"inputs_q[{i}] has shape {tuple(x.shape)} but inputs_q[0] has {tuple(inputs_q[0].shape)}; "
+                "fused features share one shape"
+            )
     if mode == "sum":
         if gate is not None:
             raise ValueError('gate is only taken with mode="gated"')
@@ -79,7 +89,9 @@ def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
             if weights.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"weights has dtype {weights.dtype}; expected float16, bfloat16 or float32")
             if tuple(weights.shape) != (len(inputs_q),):
-                raise ValueError(f"weights must have shape ({len(inputs_q)},), one per input, got {tuple(weights.shape)}")
+                raise ValueError(
+                    f"weights must have shape ({len(inputs_q)},), one per input, got {tuple(weights.shape)}"
+                )
     else:
         if len(inputs_q) != 2:
             raise ValueError(f'mode="gated" fuses exactly two inputs, got {len(inputs_q)}')
@@ -91,8 +103,11 @@ def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
             raise TypeError(f"gate has dtype {gate.dtype}; expected float16, bfloat16 or float32")
         if gate.shape != inputs_q[0].shape:
             raise ValueError(f"gate must have the inputs' shape {tuple(inputs_q[0].shape)}, got {tuple(gate.shape)}")
-    named = ([(f"inputs_q[{i}]", x) for i, x in enumerate(inputs_q)] + [(f"scales[{i}]", s) for i, s in enumerate(scales)]
-             + [(name, t) for name, t in (("weights", weights), ("gate", gate)) if t is not None])
+    named = (
+        [(f"inputs_q[{i}]", x) for i, x in enumerate(inputs_q)]
+        + [(f"scales[{i}]", s) for i, s in enumerate(scales)]
+        + [(name, t) for name, t in (("weights", weights), ("gate", gate)) if t is not None]
+    )
     check_same_device(named, inputs_q[0].device, "inputs_q[0]", "quantized_fusion")
     check_scale_values([(f"scales[{i}]", s) for i, s in enumerate(scales)])
     return inputs_q, scales
@@ -111,7 +126,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     weights, gate, *quantized = ctx.saved_tensors
-    inputs_q, scales = quantized[:ctx.num_inputs], quantized[ctx.num_inputs:]
+    inputs_q, scales = quantized[: ctx.num_inputs], quantized[ctx.num_inputs :]
     weights_need_grad, gate_needs_grad = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
     grad = grad_out.float()
     features = [torch.ops.mmkern.dequantize_per_token.default(x, s, torch.float32) for x, s in zip(inputs_q, scales)]

@@ -62,10 +62,21 @@ def make_providers(case, options) -> dict:
         # A fresh compiled function per case, so no case falls back to eager on dynamo's cache limit.
         compiled = torch.compile(functools.partial(reference.concat_linear, activation=activation), dynamic=False)
         providers["torch.compile"] = lambda xs, w, b: compiled(xs, w, b)
-    options.notes.add("concat_linear: no other library fuses a concat into a projection; Liger's and "
-                      "torchao's linears take one input, so the eager cat + linear is their path")
+    options.notes.add(
+        "concat_linear: no other library fuses a concat into a projection; Liger's and "
+        "torchao's linears take one input, so the eager cat + linear is their path"
+    )
     return providers
 
 
-SUITES = [Suite("concat_linear", "eager", MODES, ("quick", "full"),
-                cases_by_preset(QUICK_CPU, CPU, CUDA, ("broadcast", "memory_bound")), make_case, make_providers)]
+SUITES = [
+    Suite(
+        "concat_linear",
+        "eager",
+        MODES,
+        ("quick", "full"),
+        cases_by_preset(QUICK_CPU, CPU, CUDA, ("broadcast", "memory_bound")),
+        make_case,
+        make_providers,
+    )
+]

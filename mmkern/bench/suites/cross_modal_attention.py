@@ -46,15 +46,27 @@ CPU = {
     "position_bias_512_padded_70": (4, 512, 512, 8, 8, 64, 64, 0.7, POSITION_BIAS),
 }
 CUDA = {
-    **{f"equal_{n // 1024}k_d{d}": (16384 // n, n, n, 2048 // d, 2048 // d, d, d, 1.0)
-       for n in (1024, 4096, 16384) for d in (64, 128)},
-    **{f"text_over_image_q{lq}_k{lk}_{round(100 * f)}": (32, lq, lk, 16, 16, 128, 128, f)
-       for lq, lk in ((32, 256), (128, 1024), (512, 4096)) for f in (0.3, 0.5, 1.0)},
-    **{f"few_queries_q{lq}_k{lk // 1024}k": (4, lq, lk, 16, 16, 128, 128, 1.0)
-       for lq in (32, 64) for lk in (4096, 32768)},
+    **{
+        f"equal_{n // 1024}k_d{d}": (16384 // n, n, n, 2048 // d, 2048 // d, d, d, 1.0)
+        for n in (1024, 4096, 16384)
+        for d in (64, 128)
+    },
+    **{
+        f"text_over_image_q{lq}_k{lk}_{round(100 * f)}": (32, lq, lk, 16, 16, 128, 128, f)
+        for lq, lk in ((32, 256), (128, 1024), (512, 4096))
+        for f in (0.3, 0.5, 1.0)
+    },
+    **{
+        f"few_queries_q{lq}_k{lk // 1024}k": (4, lq, lk, 16, 16, 128, 128, 1.0)
+        for lq in (32, 64)
+        for lk in (4096, 32768)
+    },
     "few_queries_q32_k32k_gqa_d64": (4, 32, 32768, 32, 8, 64, 64, 1.0),
-    **{f"causal_{n // 1024}k_d{d}": (16384 // n, n, n, 2048 // d, 2048 // d, d, d, 1.0, CAUSAL)
-       for n in (1024, 4096) for d in (64, 128)},
+    **{
+        f"causal_{n // 1024}k_d{d}": (16384 // n, n, n, 2048 // d, 2048 // d, d, d, 1.0, CAUSAL)
+        for n in (1024, 4096)
+        for d in (64, 128)
+    },
     "causal_q512_k2k_padded_70_d128": (8, 512, 2048, 16, 16, 128, 128, 0.7, CAUSAL),
     "sliding_window_8k_1k_d128": (2, 8192, 8192, 16, 16, 128, 128, 1.0, {"causal": True, "window": (1024, -1)}),
     "causal_q512_k2k_left_padded_70_d128": (8, 512, 2048, 16, 16, 128, 128, 0.7, LEFT_PADDED_CAUSAL),
@@ -62,8 +74,11 @@ CUDA = {
     "sinks_causal_4k_gqa_d64": (2, 4096, 4096, 64, 8, 64, 64, 1.0, SINKS),
     "position_bias_1k_padded_70_d64": (16, 1024, 1024, 8, 8, 64, 64, 0.7, POSITION_BIAS),
 }
-QUICK_CPU = {"small_padded_50": (2, 128, 256, 4, 4, 64, 64, 0.5), "padded_50": CPU["padded_50"],
-             "small_causal": (2, 256, 256, 4, 4, 64, 64, 1.0, CAUSAL)}
+QUICK_CPU = {
+    "small_padded_50": (2, 128, 256, 4, 4, 64, 64, 0.5),
+    "padded_50": CPU["padded_50"],
+    "small_causal": (2, 256, 256, 4, 4, 64, 64, 1.0, CAUSAL),
+}
 QUICK_CUDA = ("equal_4k_d128", "text_over_image_q128_k1024_50", "few_queries_q32_k32k", "causal_4k_d128")
 # The eager reference stores the (B, Hq, Lq, Lk) scores several times over; above this it is left out.
 EAGER_SCORE_LIMIT_BYTES = 2 * 2**30
@@ -102,8 +117,11 @@ def sdpa_mask(q_len, k_len, lengths, variant, device):
         key_mask = None
     window = _window(variant)
     if window == (-1, -1) and key_mask is None:
-        return None if full else (torch.arange(k_len, device=device) < torch.tensor(lengths, device=device)[:, None]
-                                  )[:, None, None, :]
+        return (
+            None
+            if full
+            else (torch.arange(k_len, device=device) < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
+        )
     if full and key_mask is None and q_len == k_len and window == (-1, 0):
         return None
     kv_lens = torch.tensor(lengths, device=device)
@@ -138,12 +156,28 @@ def make_case(name, spec, dtype) -> Case:
         key_mask = left_padding_mask(k_len, lengths, device) if left_padded else None
         sinks = randn(q_heads).detach().float().requires_grad_() if variant.get("sinks") else None
         bias = randn(1, q_heads, q_len, k_len) if variant.get("bias") else None
-        return (randn(batch, q_len, q_heads, head_dim), randn(batch, k_len, kv_heads, head_dim),
-                randn(batch, k_len, kv_heads, v_dim), kv_lens, sdpa_mask(q_len, k_len, lengths, variant, device),
-                key_mask, sinks, bias)
+        return (
+            randn(batch, q_len, q_heads, head_dim),
+            randn(batch, k_len, kv_heads, head_dim),
+            randn(batch, k_len, kv_heads, v_dim),
+            kv_lens,
+            sdpa_mask(q_len, k_len, lengths, variant, device),
+            key_mask,
+            sinks,
+            bias,
+        )
 
-    params = {"batch": batch, "q_len": q_len, "k_len": k_len, "q_heads": q_heads, "kv_heads": kv_heads,
-              "head_dim": head_dim, "v_dim": v_dim, "kv_lens": lengths, "variant": variant}
+    params = {
+        "batch": batch,
+        "q_len": q_len,
+        "k_len": k_len,
+        "q_heads": q_heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "v_dim": v_dim,
+        "kv_lens": lengths,
+        "variant": variant,
+    }
     if variant.get("softcap"):
         params["reference"] = "eager"  # SDPA has no softcap
     return Case(name, make_args, forward_flops, moved, 2.5 * forward_flops, 2 * moved, params)
@@ -158,8 +192,11 @@ def _with_sinks(q, k, v, mask, sinks, causal):
     mask (B, Hq, Lq, Lk + 1) whose last column is each head's sink (its gradient reaches the sinks)."""
     batch, heads, q_len, k_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if mask is None:
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len) if causal else \
-            torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
+        mask = (
+            torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+            if causal
+            else torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
+        )
     scores = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     sink_column = sinks.to(q.dtype)[None, :, None, None].expand(batch, heads, q_len, 1)
     mask = torch.cat([scores.expand(batch, heads, q_len, k_len), sink_column], -1)
@@ -179,8 +216,9 @@ def sdpa_provider(case):
             k, v, mask = _with_sinks(q, k, v, mask, sinks, causal)
         if bias is not None:  # a float mask: the bias, -inf where the boolean mask hides a key
             mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              **gqa).transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, **gqa
+        ).transpose(1, 2)
 
     return call
 
@@ -216,8 +254,12 @@ def flex_attention_provider(case):
 
     def visible(b, h, q_idx, kv_idx):
         offset = kv_idx - q_idx - (lengths[b] - p["q_len"])
-        return ((kv_idx < lengths[b]) & (kv_idx >= first[b]) & ((left < 0) | (offset >= -left))
-                & ((right < 0) | (offset <= right)))
+        return (
+            (kv_idx < lengths[b])
+            & (kv_idx >= first[b])
+            & ((left < 0) | (offset >= -left))
+            & ((right < 0) | (offset <= right))
+        )
 
     cap = variant.get("softcap", 0.0)
     score_mod = (lambda score, b, h, q_idx, kv_idx: cap * torch.tanh(score / cap)) if cap else None
@@ -275,13 +317,14 @@ def xformers_provider(case):
     if p["variant"]:
         raise ImportError("xformers: the variant cases are not set up for it; left out")
     unpad, _, _ = _unpadding(case)
-    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens([p["q_len"]] * p["batch"], p["kv_lens"])
+    # The samples' own lengths; the case's (absent) bias argument is not xFormers' attention bias.
+    block_diagonal = fmha.attn_bias.BlockDiagonalMask.from_seqlens([p["q_len"]] * p["batch"], p["kv_lens"])
 
     def call(q, k, v, kv_lens, mask, key_mask, sinks, bias):
         group = q.shape[2] // k.shape[2]
         # xFormers takes (1, tokens, heads, dim), each query head with its own key head.
         k, v = (unpad(x).repeat_interleave(group, dim=1).unsqueeze(0) for x in (k, v))
-        out = fmha.memory_efficient_attention(q.flatten(0, 1).unsqueeze(0), k, v, attn_bias=bias)
+        out = fmha.memory_efficient_attention(q.flatten(0, 1).unsqueeze(0), k, v, attn_bias=block_diagonal)
         return out.view(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
     return call
@@ -290,8 +333,11 @@ def xformers_provider(case):
 def make_providers(case, options) -> dict:
     p = case.params
     keywords = kernel_keywords(p["variant"])
-    providers = {"mmkern": lambda q, k, v, kv_lens, mask, key_mask, sinks, bias: ops.cross_modal_attention(
-        q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, bias=bias, **keywords)}
+    providers = {
+        "mmkern": lambda q, k, v, kv_lens, mask, key_mask, sinks, bias: ops.cross_modal_attention(
+            q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, bias=bias, **keywords
+        )
+    }
     if "softcap" in keywords:
         options.notes.add("sdpa: cannot cap scores, so softcap cases are measured against eager attention")
     else:
@@ -320,12 +366,23 @@ def make_providers(case, options) -> dict:
     score_bytes = 4 * p["batch"] * p["q_heads"] * p["q_len"] * p["k_len"]
     if score_bytes <= EAGER_SCORE_LIMIT_BYTES:
         providers["eager"] = lambda q, k, v, kv_lens, mask, key_mask, sinks, bias: reference.cross_modal_attention(
-            q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, bias=bias, **keywords)[0]
+            q, k, v, kv_lens=kv_lens, key_mask=key_mask, sinks=sinks, bias=bias, **keywords
+        )[0]
     else:
-        options.notes.add(f"eager attention: left out where its score matrix passes "
-                          f"{EAGER_SCORE_LIMIT_BYTES / 2**30:.0f} GiB")
+        options.notes.add(
+            f"eager attention: left out where its score matrix passes {EAGER_SCORE_LIMIT_BYTES / 2**30:.0f} GiB"
+        )
     return providers
 
 
-SUITES = [Suite("cross_modal_attention", "sdpa", ("forward", "forward+backward"), ("quick", "full"),
-                cases_by_preset(QUICK_CPU, CPU, CUDA, QUICK_CUDA), make_case, make_providers)]
+SUITES = [
+    Suite(
+        "cross_modal_attention",
+        "sdpa",
+        ("forward", "forward+backward"),
+        ("quick", "full"),
+        cases_by_preset(QUICK_CPU, CPU, CUDA, QUICK_CUDA),
+        make_case,
+        make_providers,
+    )
+]

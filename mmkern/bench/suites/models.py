@@ -21,26 +21,87 @@ VOCAB, CLASSES, BINS = 1000, 100, 128
 
 # name: (model class, model keyword arguments, input sizes)
 CPU = {
-    "vision_text": (VisionTextClassifier, dict(num_classes=CLASSES, vocab_size=VOCAB, image_encoder="vit",
-                                               text_encoder="transformer", fusion="attention", dim=256, heads=4,
-                                               depth=2, image_size=64, patch_size=8, in_channels=3,
-                                               max_text_length=64), dict(batch=8, text=64)),
-    "flamingo": (FlamingoLM, dict(vocab_size=VOCAB, image_encoder="vit", dim=256, heads=4, depth=2, num_latents=64,
-                                  image_size=64, patch_size=4, in_channels=3, max_text_length=64),
-                 dict(batch=4, frames=2, text=64)),
-    "trimodal": (TriModalClassifier, dict(num_classes=CLASSES, vocab_size=VOCAB, audio_bins=BINS, dim=256, heads=4,
-                                          in_channels=3), dict(batch=32, image_size=32, text=32, audio=100)),
+    "vision_text": (
+        VisionTextClassifier,
+        dict(
+            num_classes=CLASSES,
+            vocab_size=VOCAB,
+            image_encoder="vit",
+            text_encoder="transformer",
+            fusion="attention",
+            dim=256,
+            heads=4,
+            depth=2,
+            image_size=64,
+            patch_size=8,
+            in_channels=3,
+            max_text_length=64,
+        ),
+        dict(batch=8, text=64),
+    ),
+    "flamingo": (
+        FlamingoLM,
+        dict(
+            vocab_size=VOCAB,
+            image_encoder="vit",
+            dim=256,
+            heads=4,
+            depth=2,
+            num_latents=64,
+            image_size=64,
+            patch_size=4,
+            in_channels=3,
+            max_text_length=64,
+        ),
+        dict(batch=4, frames=2, text=64),
+    ),
+    "trimodal": (
+        TriModalClassifier,
+        dict(num_classes=CLASSES, vocab_size=VOCAB, audio_bins=BINS, dim=256, heads=4, in_channels=3),
+        dict(batch=32, image_size=32, text=32, audio=100),
+    ),
 }
 CUDA = {
-    "vision_text": (VisionTextClassifier, dict(num_classes=CLASSES, vocab_size=VOCAB, image_encoder="vit",
-                                               text_encoder="transformer", fusion="attention", dim=768, heads=12,
-                                               depth=12, image_size=224, patch_size=16, in_channels=3,
-                                               max_text_length=128), dict(batch=32, text=128)),
-    "flamingo": (FlamingoLM, dict(vocab_size=VOCAB, image_encoder="vit", dim=768, heads=12, depth=4, num_latents=64,
-                                  image_size=256, patch_size=16, in_channels=3, max_frames=8, max_text_length=64),
-                 dict(batch=8, frames=8, text=64)),
-    "trimodal": (TriModalClassifier, dict(num_classes=CLASSES, vocab_size=VOCAB, audio_bins=BINS, dim=768, heads=12,
-                                          in_channels=3), dict(batch=256, image_size=64, text=64, audio=400)),
+    "vision_text": (
+        VisionTextClassifier,
+        dict(
+            num_classes=CLASSES,
+            vocab_size=VOCAB,
+            image_encoder="vit",
+            text_encoder="transformer",
+            fusion="attention",
+            dim=768,
+            heads=12,
+            depth=12,
+            image_size=224,
+            patch_size=16,
+            in_channels=3,
+            max_text_length=128,
+        ),
+        dict(batch=32, text=128),
+    ),
+    "flamingo": (
+        FlamingoLM,
+        dict(
+            vocab_size=VOCAB,
+            image_encoder="vit",
+            dim=768,
+            heads=12,
+            depth=4,
+            num_latents=64,
+            image_size=256,
+            patch_size=16,
+            in_channels=3,
+            max_frames=8,
+            max_text_length=64,
+        ),
+        dict(batch=8, frames=8, text=64),
+    ),
+    "trimodal": (
+        TriModalClassifier,
+        dict(num_classes=CLASSES, vocab_size=VOCAB, audio_bins=BINS, dim=768, heads=12, in_channels=3),
+        dict(batch=256, image_size=64, text=64, audio=400),
+    ),
 }
 
 
@@ -65,8 +126,13 @@ def model_inputs(model_class, kwargs, sizes, device, dtype, generator):
     if model_class is FlamingoLM:
         return randn(batch, sizes["frames"], 3, kwargs["image_size"], kwargs["image_size"]), text_ids, text_lens
     audio_lens = lengths(sizes["audio"])
-    return (randn(batch, 3, sizes["image_size"], sizes["image_size"]), randn(batch, sizes["audio"], BINS), audio_lens,
-            text_ids, text_lens)
+    return (
+        randn(batch, 3, sizes["image_size"], sizes["image_size"]),
+        randn(batch, sizes["audio"], BINS),
+        audio_lens,
+        text_ids,
+        text_lens,
+    )
 
 
 def make_case(name, spec, dtype) -> Case:
@@ -79,8 +145,10 @@ def make_case(name, spec, dtype) -> Case:
         # The arguments are the parameters (leaves that require grad: the step's backward reaches all
         # of them) and the inputs; each provider runs its own copy of the model on them.
         generator = torch.Generator().manual_seed(seed)
-        params = {n: (p.detach() + 0.01 * torch.randn(p.shape, generator=generator).to(p)).requires_grad_()
-                  for n, p in make_args.model.named_parameters()}
+        params = {
+            n: (p.detach() + 0.01 * torch.randn(p.shape, generator=generator).to(p)).requires_grad_()
+            for n, p in make_args.model.named_parameters()
+        }
         return (params, *model_inputs(model_class, kwargs, sizes, device, dtype, generator))
 
     return Case(name, make_args, 0, 0, 0, 0, {"model": model_class.__name__, **kwargs, **sizes})
@@ -90,8 +158,10 @@ def make_providers(case, options) -> dict:
     model = case.make_args.model
     eager = set_backend(copy.deepcopy(model), "eager")
     step = torch.func.functional_call
-    providers = {"mmkern": lambda params, *x: step(model, params, x),
-                 "eager": lambda params, *x: step(eager, params, x)}
+    providers = {
+        "mmkern": lambda params, *x: step(model, params, x),
+        "eager": lambda params, *x: step(eager, params, x),
+    }
     if options.with_compile:
         compiled = torch.compile(functools.partial(step, eager), dynamic=False)
         providers["torch.compile"] = lambda params, *x: compiled(params, x)

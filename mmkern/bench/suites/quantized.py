@@ -1,11 +1,11 @@
 """The quantized feature fusion ops, forward only (int8 features carry no gradient):
 
-  quantized_concat_linear against the eager path (dequantize, cat, linear in the benchmark dtype),
-      per-segment torch._int_mm with the scaling done in eager ops, torchao's int_scaled_matmul
-      where installed, and torch.compile of the eager path;
-  quantize_per_token against its eager composition and torch.compile of it (GB/s: read x, write
-      xq and the scales);
-  quantized_fusion (a weighted sum of three) against dequantize-and-add in eager and compiled.
+quantized_concat_linear against the eager path (dequantize, cat, linear in the benchmark dtype),
+    per-segment torch._int_mm with the scaling done in eager ops, torchao's int_scaled_matmul
+    where installed, and torch.compile of the eager path;
+quantize_per_token against its eager composition and torch.compile of it (GB/s: read x, write
+    xq and the scales);
+quantized_fusion (a weighted sum of three) against dequantize-and-add in eager and compiled.
 """
 
 import functools
@@ -49,8 +49,12 @@ def concat_case(name, spec, dtype) -> Case:
     lead = torch.broadcast_shapes(*(s[:-1] for s in shapes))
     rows, width = math.prod(lead), sum(s[-1] for s in shapes)
     useful = sum(math.prod(s[:-1]) * s[-1] for s in shapes)
-    forward_bytes = useful + 4 * sum(math.prod(s[:-1]) for s in shapes) + out_features * (width + 4 + element_size) \
+    forward_bytes = (
+        useful
+        + 4 * sum(math.prod(s[:-1]) for s in shapes)
+        + out_features * (width + 4 + element_size)
         + rows * out_features * element_size
+    )
 
     def make_args(device, dtype, seed=0):
         generator = torch.Generator().manual_seed(seed)
@@ -59,8 +63,15 @@ def concat_case(name, spec, dtype) -> Case:
         bias = torch.randn(out_features, generator=generator).to(device, dtype)
         return [q for q, _ in pairs], [s for _, s in pairs], weight_q, weight_scale[:, 0], bias
 
-    return Case(name, make_args, 2 * out_features * useful, forward_bytes, 0, 0,
-                {"shapes": shapes, "out_features": out_features})
+    return Case(
+        name,
+        make_args,
+        2 * out_features * useful,
+        forward_bytes,
+        0,
+        0,
+        {"shapes": shapes, "out_features": out_features},
+    )
 
 
 def per_segment_path(scaled_matmul):
@@ -72,7 +83,7 @@ def per_segment_path(scaled_matmul):
         out, offset = None, 0
         for x, s in zip(inputs_q, scales):
             width = x.shape[-1]
-            term = scaled_matmul(x.reshape(-1, width), weight_q[:, offset:offset + width].t(), s.reshape(-1, 1))
+            term = scaled_matmul(x.reshape(-1, width), weight_q[:, offset : offset + width].t(), s.reshape(-1, 1))
             term = term.view(*x.shape[:-1], -1).float()
             out = term if out is None else out + term
             offset += width
@@ -115,8 +126,10 @@ def quantize_case(name, shape, dtype) -> Case:
 
 
 def quantize_providers(case, options) -> dict:
-    providers = {"mmkern": lambda x: ops.quantize_per_token(x)[0],
-                 "eager": lambda x: reference.quantize_per_token(x)[0]}
+    providers = {
+        "mmkern": lambda x: ops.quantize_per_token(x)[0],
+        "eager": lambda x: reference.quantize_per_token(x)[0],
+    }
     if options.with_compile:
         compiled = torch.compile(reference.quantize_per_token, dynamic=False)
         providers["torch.compile"] = lambda x: compiled(x)[0]
@@ -133,14 +146,17 @@ def fusion_case(name, spec, dtype) -> Case:
         pairs = [_quantized(shape, generator, device) for _ in range(count)]
         return [q for q, _ in pairs], [s for _, s in pairs], torch.linspace(0.5, 1.5, count, device=device)
 
-    return Case(name, make_args, 0, count * (numel + 4 * rows) + numel * element_size, 0, 0,
-                {"inputs": count, "shape": shape})
+    return Case(
+        name, make_args, 0, count * (numel + 4 * rows) + numel * element_size, 0, 0, {"inputs": count, "shape": shape}
+    )
 
 
 def fusion_providers(case, options) -> dict:
     dtype = options.dtype
-    providers = {"mmkern": lambda xs, ss, w: ops.quantized_fusion(xs, ss, w, out_dtype=dtype),
-                 "eager": lambda xs, ss, w: reference.quantized_fusion(xs, ss, w, out_dtype=dtype)}
+    providers = {
+        "mmkern": lambda xs, ss, w: ops.quantized_fusion(xs, ss, w, out_dtype=dtype),
+        "eager": lambda xs, ss, w: reference.quantized_fusion(xs, ss, w, out_dtype=dtype),
+    }
     if options.with_compile:
         compiled = torch.compile(functools.partial(reference.quantized_fusion, out_dtype=dtype), dynamic=False)
         providers["torch.compile"] = lambda xs, ss, w: compiled(xs, ss, w)
@@ -149,12 +165,32 @@ def fusion_providers(case, options) -> dict:
 
 FORWARD = ("forward",)
 SUITES = [
-    Suite("quantized_concat_linear", "eager", FORWARD, ("quick", "full"),
-          cases_by_preset(CONCAT_QUICK_CPU, CONCAT_CPU, CONCAT_CUDA, ("all_tokens", "compute_bound")), concat_case,
-          concat_providers, compute="int8"),
-    Suite("quantize_per_token", "eager", FORWARD, ("quick", "full"),
-          cases_by_preset(QUANTIZE_QUICK_CPU, QUANTIZE, QUANTIZE, ("image_tokens",)), quantize_case,
-          quantize_providers),
-    Suite("quantized_fusion", "eager", FORWARD, ("quick", "full"),
-          cases_by_preset(FUSION_QUICK_CPU, FUSION, FUSION, ("three_modalities",)), fusion_case, fusion_providers),
+    Suite(
+        "quantized_concat_linear",
+        "eager",
+        FORWARD,
+        ("quick", "full"),
+        cases_by_preset(CONCAT_QUICK_CPU, CONCAT_CPU, CONCAT_CUDA, ("all_tokens", "compute_bound")),
+        concat_case,
+        concat_providers,
+        compute="int8",
+    ),
+    Suite(
+        "quantize_per_token",
+        "eager",
+        FORWARD,
+        ("quick", "full"),
+        cases_by_preset(QUANTIZE_QUICK_CPU, QUANTIZE, QUANTIZE, ("image_tokens",)),
+        quantize_case,
+        quantize_providers,
+    ),
+    Suite(
+        "quantized_fusion",
+        "eager",
+        FORWARD,
+        ("quick", "full"),
+        cases_by_preset(FUSION_QUICK_CPU, FUSION, FUSION, ("three_modalities",)),
+        fusion_case,
+        fusion_providers,
+    ),
 ]
