@@ -8,13 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-}
+from mmkern.activations import activation_forward
 
 
 def concat_linear(
@@ -23,7 +17,7 @@ def concat_linear(
     """act(F.linear(cat([x.expand(*lead, d_x) for x in inputs], -1), weight, bias))."""
     lead = torch.broadcast_shapes(*(x.shape[:-1] for x in inputs))
     concat = torch.cat([x.expand(*lead, x.shape[-1]) for x in inputs], dim=-1)
-    return ACTIVATIONS[activation](F.linear(concat, weight, bias))
+    return activation_forward(F.linear(concat, weight, bias), activation)
 
 
 # Dropout masks come from a counter-based hash (splitmix64) of the seed and the element's index in

@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -131,14 +132,21 @@ void combine_rows(at::Tensor& z, bool accumulate, const std::vector<at::Tensor>&
   });
 }
 
+// The activations, in mmkern/activations.py's order (tests/test_activations.py holds the two equal,
+// through check_activation's message and which activations save their pre-activation).
+constexpr std::array<c10::string_view, 5> kActivations = {"none", "relu", "gelu", "gelu_tanh", "silu"};
+// Those whose derivative reads the pre-activation, which the forward saves.
+constexpr std::array<c10::string_view, 3> kSmoothActivations = {"gelu", "gelu_tanh", "silu"};
+
 inline void check_activation(c10::string_view activation, const char* op) {
-  TORCH_CHECK(activation == "none" || activation == "relu" || activation == "gelu" || activation == "gelu_tanh" ||
-                  activation == "silu",
-              "mmkern::", op, ": unknown activation '", activation, "'");
+  if (std::find(kActivations.begin(), kActivations.end(), activation) != kActivations.end()) return;
+  std::string known;
+  for (const auto name : kActivations) known += (known.empty() ? "" : ", ") + std::string(name);
+  TORCH_CHECK(false, "mmkern::", op, ": unknown activation '", activation, "'; expected one of: ", known);
 }
 
 inline bool saves_preactivation(c10::string_view activation) {
-  return activation == "gelu" || activation == "gelu_tanh" || activation == "silu";
+  return std::find(kSmoothActivations.begin(), kSmoothActivations.end(), activation) != kSmoothActivations.end();
 }
 
 // (act(z), activation_saved) in out_dtype, shaped out_shape, from the pre-activation z (rows, N) in

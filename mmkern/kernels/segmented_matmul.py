@@ -26,13 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkern.activations import ACTIVATION_CODES
 from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, planned, traceable
 from mmkern.kernels.tiles import cdiv, epilogue_split, gemm_splits, gemm_tile
 from mmkern.kernels.tiles import overridden as tiles_overridden
 
 MAX_SEGMENTS = 4
 
-ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+# The epilogue's activations by name, codes from mmkern.activations' one list.
+RELU: tl.constexpr = tl.constexpr(ACTIVATION_CODES["relu"])
+GELU: tl.constexpr = tl.constexpr(ACTIVATION_CODES["gelu"])
+GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
+SILU: tl.constexpr = tl.constexpr(ACTIVATION_CODES["silu"])
 
 
 @triton.jit
@@ -163,15 +168,15 @@ def _add_segment(
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:
+    if ACTIVATION == RELU:
         z = tl.maximum(z, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == GELU:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 3:
+    elif ACTIVATION == GELU_TANH:
         # tanh(u) = 2 sigmoid(2u) - 1, written so that large |u| saturates instead of overflowing.
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         z = z * tl.sigmoid(2.0 * u)
-    elif ACTIVATION == 4:
+    elif ACTIVATION == SILU:
         z = z * tl.sigmoid(z)
     return z
 
