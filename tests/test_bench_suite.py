@@ -146,6 +146,17 @@ def test_the_readme_performance_section_is_the_newest_runs():
     assert section == readme_section(run, os.path.abspath(ROOT)), "run `mmkern bench --update-readme`"
 
 
+def test_the_results_folder_holds_runs_in_the_current_format_alone():
+    """A folder per run (results.json, results.csv, report.md), and archive/ for the files of the format
+    before it, which no tool reads."""
+    root = os.path.join(ROOT, "benchmarks", "results")
+    for name in sorted(os.listdir(root)):
+        if name == "archive":
+            continue
+        files = set(os.listdir(os.path.join(root, name))) if os.path.isdir(os.path.join(root, name)) else None
+        assert files is not None and {"results.json", "results.csv", "report.md"} <= files, name
+
+
 def test_update_readme_writes_the_section(tiny_run, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{README_BEGIN}\nold\n{README_END}\n\nafter\n")
