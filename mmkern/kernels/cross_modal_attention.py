@@ -309,6 +309,7 @@ def _forward_kernel(
     HAS_SINKS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -368,10 +369,14 @@ def _forward_kernel(
             mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None],
             other=0.0,
         )
-        # Not unpacked into `_`: the unused scale above is `_` too, and Triton would carry it round the loop.
-        s = _scores_log2(
-            tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in, cap_out, SOFTCAP
-        )[0]
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if FOLD_SCALE:
+            # A positive scale and no bias or softcap: the maximum is taken of the raw products, and the
+            # scale and the shift fold into one FMA per score below (one multiply a score fewer).
+            s = qk
+        else:
+            # Not unpacked into `_`: the unused scale above is `_` too, and Triton would carry it round the loop.
+            s = _scores_log2(qk, scale_log2, cap_in, cap_out, SOFTCAP)[0]
         if HAS_BIAS:
             s = s + _bias_log2(
                 bias_ptr,
@@ -393,14 +398,20 @@ def _forward_kernel(
         s = tl.where(seen[None, :], s, float("-inf"))
         if WINDOWED:
             s = tl.where(_window_mask(rows, cols, diagonal, window_left, window_right), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
         if WINDOWED or HAS_KEY_MASK or HAS_BIAS:
             # A row may have seen no key yet: its maximum stays -inf, and its terms are shifted by 0
             # instead, so they come out exp2(-inf) = 0 rather than NaN.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
+        if FOLD_SCALE:
+            p = tl.exp2(s * scale_log2 - m_shift[:, None])
+        else:
+            p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold), p, 0.0)
@@ -1226,6 +1237,9 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         *p.scalars(),
         HAS_SINKS=p.has_sinks,
         SPLIT=splits > 1,
+        # Folding the scale into the exponent's FMA needs its sign (a max of raw products) and no other
+        # terms in the scores.
+        FOLD_SCALE=p.scale > 0 and p.softcap == 0 and not p.has_bias,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=tile.num_warps,
