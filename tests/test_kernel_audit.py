@@ -22,12 +22,6 @@ KNOWN = {
         "backward",
         "_grad_kv_kernel",
     ): "255 registers and spills at 64x64, 8 warps, d128: the restructured backward of the Hopper-attention issue",
-    (
-        "cross_modal_attention",
-        "causal_4k_d128",
-        "backward",
-        "_grad_kv_kernel",
-    ): "as above, with the causal mask's extra live values",
 }
 
 

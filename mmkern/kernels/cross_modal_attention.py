@@ -204,7 +204,9 @@ def _any_kept(seen, HAS_KEY_MASK: tl.constexpr):
 def _window_mask(rows, cols, diagonal, window_left, window_right):
     """(rows, cols) booleans: whether query i sees key j under the window, i + d - left <= j <= i + d + right
     (a negative bound is unbounded), d = kv_len - q_len aligning the last query with the last key."""
-    offset = cols[None, :] - rows[:, None] - diagonal
+    # In 32 bits (positions and lengths fit): a (rows, cols) tile of 64-bit offsets would take twice
+    # the registers.
+    offset = cols.to(tl.int32)[None, :] - rows.to(tl.int32)[:, None] - diagonal.to(tl.int32)
     return ((window_left < 0) | (offset >= -window_left)) & ((window_right < 0) | (offset <= window_right))
 
 
