@@ -16,9 +16,10 @@ cpp_only = pytest.mark.skipif(
 
 
 def _cpp_concat_linear(activation):
+    """(x, weight, (out, activation_saved)) of the C++ kernel for one small input."""
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(3, 4, generator=generator), torch.randn(5, 4, generator=generator)
-    return torch.ops.mmkern.concat_linear([x], weight, None, activation)
+    return x, weight, torch.ops.mmkern.concat_linear([x], weight, None, activation)
 
 
 @cpp_only
@@ -32,10 +33,8 @@ def test_the_cpp_kernels_list_the_same_activations_in_the_same_order():
 @cpp_only
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_the_cpp_kernels_save_the_pre_activation_of_the_smooth_ones_alone(activation):
-    out, saved = _cpp_concat_linear(activation)
+    x, weight, (out, saved) = _cpp_concat_linear(activation)
     assert (saved.numel() > 0) == (activation in SMOOTH_ACTIVATIONS)
-    generator = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(3, 4, generator=generator), torch.randn(5, 4, generator=generator)
     torch.testing.assert_close(out, activation_forward(x @ weight.t(), activation))
 
 

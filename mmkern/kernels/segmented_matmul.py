@@ -516,7 +516,7 @@ def _needs_64_bit_indices(tensors) -> bool:
     return False
 
 
-def addend_terms(row_map, M) -> tuple:
+def _addend_terms(row_map, M) -> tuple:
     """The row map as the kernel evaluates it: None for the identity on M rows, else its (div, mod, mul)
     terms with a non-zero mul (none: every row reads row 0)."""
     terms = tuple(term for term in row_map if term[2] != 0)
@@ -553,7 +553,7 @@ def _launch_plan(
     linear = not (has_addend or has_bias or stores_preactivation or activation != "none")
     splits = gemm_splits(blocks, K, multiprocessors) if linear else 1
     index_64 = index_64 or splits * M * N >= 2**31  # the split-K workspace's offsets
-    terms = addend_terms(row_map, M) if has_addend else None
+    terms = _addend_terms(row_map, M) if has_addend else None
     row_args = sum((*(terms or ()), (1, 1, 0), (1, 1, 0))[:2], ())
     return (
         (blocks, splits),
@@ -653,5 +653,9 @@ def segmented_matmul(
     )
     if splits > 1:
         # Split-K's partial sums, added in a fixed order: the same shapes give the same bits every run.
-        out.copy_(target.sum(0))
+        # An fp32 output (the per-sample projections) takes the sum directly, a narrower one a cast copy.
+        if out.dtype == target.dtype:
+            torch.sum(target, 0, out=out)
+        else:
+            out.copy_(target.sum(0))
     return out
