@@ -193,7 +193,9 @@ def compile_target(capability: int):
             return GPUTarget("cuda", capability, 32)
 
         def get_current_device(self):
-            return 0
+            # The target as the device: the JIT caches compiles per device, and a compile for one target
+            # must not be reused for another.
+            return capability
 
         def get_current_stream(self, device=None):
             return 0
