@@ -33,6 +33,24 @@ def short_k_splits(monkeypatch):
 
 
 @pytest.fixture
+def tma_launches(monkeypatch):
+    """The (A_TRANSPOSED, B_TRANSPOSED) layouts of the launches that took TMA, None for each that was
+    planned for it and fell back to pointers."""
+    from mmkern.kernels import segmented_matmul
+
+    taken = []
+    planned = segmented_matmul._tma_segments
+
+    def recording(segments, constexprs):
+        result = planned(segments, constexprs)
+        taken.append(None if result is None else result[1:])
+        return result
+
+    monkeypatch.setattr(segmented_matmul, "_tma_segments", recording)
+    return taken
+
+
+@pytest.fixture
 def poisoned_memory():
     """Every tensor that ``empty`` allocates comes back filled with NaN (the largest value for integer
     dtypes): torch.empty and new_empty in Python, at::empty inside the C++ kernels and the buffers the

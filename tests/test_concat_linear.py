@@ -273,10 +273,12 @@ def test_autocast_runs_in_the_autocast_dtype(device):
 
 
 @needs_fake_cuda_tracing
-def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
+def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target, tma_launches):
     """Under AOTDispatcher both ops decompose into their Triton launches for CUDA tensors (as a
     triton_op would), so the compiler calls the kernels from its own code. Traced with fake CUDA
-    tensors, so it runs on a machine with no GPU."""
+    tensors, so it runs on a machine with no GPU. Planned for sm_90, the launches read through TMA:
+    their descriptors are built over the operands (transposed views included), which torch rebuilds
+    when it runs the graph."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def forward(text, image, weight, bias):
@@ -291,9 +293,9 @@ def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
     with FakeTensorMode():
         text, image = torch.empty(2, 9, 24, device="cuda"), torch.empty(2, 1, 40, device="cuda")
         weight, bias, grad_out = (
-            torch.empty(31, 64, device="cuda"),
-            torch.empty(31, device="cuda"),
-            torch.empty(2, 9, 31, device="cuda"),
+            torch.empty(32, 64, device="cuda"),
+            torch.empty(32, device="cuda"),
+            torch.empty(2, 9, 32, device="cuda"),
         )
         for calls in (
             traced_calls(forward, text, image, weight, bias),
@@ -301,6 +303,8 @@ def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target):
         ):
             assert "triton_kernel_wrapper_functional" in calls, calls
             assert not any("mmkern" in call for call in calls), calls
+    assert tma_launches and None not in tma_launches, tma_launches
+    assert {(False, True), (False, False), (True, False)} <= set(tma_launches), tma_launches
 
 
 BAD_INPUTS = {

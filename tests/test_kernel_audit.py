@@ -46,3 +46,10 @@ def test_the_gemm_keeps_two_ctas_per_sm_for_its_128x128_tiles(rows):
     or without, stays within 128 registers a thread (two CTAs per SM hide each other's epilogue)."""
     gemm = [r for r in rows if r.kernel == "segmented_matmul_kernel" and r.tile.startswith("128x128x64")]
     assert gemm and all(r.ctas_per_sm >= 2 for r in gemm), [(r.op, r.case, r.mode, r.registers) for r in gemm]
+
+
+def test_the_gemm_reads_through_tma_on_hopper(rows):
+    """Every GEMM launch of the quick preset has 16-byte aligned operands, so on sm_90 each one's loads
+    are TMA copies, none the older async copies."""
+    gemm = [r for r in rows if r.kernel == "segmented_matmul_kernel"]
+    assert gemm and all(r.tma > 0 and r.async_copy == 0 for r in gemm), [(r.op, r.case, r.tile, r.tma) for r in gemm]

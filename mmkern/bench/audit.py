@@ -71,6 +71,8 @@ def _spec(value):
             "tensor": str(value.dtype).replace("torch.", ""),
             "offset_bytes": value.storage_offset() * value.element_size(),
         }
+    if type(value).__name__ == "TensorDescriptor":  # a TMA operand: what the JIT sees is its dtype and block
+        return {"descriptor": str(value.base.dtype).replace("torch.", ""), "block": list(value.block_shape)}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if type(value).__module__.startswith("triton"):  # a tl.dtype constexpr
@@ -79,17 +81,19 @@ def _spec(value):
 
 
 @contextlib.contextmanager
-def _gpu_planning():
-    """Launches recorded instead of run, and planned as on a GPU (tiles' GPU branches, no cached plans)."""
+def _gpu_planning(capability: int):
+    """Launches recorded instead of run, and planned as on a GPU of ``capability`` (tiles' GPU branches,
+    no cached plans)."""
     import importlib
     import types
 
-    from mmkern.kernels import tiles
+    from mmkern.kernels import launch, tiles
 
     modules = [importlib.import_module(name) for name in KERNEL_MODULES]
     saved = [(module, module.traceable) for module in modules] + [(tiles, tiles._config)]
     for module in modules:
         module.traceable = _Recorder
+    planned_for, launch.INTERPRETER_CAPABILITY = launch.INTERPRETER_CAPABILITY, capability
     tiles._config = types.SimpleNamespace(TRITON_ON_CPU=False)
     tiles._default_gemm_tile.cache_clear()
     try:
@@ -99,6 +103,7 @@ def _gpu_planning():
         for module, value in saved[:-1]:
             module.traceable = value
         tiles._config = saved[-1][1]
+        launch.INTERPRETER_CAPABILITY = planned_for
         tiles._default_gemm_tile.cache_clear()
 
 
@@ -113,9 +118,10 @@ def _kernel_name(kernel) -> str:
     raise LookupError(f"launch of a kernel outside {KERNEL_MODULES}")
 
 
-def capture(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None) -> list:
+def capture(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None, capability: int = 90) -> list:
     """The launches of each case's mmkern call of the chosen ops, forward then backward (run under the
-    interpreter switch): [{"op", "case", "mode", "kernel", "grid", "args", "kwargs"}]."""
+    interpreter switch), planned for a GPU of ``capability``: [{"op", "case", "mode", "kernel", "grid",
+    "args", "kwargs"}]."""
     from mmkern import _config
     from mmkern.bench.runner import _leaves
     from mmkern.bench.suite import ProviderOptions, suites
@@ -133,7 +139,7 @@ def capture(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None) -> lis
             case = suite.make_case(name, spec, dtype)
             fn = suite.make_providers(case, ProviderOptions(cpu, dtype, with_compile=False))["mmkern"]
             args = case.make_args(cpu, dtype)
-            with _gpu_planning():
+            with _gpu_planning(capability):
                 for mode in ("forward", "backward") if "forward+backward" in suite.modes else ("forward",):
                     _Recorder.launches = []
                     if mode == "forward":
@@ -155,7 +161,7 @@ def capture(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None) -> lis
     return records
 
 
-def capture_in_child(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None) -> list:
+def capture_in_child(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=None, capability: int = 90) -> list:
     """``capture`` in a child process with the interpreter switch on (this one keeps compiled kernels)."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "launches.json")
@@ -171,6 +177,8 @@ def capture_in_child(preset: str, dtype: torch.dtype, ops=AUDITED_OPS, cases=Non
             str(dtype).replace("torch.", ""),
             "--ops",
             ",".join(ops),
+            "--targets",
+            str(capability),
         ]
         if cases is not None:
             command += ["--cases", ",".join(cases)]
@@ -220,6 +228,11 @@ def _argument(spec):
         dtype = getattr(torch, spec["tensor"])
         offset = spec["offset_bytes"] // torch.empty((), dtype=dtype).element_size()
         return torch.empty(offset + 1, dtype=dtype)[offset:]
+    if isinstance(spec, dict) and "descriptor" in spec:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block = spec["block"]
+        return TensorDescriptor.from_tensor(torch.empty(block, dtype=getattr(torch, spec["descriptor"])), block)
     if isinstance(spec, dict) and "tl" in spec:
         return tl.dtype(spec["tl"])
     return spec
@@ -428,15 +441,15 @@ def main(argv=None) -> int:
     cases = None if args.cases is None else set(args.cases.split(","))
     if args.capture_only:
         with open(args.capture_only, "w") as handle:
-            json.dump(capture(args.preset, dtype, ops, cases), handle)
+            json.dump(capture(args.preset, dtype, ops, cases, int(args.targets.split(",")[0])), handle)
         return 0
     from mmkern.bench.records import describe_environment
 
-    launches = capture_in_child(args.preset, dtype, ops, cases)
     environment = describe_environment(torch.device("cpu"))
     os.makedirs(args.out, exist_ok=True)
     for capability in (int(t) for t in args.targets.split(",")):
-        rows = audit(launches, capability)
+        # Each target's own capture: launches are planned per capability (Hopper's tiles and TMA).
+        rows = audit(capture_in_child(args.preset, dtype, ops, cases, capability), capability)
         stem = os.path.join(args.out, f"sm{capability}")
         with open(stem + ".md", "w") as handle:
             handle.write(markdown(rows, capability, environment))

@@ -112,18 +112,19 @@ def candidates(target: Target) -> list:
         else:
             others = [AttentionTile(32, 32, 1, 1)]
     elif target.family == "gemm":
-        m, n, _, dtype, _ = target.args
+        m, n, _, dtype, _, capability = target.args
         block_k = default.block_k
         shapes = [(64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)]
         if dtype in (torch.float32, torch.float64):
             shapes = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
         others = [
-            GemmTile(bm, bn, block_k, 8, warps, stages)
+            GemmTile(bm, bn, block_k, 8, warps, stages, tma)
             for bm, bn in shapes
             if bm <= max(16, tiles.power_of_2_at_least(m, 16, 256))
             and bn <= max(32, tiles.power_of_2_at_least(n, 32, 256))
             for warps in (4, 8)
             for stages in (3, 4)
+            for tma in ((False, True) if capability >= 90 and dtype != torch.float64 else (False,))
         ]
     else:
         wide = max(target.args[-3], target.args[-2]) if target.family == "attention_forward" else max(target.args[:2])
@@ -136,6 +137,10 @@ def candidates(target: Target) -> list:
             blocks = [(bm // 2, bn // 2) for bm, bn in blocks]
         stages = (1, 2, 3) if target.family == "attention_backward" else (2, 3, 4)
         others = [AttentionTile(bm, bn, warps, st) for bm, bn in blocks for warps in (4, 8) for st in stages]
+    if target.family == "gemm" and default.tma:
+        # A persistent grid costs the audit's 128-row tiles 18-65 registers (a CTA per SM fewer for
+        # some), which only a measurement can say whether it earns back: one candidate per class.
+        others.append(replace(default, persistent=True))
     return [default] + [tile for tile in dict.fromkeys(others) if tile != default]
 
 

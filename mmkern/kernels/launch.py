@@ -38,6 +38,23 @@ def _cuda_multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# ... and for its compute capability (sm_90: Hopper's paths, TMA and warpgroup MMA).
+INTERPRETER_CAPABILITY = 90
+
+
+def compute_capability(device: torch.device) -> int:
+    """The compute capability launches are planned for, as major * 10 + minor (90: Hopper)."""
+    if _config.TRITON_ON_CPU or not torch.cuda.is_available():
+        return INTERPRETER_CAPABILITY
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
 def power_of_2_at_least(n, smallest: int, largest: int) -> int:
     """The smallest power of 2 in [smallest, largest] that is >= n, else largest. Decided by
     comparisons, so that a symbolic size under torch.compile's dynamic shapes gives a plain int (a

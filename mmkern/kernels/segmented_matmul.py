@@ -18,6 +18,9 @@ arithmetic is 32-bit unless an operand spans 2^31 elements; the main loop masks 
 loop-invariant predicates and K only where a segment's K is ragged; the epilogue runs on column pieces
 of the tile so its operands do not double the register count; and an output too small to fill the GPU
 splits K (split-K) into partial sums that are added in a fixed order, so results stay reproducible.
+On Hopper, operands whose base and leading stride are 16-byte aligned are read through TMA tensor
+descriptors (host-built, so torch.compile can trace them), which needs no index arithmetic or masks in
+the main loop; the rest take pointer loads. A tile may ask for a persistent grid (off by default).
 """
 
 import operator
@@ -27,9 +30,21 @@ import triton
 import triton.language as tl
 
 from mmkern.activations import ACTIVATION_CODES
-from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, planned, traceable
+from mmkern.kernels.launch import (
+    accumulate_dtype,
+    compute_capability,
+    input_precision,
+    multiprocessors,
+    planned,
+    traceable,
+)
 from mmkern.kernels.tiles import cdiv, epilogue_split, gemm_splits, gemm_tile
 from mmkern.kernels.tiles import overridden as tiles_overridden
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.3 has no host-side tensor descriptors: every launch reads through pointers
+    TensorDescriptor = None
 
 MAX_SEGMENTS = 4
 
@@ -38,6 +53,17 @@ RELU: tl.constexpr = tl.constexpr(ACTIVATION_CODES["relu"])
 GELU: tl.constexpr = tl.constexpr(ACTIVATION_CODES["gelu"])
 GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
 SILU: tl.constexpr = tl.constexpr(ACTIVATION_CODES["silu"])
+
+
+@triton.jit
+def _tma_tile(descriptor, row, column, TRANSPOSED: tl.constexpr):
+    """The operand's tile at (row, column), read through its TMA descriptor; TRANSPOSED: the descriptor is of
+    the operand's transpose (its contiguous dim is the tile's first)."""
+    if TRANSPOSED:
+        tile = descriptor.load([column, row]).T
+    else:
+        tile = descriptor.load([row, column])
+    return tile
 
 
 @triton.jit
@@ -56,34 +82,48 @@ def _accumulate_segment(
     offs_n,
     mask_m,
     mask_n,
+    first_row,
+    first_column,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
     EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
 ):
     # This program's share of K: whole BLOCK_K steps of a split (all of K without split-K).
     chunk = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
     k_start = split * chunk
     k_len = tl.maximum(tl.minimum(K - k_start, chunk), 0)
-    offs_k = tl.arange(0, BLOCK_K)
-    if INDEX_64:
-        offs_k = offs_k.to(tl.int64)
-        k_start = k_start.to(tl.int64)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    # Rows and columns are masked by loop-invariant predicates; K only where some segment's K is not a
-    # whole number of steps (EVEN_K: every step is full, and the loop reads unmasked along K).
-    for k0 in range(0, k_len, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mask_k = offs_k < k_len - k0
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if TMA:
+        # a_ptr and b_ptr are tensor descriptors: the copy engine fetches each tile into shared memory and
+        # fills what lies past the operand's rows, columns or K with zeros, so nothing is masked. A split
+        # ends on a whole step, so no step reads into the next split's K.
+        for k0 in range(0, k_len, BLOCK_K):
+            a = _tma_tile(a_ptr, first_row, k_start + k0, A_TRANSPOSED)
+            b = _tma_tile(b_ptr, k_start + k0, first_column, B_TRANSPOSED)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            offs_k = offs_k.to(tl.int64)
+            k_start = k_start.to(tl.int64)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+        b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        # Rows and columns are masked by loop-invariant predicates; K only where some segment's K is not a
+        # whole number of steps (EVEN_K: every step is full, and the loop reads unmasked along K).
+        for k0 in range(0, k_len, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k < k_len - k0
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
@@ -105,12 +145,17 @@ def _add_segment(
     offs_n,
     mask_m,
     mask_n,
+    first_row,
+    first_column,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
     EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
     QUANTIZED: tl.constexpr,
     FIRST: tl.constexpr,
 ):
@@ -132,10 +177,15 @@ def _add_segment(
             offs_n,
             mask_m,
             mask_n,
+            first_row,
+            first_column,
             BLOCK_K,
             INPUT_PRECISION,
             INDEX_64,
             EVEN_K,
+            TMA,
+            A_TRANSPOSED,
+            B_TRANSPOSED,
         )
         token_scale = tl.load(scale_ptr + offs_m * stride_scale, mask=mask_m, other=0.0)
         if FIRST:
@@ -158,10 +208,15 @@ def _add_segment(
             offs_n,
             mask_m,
             mask_n,
+            first_row,
+            first_column,
             BLOCK_K,
             INPUT_PRECISION,
             INDEX_64,
             EVEN_K,
+            TMA,
+            A_TRANSPOSED,
+            B_TRANSPOSED,
         )
     return acc
 
@@ -314,191 +369,224 @@ def segmented_matmul_kernel(
     INPUT_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
     EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row blocks share each column block of B while it sits in L2.
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * blocks_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-
-    # 32-bit index arithmetic unless some operand spans 2^31 elements (the host decides INDEX_64).
-    if INDEX_64:
-        pid_m = pid_m.to(tl.int64)
-        pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if NUM_SEGMENTS > 0:
-        acc = _add_segment(
-            acc,
-            a0_ptr,
-            stride_a0m,
-            stride_a0k,
-            b0_ptr,
-            stride_b0k,
-            stride_b0n,
-            K0,
-            s0_ptr,
-            stride_s0,
-            split,
-            splits,
-            offs_m,
-            offs_n,
-            mask_m,
-            mask_n,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            INPUT_PRECISION,
-            INDEX_64,
-            EVEN_K,
-            QUANTIZED,
-            True,
-        )
-    if NUM_SEGMENTS > 1:
-        acc = _add_segment(
-            acc,
-            a1_ptr,
-            stride_a1m,
-            stride_a1k,
-            b1_ptr,
-            stride_b1k,
-            stride_b1n,
-            K1,
-            s1_ptr,
-            stride_s1,
-            split,
-            splits,
-            offs_m,
-            offs_n,
-            mask_m,
-            mask_n,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            INPUT_PRECISION,
-            INDEX_64,
-            EVEN_K,
-            QUANTIZED,
-            False,
-        )
-    if NUM_SEGMENTS > 2:
-        acc = _add_segment(
-            acc,
-            a2_ptr,
-            stride_a2m,
-            stride_a2k,
-            b2_ptr,
-            stride_b2k,
-            stride_b2n,
-            K2,
-            s2_ptr,
-            stride_s2,
-            split,
-            splits,
-            offs_m,
-            offs_n,
-            mask_m,
-            mask_n,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            INPUT_PRECISION,
-            INDEX_64,
-            EVEN_K,
-            QUANTIZED,
-            False,
-        )
-    if NUM_SEGMENTS > 3:
-        acc = _add_segment(
-            acc,
-            a3_ptr,
-            stride_a3m,
-            stride_a3k,
-            b3_ptr,
-            stride_b3k,
-            stride_b3n,
-            K3,
-            s3_ptr,
-            stride_s3,
-            split,
-            splits,
-            offs_m,
-            offs_n,
-            mask_m,
-            mask_n,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            INPUT_PRECISION,
-            INDEX_64,
-            EVEN_K,
-            QUANTIZED,
-            False,
-        )
-
-    # The addend's row for each output row: sum_t ((m // div_t) % mod_t) * mul_t over ADDEND_TERMS terms
-    # (-1 terms: the identity; 0: every row reads row 0).
-    if ADDEND_TERMS < 0:
-        rows = offs_m
-    else:
-        rows = tl.zeros_like(offs_m)
-        if ADDEND_TERMS > 0:
-            rows += ((offs_m // div0) % mod0) * mul0
-        if ADDEND_TERMS > 1:
-            rows += ((offs_m // div1) % mod1) * mul1
     # A split-K program writes its partial sum to its own slice of the workspace.
     out_ptr += split * stride_osplit
-    # The epilogue runs on EPILOGUE_SPLIT column pieces of the tile in turn (halves, or quarters of a
-    # 256-wide one): only a piece's addend, pointers and output are live at a time, so the epilogue does
-    # not set the kernel's register count.
-    for piece in tl.static_range(EPILOGUE_SPLIT):
-        columns = acc
-        if EPILOGUE_SPLIT > 1:
-            columns = _column_half(columns, piece // (EPILOGUE_SPLIT // 2))
-        if EPILOGUE_SPLIT > 2:
-            columns = _column_half(columns, piece % 2)
-        _epilogue(
-            columns,
-            offs_m,
-            rows,
-            mask_m,
-            pid_n * BLOCK_N + piece * (BLOCK_N // EPILOGUE_SPLIT),
-            N,
-            out_ptr,
-            stride_om,
-            stride_on,
-            saved_ptr,
-            stride_sm,
-            stride_sn,
-            addend_ptr,
-            stride_pm,
-            stride_pn,
-            bias_ptr,
-            stride_bias,
-            column_scale_ptr,
-            stride_column_scale,
-            HAS_COLUMN_SCALE,
-            HAS_ADDEND,
-            HAS_BIAS,
-            STORE_PREACTIVATION,
-            ACTIVATION,
-            ACC_DTYPE,
-            BLOCK_N // EPILOGUE_SPLIT,
-        )
+    # A persistent launch has a program per resident slot, each taking output tiles pid, pid + programs, ...
+    # The loop of one trip a launch with a program per tile runs folds away at compile time: the two
+    # compile to the same code but for the loop (which holds about 30 registers more across its trips).
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        last, step = blocks_m * blocks_n, tl.num_programs(0)
+    else:
+        last, step = tl.program_id(0) + 1, 1
+    for pid in range(tl.program_id(0), last, step):
+        # Grouped ordering: GROUP_M row blocks share each column block of B while it sits in L2.
+        per_group = GROUP_M * blocks_n
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        pid_n = (pid % per_group) // group_size
+        first_row = pid_m * BLOCK_M  # 32-bit: TMA's coordinates
+        first_column = pid_n * BLOCK_N
+
+        # 32-bit index arithmetic unless some operand spans 2^31 elements (the host decides INDEX_64).
+        if INDEX_64:
+            pid_m = pid_m.to(tl.int64)
+            pid_n = pid_n.to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        if NUM_SEGMENTS > 0:
+            acc = _add_segment(
+                acc,
+                a0_ptr,
+                stride_a0m,
+                stride_a0k,
+                b0_ptr,
+                stride_b0k,
+                stride_b0n,
+                K0,
+                s0_ptr,
+                stride_s0,
+                split,
+                splits,
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                first_row,
+                first_column,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                INPUT_PRECISION,
+                INDEX_64,
+                EVEN_K,
+                TMA,
+                A_TRANSPOSED,
+                B_TRANSPOSED,
+                QUANTIZED,
+                True,
+            )
+        if NUM_SEGMENTS > 1:
+            acc = _add_segment(
+                acc,
+                a1_ptr,
+                stride_a1m,
+                stride_a1k,
+                b1_ptr,
+                stride_b1k,
+                stride_b1n,
+                K1,
+                s1_ptr,
+                stride_s1,
+                split,
+                splits,
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                first_row,
+                first_column,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                INPUT_PRECISION,
+                INDEX_64,
+                EVEN_K,
+                TMA,
+                A_TRANSPOSED,
+                B_TRANSPOSED,
+                QUANTIZED,
+                False,
+            )
+        if NUM_SEGMENTS > 2:
+            acc = _add_segment(
+                acc,
+                a2_ptr,
+                stride_a2m,
+                stride_a2k,
+                b2_ptr,
+                stride_b2k,
+                stride_b2n,
+                K2,
+                s2_ptr,
+                stride_s2,
+                split,
+                splits,
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                first_row,
+                first_column,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                INPUT_PRECISION,
+                INDEX_64,
+                EVEN_K,
+                TMA,
+                A_TRANSPOSED,
+                B_TRANSPOSED,
+                QUANTIZED,
+                False,
+            )
+        if NUM_SEGMENTS > 3:
+            acc = _add_segment(
+                acc,
+                a3_ptr,
+                stride_a3m,
+                stride_a3k,
+                b3_ptr,
+                stride_b3k,
+                stride_b3n,
+                K3,
+                s3_ptr,
+                stride_s3,
+                split,
+                splits,
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                first_row,
+                first_column,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                INPUT_PRECISION,
+                INDEX_64,
+                EVEN_K,
+                TMA,
+                A_TRANSPOSED,
+                B_TRANSPOSED,
+                QUANTIZED,
+                False,
+            )
+
+        # The addend's row for each output row: sum_t ((m // div_t) % mod_t) * mul_t over ADDEND_TERMS terms
+        # (-1 terms: the identity; 0: every row reads row 0).
+        if ADDEND_TERMS < 0:
+            rows = offs_m
+        else:
+            rows = tl.zeros_like(offs_m)
+            if ADDEND_TERMS > 0:
+                rows += ((offs_m // div0) % mod0) * mul0
+            if ADDEND_TERMS > 1:
+                rows += ((offs_m // div1) % mod1) * mul1
+        # The epilogue runs on EPILOGUE_SPLIT column pieces of the tile in turn (halves, or quarters of a
+        # 256-wide one): only a piece's addend, pointers and output are live at a time, so the epilogue does
+        # not set the kernel's register count.
+        for piece in tl.static_range(EPILOGUE_SPLIT):
+            columns = acc
+            if EPILOGUE_SPLIT > 1:
+                columns = _column_half(columns, piece // (EPILOGUE_SPLIT // 2))
+            if EPILOGUE_SPLIT > 2:
+                columns = _column_half(columns, piece % 2)
+            _epilogue(
+                columns,
+                offs_m,
+                rows,
+                mask_m,
+                pid_n * BLOCK_N + piece * (BLOCK_N // EPILOGUE_SPLIT),
+                N,
+                out_ptr,
+                stride_om,
+                stride_on,
+                saved_ptr,
+                stride_sm,
+                stride_sn,
+                addend_ptr,
+                stride_pm,
+                stride_pn,
+                bias_ptr,
+                stride_bias,
+                column_scale_ptr,
+                stride_column_scale,
+                HAS_COLUMN_SCALE,
+                HAS_ADDEND,
+                HAS_BIAS,
+                STORE_PREACTIVATION,
+                ACTIVATION,
+                ACC_DTYPE,
+                BLOCK_N // EPILOGUE_SPLIT,
+            )
 
 
 def _operand(tensor, dims: int) -> tuple:
@@ -525,6 +613,69 @@ def _addend_terms(row_map, M) -> tuple:
     return terms
 
 
+def _tma_operand(operand, block: tuple):
+    """(a TMA descriptor of the 2-D operand, or of its transpose, whichever has a contiguous last dim, for
+    ``block`` = (rows, columns) tiles of the operand, and whether it is of the transpose) where TMA can
+    address it (a 16-byte aligned base, a leading stride of a non-zero multiple of 16 bytes, no empty
+    dim); else None."""
+    (rows, columns), (row_stride, column_stride) = operand.shape, operand.stride()
+    if column_stride == 1:
+        transposed, leading, shape, strides, block = False, row_stride, [rows, columns], [row_stride, 1], list(block)
+    elif row_stride == 1:
+        transposed, leading, shape, strides, block = (
+            True,
+            column_stride,
+            [columns, rows],
+            [column_stride, 1],
+            block[::-1],
+        )
+    else:
+        return None
+    size = operand.element_size()
+    try:
+        address, tracing = operand.data_ptr(), False
+    except RuntimeError:  # a fake tensor while tracing: its storage is allocated aligned, its offset is known
+        address, tracing = operand.storage_offset() * size, True
+    if type(address) is not int or address % 16 or (leading * size) % 16 or not leading or not rows or not columns:
+        return None
+    if tracing:
+        # torch.compile rebuilds a descriptor from its base alone (from_tensor), so the base must be the
+        # transposed view itself.
+        view = operand.T if transposed else operand
+        return TensorDescriptor.from_tensor(view, block), transposed
+    # TensorDescriptor(operand, shape, strides, block) without its checks, made above: they cost a
+    # microsecond a descriptor, and a transposed view as the base most of another.
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.base, descriptor.shape, descriptor.strides, descriptor.block_shape = operand, shape, strides, block
+    return descriptor, transposed
+
+
+def _tma_segments(segments, constexprs) -> tuple:
+    """(the segments' arguments with a and b as TMA descriptors, A_TRANSPOSED, B_TRANSPOSED), or None
+    where TMA cannot read some operand, or the segments' a (or b) operands differ in which dim is
+    contiguous (the kernel reads them all the one way)."""
+    block_m, block_n, block_k = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
+    args, layouts = [], set()
+    for segment in segments:
+        a, b = _tma_operand(segment[0], (block_m, block_k)), _tma_operand(segment[1], (block_k, block_n))
+        if a is None or b is None:
+            return None
+        layouts.add((a[1], b[1]))
+        scale = segment[2] if len(segment) == 3 else None
+        args += [a[0], *segment[0].stride(), b[0], *segment[1].stride(), segment[0].shape[1]]
+        args += [scale, None if scale is None else scale.stride(0)]
+    if len(layouts) != 1:
+        return None
+    a_transposed, b_transposed = layouts.pop()
+    return args, a_transposed, b_transposed
+
+
+# How many programs a persistent launch runs per multiprocessor: as many of its tiles as fit in one at
+# once by the audit (a 128x128 tile's registers and shared memory allow two, a 128x256 tile's one).
+def _resident_tiles(block_m: int, block_n: int) -> int:
+    return 1 if block_m * block_n >= 128 * 256 else 2
+
+
 @planned
 def _launch_plan(
     M,
@@ -539,15 +690,18 @@ def _launch_plan(
     stores_preactivation: bool,
     activation: str,
     multiprocessors: int,
+    capability: int,
     precision: str,
     index_64: bool,
 ) -> tuple:
-    """(grid, K splits, the row map's six scalars, constexprs) of one launch; cached while no tile override
-    is active (tiles.override). ``Ks`` are the segments' K; ``row_map`` is None without an addend. Only a
-    launch whose epilogue is linear (no addend, bias, activation or saved pre-activation) splits K: its
-    partial sums are added afterwards."""
+    """(grid, K splits, the row map's six scalars, constexprs, whether to read the operands through TMA)
+    of one launch; cached while no tile override is active (tiles.override). ``Ks`` are the segments'
+    K; ``row_map`` is None without an addend. Only a launch whose epilogue is linear (no addend, bias,
+    activation or saved pre-activation) splits K: its partial sums are added afterwards. TMA needs
+    Hopper (sm_90 on): on Ampere Triton turns descriptor loads into plain loads without async copies,
+    which spill."""
     K = max(Ks, default=0)
-    tile = gemm_tile(M, N, K, operand_dtype, multiprocessors)
+    tile = gemm_tile(M, N, K, operand_dtype, multiprocessors, capability)
     blocks = cdiv(M, tile.block_m) * cdiv(N, tile.block_n)
     has_addend = row_map is not None
     linear = not (has_addend or has_bias or stores_preactivation or activation != "none")
@@ -555,8 +709,10 @@ def _launch_plan(
     index_64 = index_64 or splits * M * N >= 2**31  # the split-K workspace's offsets
     terms = _addend_terms(row_map, M) if has_addend else None
     row_args = sum((*(terms or ()), (1, 1, 0), (1, 1, 0))[:2], ())
+    tma = tile.tma and capability >= 90 and operand_dtype != torch.float64 and bool(Ks) and TensorDescriptor is not None
+    programs = min(blocks, multiprocessors * _resident_tiles(tile.block_m, tile.block_n))
     return (
-        (blocks, splits),
+        (programs if tile.persistent else blocks, splits),
         splits,
         row_args,
         {
@@ -572,9 +728,14 @@ def _launch_plan(
             "INPUT_PRECISION": precision,
             "INDEX_64": index_64,
             "EVEN_K": all(k % tile.block_k == 0 for k in Ks),
+            "TMA": False,
+            "A_TRANSPOSED": False,
+            "B_TRANSPOSED": False,
+            "PERSISTENT": tile.persistent,
             "EPILOGUE_SPLIT": epilogue_split(tile, has_addend or stores_preactivation),
             **tile.launch_options(),
         },
+        tma,
     )
 
 
@@ -619,7 +780,7 @@ def segmented_matmul(
     segment_args += [None] * (9 * (MAX_SEGMENTS - len(segments)))
     operand_dtype = segments[0][0].dtype if segments else out.dtype
     plan = _launch_plan if not tiles_overridden() else _launch_plan.__wrapped__
-    grid, splits, row_args, constexprs = plan(
+    grid, splits, row_args, constexprs, tma = plan(
         M,
         N,
         tuple(Ks),
@@ -632,9 +793,14 @@ def segmented_matmul(
         saved is not None,
         activation,
         multiprocessors(out.device),
+        compute_capability(out.device),
         input_precision(operand_dtype),
         _needs_64_bit_indices(operands),
     )
+    descriptors = _tma_segments(segments, constexprs) if tma else None
+    if descriptors is not None:
+        segment_args[: len(descriptors[0])] = descriptors[0]
+        constexprs = {**constexprs, "TMA": True, "A_TRANSPOSED": descriptors[1], "B_TRANSPOSED": descriptors[2]}
     target = out if splits == 1 else out.new_empty((splits, M, N), dtype=accumulate_dtype(out.dtype))
     traceable(segmented_matmul_kernel)[grid](
         target,

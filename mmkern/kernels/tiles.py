@@ -40,6 +40,11 @@ class GemmTile:
     group_m: int
     num_warps: int
     num_stages: int
+    # Operands read through TMA tensor descriptors (Hopper on; a launch whose operands TMA cannot address
+    # takes the pointer path whatever this says).
+    tma: bool = False
+    # A persistent grid: a program per resident slot, each looping over output tiles.
+    persistent: bool = False
 
     def launch_options(self) -> dict:
         return {
@@ -207,19 +212,21 @@ INTERPRETER_GEMM = GemmTile(16, 16, 16, 4, 1, 1)
 INTERPRETER_ATTENTION = AttentionTile(16, 16, 1, 1)
 
 
-def gemm_tile(M, N, K, operand_dtype: torch.dtype, multiprocessors: int) -> GemmTile:
-    """The segmented GEMM's tile for an (M, N) output over segments of at most K. Each K step reads up
-    to 128 bytes of a row (64 fp16/bf16, 32 fp32, 128 int8 elements), fewer where K is shorter; rows and
-    columns shrink while the output has fewer tiles than the GPU has multiprocessors, so small outputs
-    still fill it, and a large 16-bit output takes 128x256 tiles (half the operand traffic per FLOP of
-    128x128). float64 takes a small tile: its operands are 8 bytes and its dot has no wide tensor-core
-    form."""
-    tile = _chosen("gemm", M, N, K, operand_dtype, multiprocessors)
+def gemm_tile(M, N, K, operand_dtype: torch.dtype, multiprocessors: int, capability: int = 90) -> GemmTile:
+    """The segmented GEMM's tile for an (M, N) output over segments of at most K, on a GPU of compute
+    ``capability`` (90: Hopper). Each K step reads up to 128 bytes of a row (64 fp16/bf16, 32 fp32, 128
+    int8 elements), fewer where K is shorter; rows and columns shrink while the output has fewer tiles
+    than the GPU has multiprocessors, so small outputs still fill it, and on Hopper a large 16-bit output
+    takes 128x256 tiles (half the operand traffic per FLOP of 128x128) and operands come through TMA.
+    Ampere's MMA keeps its operand fragments in registers, where those tiles spill: it keeps 128x128
+    (128x64 for int8, whose two accumulators fill the rest). float64 takes a small tile: its operands
+    are 8 bytes and its dot has no wide tensor-core form."""
+    tile = _chosen("gemm", M, N, K, operand_dtype, multiprocessors, capability)
     if tile is not None:
         return tile
     if all(type(size) is int for size in (M, N, K)):  # torch.compile's symbolic sizes cannot be cache keys
-        return _default_gemm_tile(M, N, K, operand_dtype, multiprocessors)
-    return _default_gemm_tile.__wrapped__(M, N, K, operand_dtype, multiprocessors)
+        return _default_gemm_tile(M, N, K, operand_dtype, multiprocessors, capability)
+    return _default_gemm_tile.__wrapped__(M, N, K, operand_dtype, multiprocessors, capability)
 
 
 # A 128x256 tile pays off once the output has this many of them per multiprocessor (its last, partial
@@ -228,23 +235,26 @@ WIDE_TILE_WAVES = 4
 
 
 @functools.lru_cache(maxsize=4096)
-def _default_gemm_tile(M, N, K, operand_dtype, multiprocessors) -> GemmTile:
+def _default_gemm_tile(M, N, K, operand_dtype, multiprocessors, capability) -> GemmTile:
     if _config.TRITON_ON_CPU:
         return INTERPRETER_GEMM
     if operand_dtype == torch.float64:
         return GemmTile(32, 32, 16, 8, 4, 3)
+    hopper = capability >= 90
     # The tensor cores' K step is 32 bytes (16 fp16/bf16, 32 int8): the shortest block_k.
     block_k = power_of_2_at_least(K, 32 // operand_dtype.itemsize, 128 // operand_dtype.itemsize)
-    if operand_dtype.itemsize == 2 and cdiv(M, 128) * cdiv(N, 256) >= WIDE_TILE_WAVES * multiprocessors:
-        return GemmTile(128, 256, block_k, 8, 8, 3)
+    if hopper and operand_dtype.itemsize == 2 and cdiv(M, 128) * cdiv(N, 256) >= WIDE_TILE_WAVES * multiprocessors:
+        return GemmTile(128, 256, block_k, 8, 8, 3, tma=True)
+    if not hopper and operand_dtype == torch.int8:
+        block_k = min(block_k, 64)
     block_m = power_of_2_at_least(M, 16, 128)
-    block_n = power_of_2_at_least(N, 32, 128)
+    block_n = power_of_2_at_least(N, 32, 128 if hopper or operand_dtype != torch.int8 else 64)
     while block_n > 64 and cdiv(M, block_m) * cdiv(N, block_n) < multiprocessors:
         block_n //= 2
     while block_m > 64 and cdiv(M, block_m) * cdiv(N, block_n) < multiprocessors:
         block_m //= 2
-    large = block_m * block_n >= 128 * 128
-    return GemmTile(block_m, block_n, block_k, 8, 8 if large else 4, 3 if large else 4)
+    large = block_m * block_n >= (128 * 128 if hopper or operand_dtype != torch.int8 else 128 * 64)
+    return GemmTile(block_m, block_n, block_k, 8, 8 if large else 4, 3 if large else 4, tma=hopper)
 
 
 # Split-K: a GEMM whose output has too few tiles to fill the GPU splits K, each split at least
