@@ -276,9 +276,9 @@ def test_autocast_runs_in_the_autocast_dtype(device):
 def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target, tma_launches):
     """Under AOTDispatcher both ops decompose into their Triton launches for CUDA tensors (as a
     triton_op would), so the compiler calls the kernels from its own code. Traced with fake CUDA
-    tensors, so it runs on a machine with no GPU. Planned for sm_90, the launches read through TMA:
-    their descriptors are built over the operands (transposed views included), which torch rebuilds
-    when it runs the graph."""
+    tensors, so it runs on a machine with no GPU. With a TMA tile (as an output of a wave of tiles
+    takes on sm_90) the descriptors are built over the operands (transposed views included), which
+    torch rebuilds when it runs the graph."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def forward(text, image, weight, bias):
@@ -290,7 +290,7 @@ def test_compile_sees_the_triton_kernels_for_cuda_tensors(sm90_compile_target, t
         )
         return (*grad_inputs, grad_weight, grad_bias)
 
-    with FakeTensorMode():
+    with FakeTensorMode(), tiles.override("gemm", lambda *shape: GemmTile(16, 32, 16, 4, 4, 2, tma=True)):
         text, image = torch.empty(2, 9, 24, device="cuda"), torch.empty(2, 1, 40, device="cuda")
         weight, bias, grad_out = (
             torch.empty(32, 64, device="cuda"),

@@ -60,14 +60,16 @@ def test_gemm_tiles_follow_the_shape_alone():
 
 @pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter always takes its one small tile")
 def test_hopper_reads_through_tma_and_ampere_keeps_tiles_it_does_not_spill():
-    """The audit's findings as tile rules: on sm_90 every 16-bit and int8 tile reads through TMA (fewer
-    registers than pointer loads, 90-159 against 118-214 for the GEMM's 128-row tiles); on sm_80, where
+    """The audit's findings as tile rules: on sm_90 a launch of a wave of tiles or more reads through TMA
+    (fewer registers than pointer loads, 90-159 against 118-214 for the GEMM's 128-row tiles); on sm_80, where
     the MMA's operand fragments live in registers, no 128x256 tiles and int8 at most 64 columns over 8
     warps (128x128 spilled 152-248 bytes a thread, 128x64 over 4 warps 176)."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
         assert gemm_tile(4096, 768, 768, dtype, H100_MULTIPROCESSORS).tma
         assert not gemm_tile(4096, 768, 768, dtype, 108, 80).tma
     assert not gemm_tile(64, 64, 64, torch.float64, H100_MULTIPROCESSORS).tma
+    # A launch of fewer tiles than multiprocessors keeps pointer loads: no descriptors to build per launch.
+    assert not gemm_tile(8, 4096, 1024, torch.bfloat16, H100_MULTIPROCESSORS).tma
     assert not gemm_tile(4096, 768, 768, torch.bfloat16, H100_MULTIPROCESSORS).persistent
     ampere = gemm_tile(8192, 8192, 8192, torch.bfloat16, 108, 80)
     assert (ampere.block_m, ampere.block_n) == (128, 128)

@@ -217,7 +217,8 @@ def gemm_tile(M, N, K, operand_dtype: torch.dtype, multiprocessors: int, capabil
     ``capability`` (90: Hopper). Each K step reads up to 128 bytes of a row (64 fp16/bf16, 32 fp32, 128
     int8 elements), fewer where K is shorter; rows and columns shrink while the output has fewer tiles
     than the GPU has multiprocessors, so small outputs still fill it, and on Hopper a large 16-bit output
-    takes 128x256 tiles (half the operand traffic per FLOP of 128x128) and operands come through TMA.
+    takes 128x256 tiles (half the operand traffic per FLOP of 128x128), and an output of a wave of tiles
+    or more reads its operands through TMA.
     Ampere's MMA keeps its operand fragments in registers, where those tiles spill: it keeps 128x128
     (128x64 for int8, whose two accumulators fill the rest). float64 takes a small tile: its operands
     are 8 bytes and its dot has no wide tensor-core form."""
@@ -254,7 +255,11 @@ def _default_gemm_tile(M, N, K, operand_dtype, multiprocessors, capability) -> G
     while block_m > 64 and cdiv(M, block_m) * cdiv(N, block_n) < multiprocessors:
         block_m //= 2
     large = block_m * block_n >= (128 * 128 if hopper or operand_dtype != torch.int8 else 128 * 64)
-    return GemmTile(block_m, block_n, block_k, 8, 8 if large else 4, 3 if large else 4, tma=hopper)
+    # TMA where the launch fills the GPU: its descriptors cost the host about a microsecond each to build
+    # and Triton's launcher more to encode, on every launch, which a launch of fewer tiles (a per-sample
+    # projection, a split-K weight gradient), over in a few microseconds, would not earn back.
+    tma = hopper and cdiv(M, block_m) * cdiv(N, block_n) >= multiprocessors
+    return GemmTile(block_m, block_n, block_k, 8, 8 if large else 4, 3 if large else 4, tma=tma)
 
 
 # Split-K: a GEMM whose output has too few tiles to fill the GPU splits K, each split at least
