@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from mmkern import _config, ops, reference
+from mmkern.kernels import tiles
+from mmkern.kernels.launch import runs_on_triton
+from mmkern.kernels.tiles import AttentionTile
 from mmkern.ops import _eager as mmkern_eager
 from tests.numerics import DEVICES, dtypes_for
 from tests.test_cross_modal_attention import (
@@ -493,3 +496,21 @@ def test_bad_variants_are_named(bad, error, match, packed):
             ops.cross_modal_attention_packed(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *cu, 5, 7, **bad)
         else:
             ops.cross_modal_attention(q, k, v, **bad)
+
+
+# Key-gradient tiles of other shapes than the interpreter's square one: more keys a program than
+# queries a step and the other way round (the GPU's default is 32 queries by 128 keys).
+KV_TILES = {"wide": AttentionTile(16, 32, 1, 1), "tall": AttentionTile(32, 16, 1, 1)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(KV_TILES))
+@pytest.mark.parametrize("variant", ["causal_bottom_right_lengths", "key_holes_window", "everything"])
+def test_key_gradients_with_rectangular_tiles(variant, shape, device):
+    """The key-and-value backward (S^T = K Q^T) with block_m queries a step and block_n keys a program
+    unequal, over lengths, windows, key masks, a softcap, sinks and a bias."""
+    if not runs_on_triton(torch.device(device)):
+        pytest.skip("the C++ CPU kernels take no tiles")
+    params, options = VARIANTS[variant]
+    with tiles.override("attention_backward_kv", lambda *args: KV_TILES[shape]):
+        check_against_reference(params, torch.float32, device, **materialise(params, options, device))

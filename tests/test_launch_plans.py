@@ -77,6 +77,18 @@ def test_hopper_reads_through_tma_and_ampere_keeps_tiles_it_does_not_spill():
     assert (int8.block_m, int8.block_n, int8.block_k, int8.num_warps) == (128, 64, 64, 8)
 
 
+@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter always takes its one small tile")
+def test_key_gradients_take_the_audits_spill_free_tiles():
+    """S^T = K Q^T puts keys on the MMA's rows: on Hopper 128 of them over 8 warps and 32 queries a step;
+    on Ampere, whose MMA holds operands in registers, 16x128 at hd64 and 32x64 at hd128."""
+    for d in (64, 128):
+        assert tiles.attention_backward_kv_tile(d, d, torch.bfloat16) == tiles.AttentionTile(32, 128, 8, 2)
+    assert tiles.attention_backward_kv_tile(64, 64, torch.bfloat16, 80) == tiles.AttentionTile(16, 128, 8, 2)
+    assert tiles.attention_backward_kv_tile(128, 128, torch.float16, 80) == tiles.AttentionTile(32, 64, 8, 2)
+    assert tiles.attention_backward_kv_tile(256, 256, torch.bfloat16).block_n == 64
+    assert tiles.attention_backward_kv_tile(64, 64, torch.float32) == tiles.AttentionTile(16, 64, 4, 2)
+
+
 def test_skinny_products_split_k_to_fill_the_gpu():
     # A weight gradient of 4 output tiles over 65536 tokens: 32 splits of 2048 (128 CTAs on 132 SMs).
     assert gemm_splits(4, 65536, H100_MULTIPROCESSORS) == 32

@@ -101,6 +101,7 @@ def test_the_plan_finds_every_familys_shape_classes():
         ("gemm", "float32/m16/n16/k16", "forward"),
         ("attention_forward", "float32/q16/d16/dv16", "forward"),
         ("attention_backward", "float32/d16/dv16", "forward+backward"),
+        ("attention_backward_kv", "float32/d16/dv16", "forward+backward"),
     }
     for target in targets:
         tile_list = tune.candidates(target)
@@ -157,6 +158,7 @@ def test_the_command_writes_a_table_the_tiles_then_read(tmp_path, monkeypatch):
         "gemm": {"float32/m16/n16/k16"},
         "attention_forward": {"float32/q16/d16/dv16"},
         "attention_backward": {"float32/d16/dv16"},
+        "attention_backward_kv": {"float32/d16/dv16"},
     }
     entry = tuned["gemm"]["float32/m16/n16/k16"]
     assert entry["tile"] != entry["default"] and entry["timed"] == entry["candidates"] == 2

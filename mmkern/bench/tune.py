@@ -97,6 +97,7 @@ def _default(target: Target):
         "gemm": tiles.gemm_tile,
         "attention_forward": tiles.attention_forward_tile,
         "attention_backward": tiles.attention_backward_tile,
+        "attention_backward_kv": tiles.attention_backward_kv_tile,
     }[target.family]
     with tiles.use_table({}):
         return function(*target.args)
@@ -133,9 +134,13 @@ def candidates(target: Target) -> list:
         )
         if target.family == "attention_backward":
             blocks = [(32, 32), (64, 32), (32, 64), (64, 64), (128, 64)] if wide <= 128 else [(32, 32), (64, 32)]
+        if target.family == "attention_backward_kv":  # (queries a step, keys a program)
+            blocks = (
+                [(16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (64, 128)] if wide <= 128 else [(16, 64), (32, 64)]
+            )
         if target.args[-1] in (torch.float32, torch.float64):
             blocks = [(bm // 2, bn // 2) for bm, bn in blocks]
-        stages = (1, 2, 3) if target.family == "attention_backward" else (2, 3, 4)
+        stages = (1, 2, 3) if target.family.startswith("attention_backward") else (2, 3, 4)
         others = [AttentionTile(bm, bn, warps, st) for bm, bn in blocks for warps in (4, 8) for st in stages]
     if target.family == "gemm" and default.tma:
         # A persistent grid costs the audit's 128-row tiles 18-65 registers (a CTA per SM fewer for

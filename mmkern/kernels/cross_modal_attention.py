@@ -35,8 +35,22 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkern.kernels.launch import accumulate_dtype, input_precision, multiprocessors, power_of_2_at_least, traceable
-from mmkern.kernels.tiles import attention_backward_tile, attention_forward_tile, cdiv, combine_block_m, key_splits
+from mmkern.kernels.launch import (
+    accumulate_dtype,
+    compute_capability,
+    input_precision,
+    multiprocessors,
+    power_of_2_at_least,
+    traceable,
+)
+from mmkern.kernels.tiles import (
+    attention_backward_kv_tile,
+    attention_backward_tile,
+    attention_forward_tile,
+    cdiv,
+    combine_block_m,
+    key_splits,
+)
 
 # Offsets a program reads at once to take their running maximum (one load for batches up to it).
 OFFSETS_BLOCK: tl.constexpr = tl.constexpr(256)
@@ -103,12 +117,13 @@ def _span(b, starts_ptr, lens_ptr, full_len, rows, PACKED: tl.constexpr, HAS_LEN
 
 @triton.jit
 def _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, threshold):
-    """The (rows, cols) keep mask of mmkern.reference.dropout_keep_mask: splitmix64 of the element
-    index offset by the seed, kept when its top 24 bits are >= threshold."""
+    """The keep mask of mmkern.reference.dropout_keep_mask for query ``rows`` and key ``cols``, index
+    tiles that broadcast to the tile's shape (rows[:, None] and cols[None, :], or transposed): splitmix64
+    of the element index offset by the seed, kept when its top 24 bits are >= threshold."""
     seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
     offset = seed * 0xD1B54A32D192ED03 + 0x9E3779B97F4A7C15
     base = (b * Q_HEADS + h).to(tl.uint64) * Q_LEN
-    z = ((base + rows.to(tl.uint64))[:, None] * K_LEN + cols.to(tl.uint64)[None, :]) + offset
+    z = ((base + rows.to(tl.uint64)) * K_LEN + cols.to(tl.uint64)) + offset
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     z = z ^ (z >> 31)
@@ -166,10 +181,11 @@ def _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid):
 def _bias_log2(
     bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk, valid, ln2, ACC_DTYPE: tl.constexpr
 ):
-    """The (rows, cols) tile of head h's bias in base-2 units (the scores' own), 0 outside ``valid``.
-    Broadcast dims have stride 0: a bias shared by the batch or the heads is read where it lies."""
+    """Head h's bias for query ``rows`` and key ``cols`` (index tiles that broadcast to the tile's shape)
+    in base-2 units (the scores' own), 0 outside ``valid``. Broadcast dims have stride 0: a bias shared
+    by the batch or the heads is read where it lies."""
     bias = tl.load(
-        bias_ptr + b * stride_bb + h * stride_bh + rows[:, None] * stride_bq + cols[None, :] * stride_bk,
+        bias_ptr + b * stride_bb + h * stride_bh + rows * stride_bq + cols * stride_bk,
         mask=valid,
         other=0.0,
     )
@@ -202,11 +218,11 @@ def _any_kept(seen, HAS_KEY_MASK: tl.constexpr):
 
 @triton.jit
 def _window_mask(rows, cols, diagonal, window_left, window_right):
-    """(rows, cols) booleans: whether query i sees key j under the window, i + d - left <= j <= i + d + right
-    (a negative bound is unbounded), d = kv_len - q_len aligning the last query with the last key."""
-    # In 32 bits (positions and lengths fit): a (rows, cols) tile of 64-bit offsets would take twice
-    # the registers.
-    offset = cols.to(tl.int32)[None, :] - rows.to(tl.int32)[:, None] - diagonal.to(tl.int32)
+    """Whether query i sees key j under the window, i + d - left <= j <= i + d + right (a negative bound
+    is unbounded), d = kv_len - q_len aligning the last query with the last key, for query ``rows`` and
+    key ``cols``: index tiles that broadcast to the tile's shape."""
+    # In 32 bits (positions and lengths fit): a tile of 64-bit offsets would take twice the registers.
+    offset = cols.to(tl.int32) - rows.to(tl.int32) - diagonal.to(tl.int32)
     return ((window_left < 0) | (offset >= -window_left)) & ((window_right < 0) | (offset <= window_right))
 
 
@@ -384,8 +400,8 @@ def _forward_kernel(
                 bias_ptr,
                 b,
                 h,
-                rows,
-                cols,
+                rows[:, None],
+                cols[None, :],
                 stride_bb,
                 stride_bh,
                 stride_bq,
@@ -399,7 +415,9 @@ def _forward_kernel(
             seen = seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
         s = tl.where(seen[None, :], s, float("-inf"))
         if WINDOWED:
-            s = tl.where(_window_mask(rows, cols, diagonal, window_left, window_right), s, float("-inf"))
+            s = tl.where(
+                _window_mask(rows[:, None], cols[None, :], diagonal, window_left, window_right), s, float("-inf")
+            )
         if FOLD_SCALE:
             m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         else:
@@ -416,7 +434,8 @@ def _forward_kernel(
             p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold), p, 0.0)
+            keep = _dropout_keep(seed_ptr, b, h, rows[:, None], cols[None, :], Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
+            p = tl.where(keep, p, 0.0)
         v = tl.load(
             v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
             mask=col_valid[:, None] & (v_dims < V_DIM)[None, :],
@@ -592,8 +611,8 @@ def _delta_kernel(
 
 @triton.jit
 def _probabilities(
-    q,
-    k,
+    first,
+    second,
     lse_log2,
     bias_log2,
     rows,
@@ -612,16 +631,22 @@ def _probabilities(
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """The (rows, cols) softmax probabilities recomputed from the base-2 log-sum-exp (with the bias's
-    tile added to the scores), zero outside the valid rows and seen keys and outside the window; and
-    the softcap's slope (see _scores_log2)."""
+    """The softmax probabilities of the scores first @ second (Q K^T, or its transpose K Q^T), recomputed
+    from the base-2 log-sum-exp (with the bias's tile added to the scores), zero outside the valid rows
+    and seen keys and outside the window; and the softcap's slope (see _scores_log2). ``lse_log2``,
+    ``rows``, ``cols``, ``row_valid`` and ``col_seen`` broadcast to the tile's shape ([:, None] for the
+    queries and [None, :] for the keys, or the other way round)."""
     s, slope = _scores_log2(
-        tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE), scale_log2, cap_in, cap_out, SOFTCAP
+        tl.dot(first, second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE),
+        scale_log2,
+        cap_in,
+        cap_out,
+        SOFTCAP,
     )
     if HAS_BIAS:
         s = s + bias_log2
-    p = tl.exp2(s - lse_log2[:, None])
-    valid = row_valid[:, None] & col_seen[None, :]
+    p = tl.exp2(s - lse_log2)
+    valid = row_valid & col_seen
     if WINDOWED:
         valid = valid & _window_mask(rows, cols, diagonal, window_left, window_right)
     return tl.where(valid, p, 0.0), slope
@@ -740,15 +765,18 @@ def _grad_kv_kernel(
     col_seen = col_valid
     if HAS_KEY_MASK:
         col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
-    # K^T (D, BLOCK_N) and V^T (Dv, BLOCK_N), read once for every query of every head in the group.
-    k_t = tl.load(
-        k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[None, :] * stride_kl + dims[:, None] * stride_kd,
-        mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None],
+    # K (BLOCK_N, D) and V (BLOCK_N, Dv), read once for every query of every head in the group. The
+    # scores are computed transposed, S^T = K Q^T (keys down, queries across), as FlashAttention 2 does:
+    # P^T and dS^T then come out of their dots in the accumulator's layout, which is the layout the dots
+    # into dV and dK take them in, so neither goes through shared memory to be transposed.
+    k = tl.load(
+        k_ptr + b * stride_kb + kv_h * stride_kh + (k_start + cols)[:, None] * stride_kl + dims[None, :] * stride_kd,
+        mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :],
         other=0.0,
     )
-    v_t = tl.load(
-        v_ptr + b * stride_vb + kv_h * stride_vh + (k_start + cols)[None, :] * stride_vl + v_dims[:, None] * stride_vd,
-        mask=col_valid[None, :] & (v_dims < V_DIM)[:, None],
+    v = tl.load(
+        v_ptr + b * stride_vb + kv_h * stride_vh + (k_start + cols)[:, None] * stride_vl + v_dims[None, :] * stride_vd,
+        mask=col_valid[:, None] & (v_dims < V_DIM)[None, :],
         other=0.0,
     )
     dk = tl.zeros((BLOCK_N, D_PAD), ACC_DTYPE)
@@ -788,25 +816,25 @@ def _grad_kv_kernel(
                     bias_ptr,
                     b,
                     h,
-                    rows,
-                    cols,
+                    rows[None, :],
+                    cols[:, None],
                     stride_bb,
                     stride_bh,
                     stride_bq,
                     stride_bk,
-                    row_valid[:, None] & col_valid[None, :],
+                    col_valid[:, None] & row_valid[None, :],
                     ln2,
                     ACC_DTYPE,
                 )
-            p, slope = _probabilities(
-                q,
-                k_t,
-                lse_log2,
+            p_t, slope = _probabilities(
+                k,
+                tl.trans(q),
+                lse_log2[None, :],
                 bias_log2,
-                rows,
-                cols,
-                row_valid,
-                col_seen,
+                rows[None, :],
+                cols[:, None],
+                row_valid[None, :],
+                col_seen[:, None],
                 scale_log2,
                 cap_in,
                 cap_out,
@@ -819,15 +847,17 @@ def _grad_kv_kernel(
                 ACC_DTYPE,
                 INPUT_PRECISION,
             )
-            dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            kept = p
+            dp_t = tl.dot(v, tl.trans(grad), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            kept_t = p_t
             if DROPOUT:
-                keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
-                kept = tl.where(keep, p * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            dv = tl.dot(tl.trans(kept).to(grad.dtype), grad, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            ds = p * (dp - delta[:, None]) * slope
-            dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                keep = _dropout_keep(
+                    seed_ptr, b, h, rows[None, :], cols[:, None], Q_HEADS, Q_LEN, K_LEN, dropout_threshold
+                )
+                kept_t = tl.where(keep, p_t * dropout_scale, 0.0)
+                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+            dv = tl.dot(kept_t.to(grad.dtype), grad, dv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            ds_t = p_t * (dp_t - delta[None, :]) * slope
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     _store_rows(
         dk_ptr + b * stride_dkb + kv_h * stride_dkh + k_start * stride_dkl,
@@ -1000,17 +1030,28 @@ def _grad_q_kernel(
         bias_log2 = 0.0
         if HAS_BIAS:
             bias_log2 = _bias_log2(
-                bias_ptr, b, h, rows, cols, stride_bb, stride_bh, stride_bq, stride_bk, tile_valid, ln2, ACC_DTYPE
+                bias_ptr,
+                b,
+                h,
+                rows[:, None],
+                cols[None, :],
+                stride_bb,
+                stride_bh,
+                stride_bq,
+                stride_bk,
+                tile_valid,
+                ln2,
+                ACC_DTYPE,
             )
         p, slope = _probabilities(
             q,
             tl.trans(k),
-            lse_log2,
+            lse_log2[:, None],
             bias_log2,
-            rows,
-            cols,
-            row_valid,
-            col_seen,
+            rows[:, None],
+            cols[None, :],
+            row_valid[:, None],
+            col_seen[None, :],
             scale_log2,
             cap_in,
             cap_out,
@@ -1025,7 +1066,7 @@ def _grad_q_kernel(
         )
         dp = tl.dot(grad, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
-            keep = _dropout_keep(seed_ptr, b, h, rows, cols, Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
+            keep = _dropout_keep(seed_ptr, b, h, rows[:, None], cols[None, :], Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # The gradient of the scores after the softcap (the bias's own), then before it.
         d_scores = p * (dp - delta[:, None])
@@ -1185,6 +1226,9 @@ class Problem:
     def backward_tile(self):
         return attention_backward_tile(self.d_pad, self.dv_pad, self.q.dtype)
 
+    def backward_kv_tile(self):
+        return attention_backward_kv_tile(self.d_pad, self.dv_pad, self.q.dtype, compute_capability(self.q.device))
+
 
 def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     """Writes out (B, Lq, Hq, Dv) or packed (total_q, Hq, Dv), and lse (B, Hq, Lq) or (Hq, total_q)."""
@@ -1286,7 +1330,7 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
     unsqueeze = (lambda t: t.unsqueeze(0)) if p.packed else (lambda t: t)
     grad_out, out, grad_q, grad_k, grad_v = (unsqueeze(t) for t in (grad_out, out, grad_q, grad_k, grad_v))
     tile = p.backward_tile()
-    block_m, block_n = tile.block_m, tile.block_n
+    block_m = tile.block_m
     delta = torch.empty(lse.shape, dtype=p.acc_dtype, device=lse.device)  # lse is contiguous too
     cu_q, cu_k, q_lens, kv_lens = p.span_args()
     if p.batch * p.q_heads and p.q_len:
@@ -1310,16 +1354,11 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
-    tiles = {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "num_warps": tile.num_warps,
-        "num_stages": tile.num_stages,
-        **p.common_flags(),
-    }
+    flags = p.common_flags()
     operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out), *p.lse_strides(lse))
     if p.batch * p.kv_heads and p.k_len:
-        traceable(_grad_kv_kernel)[(cdiv(p.k_len, block_n), p.batch * p.kv_heads)](
+        kv_tile = p.backward_kv_tile()
+        traceable(_grad_kv_kernel)[(cdiv(p.k_len, kv_tile.block_n), p.batch * p.kv_heads)](
             *shared,
             grad_k,
             grad_v,
@@ -1345,7 +1384,8 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.head_dim,
             p.v_dim,
             *scalars,
-            **tiles,
+            **kv_tile.launch_options(),
+            **flags,
         )
     if p.batch * p.q_heads and p.q_len:
         traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
@@ -1374,7 +1414,8 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.v_dim,
             *scalars,
             BIAS_GRAD=grad_bias is not None,
-            **tiles,
+            **tile.launch_options(),
+            **flags,
         )
 
 

@@ -59,13 +59,21 @@ class GemmTile:
 
 @dataclass(frozen=True)
 class AttentionTile:
-    block_m: int  # query rows per program
-    block_n: int  # keys per step
+    block_m: int  # query rows per program (the key-and-value backward: per step)
+    block_n: int  # keys per step (the key-and-value backward: per program)
     num_warps: int
     num_stages: int
 
+    def launch_options(self) -> dict:
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
 
-FAMILIES = ("gemm", "attention_forward", "attention_backward")
+
+FAMILIES = ("gemm", "attention_forward", "attention_backward", "attention_backward_kv")
 _overrides: dict = {}
 
 
@@ -98,7 +106,12 @@ def _overridden(family: str, *args):
 
 
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
-_TILE_TYPES = {"gemm": GemmTile, "attention_forward": AttentionTile, "attention_backward": AttentionTile}
+_TILE_TYPES = {
+    "gemm": GemmTile,
+    "attention_forward": AttentionTile,
+    "attention_backward": AttentionTile,
+    "attention_backward_kv": AttentionTile,
+}
 # Shape classes round sizes up to powers of 2 in [16, LARGEST_CLASS].
 LARGEST_CLASS = 8192
 
@@ -297,7 +310,8 @@ def attention_forward_tile(q_len, d_pad: int, dv_pad: int, dtype: torch.dtype) -
 
 
 def attention_backward_tile(d_pad: int, dv_pad: int, dtype: torch.dtype) -> AttentionTile:
-    """The backward's tile (square: one block of queries and one of keys per step)."""
+    """The query gradient's tile (block_m queries a program, block_n keys a step; square), which the
+    delta kernel's rows follow too."""
     tile = _chosen("attention_backward", d_pad, dv_pad, dtype)
     if tile is not None:
         return tile
@@ -308,6 +322,32 @@ def attention_backward_tile(d_pad: int, dv_pad: int, dtype: torch.dtype) -> Atte
     if dtype in (torch.float32, torch.float64):
         block //= 2
     return AttentionTile(block, block, 4 if widest <= 64 else 8, 2)
+
+
+def attention_backward_kv_tile(d_pad: int, dv_pad: int, dtype: torch.dtype, capability: int = 90) -> AttentionTile:
+    """The key and value gradients' tile: block_n keys a program (their dK and dV accumulate in it),
+    block_m queries a step. The kernel computes S^T = K Q^T, keys on the MMA's rows: on Hopper 128 keys
+    over 8 warps take warpgroup MMA, and 32 queries a step keep small the per-query vectors (lse, delta,
+    positions), which lie along the accumulator's columns, where each thread holds many of them. The
+    audit (sm_90, bf16): 161-246 registers, no spills at hd64-hd128 but 16 B with a softcap, where 64
+    queries by 64 keys took 211-255 and spilled with lengths, grouped heads, sinks or a softcap.
+    Ampere's MMA holds its operands in registers: 16x128 at hd64 and 32x64 at hd128, over 8 warps, are
+    the audit's spill-free tiles there (32x128 spilled 8-352 B at hd128)."""
+    tile = _chosen("attention_backward_kv", d_pad, dv_pad, dtype, capability)
+    if tile is not None:
+        return tile
+    if _config.TRITON_ON_CPU:
+        return INTERPRETER_ATTENTION
+    widest = max(d_pad, dv_pad)
+    if widest > 128:
+        block_m, block_n = 16, 64
+    elif capability >= 90:
+        block_m, block_n = 32, 128
+    else:
+        block_m, block_n = (16, 128) if widest <= 64 else (32, 64)
+    if dtype in (torch.float32, torch.float64):
+        block_m, block_n = block_m // 2, block_n // 2
+    return AttentionTile(block_m, block_n, 8 if block_n >= 128 or widest > 64 or capability < 90 else 4, 2)
 
 
 # Split-KV is worth it only while programs are few; each split keeps at least this many keys.
