@@ -19,6 +19,8 @@ from mmkern.bench import (
     write_records,
 )
 from mmkern.bench.ceilings import attach_fractions, measure_ceilings
+from mmkern.bench.records import slower_than_baseline
+from mmkern.bench.report import markdown_report
 from mmkern.bench.runner import input_copies, last_level_cache_bytes
 
 # Timing loops: through Triton's interpreter they would time the interpreter, for most of CI's time.
@@ -209,3 +211,25 @@ def test_records_are_written_with_the_environment(tmp_path):
     saved, loaded = load_records(json_path)
     assert saved["environment"]["timestamp"] == environment["timestamp"]
     assert [r["median_ms"] for r in loaded] == [r.median_ms for r in records]
+
+
+def test_figures_below_the_baseline_are_flagged_in_the_report(tmp_path):
+    """A run names each mmkern figure under 1.0x of its baseline (as an AVX2 host's int8 product once
+    was, at 0.09x, with nothing noticing), and records the host's vector ISA beside it."""
+    records = run_cases(
+        "concat_linear", [_tiny_case()], _providers, device=CPU, dtype=torch.float32, modes=("forward",), **FAST
+    )
+    environment = describe_environment(CPU)
+    assert environment["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    _, json_path = write_records(records, str(tmp_path / "results"), {"environment": environment})
+    _, loaded = load_records(json_path)
+    ours = next(r for r in loaded if r["provider"] == "mmkern")
+    ours.update(speedup=0.09, baseline="eager")
+    assert slower_than_baseline(loaded) == [f"concat_linear {ours['case']} forward float32: 0.09x of eager"]
+    report = markdown_report({"environment": environment, "records": loaded}, [], str(tmp_path))
+    assert f"- cpu_isa: {environment['cpu_isa']}" in report
+    assert f"## Slower than the baseline\n\n- concat_linear {ours['case']} forward float32: 0.09x of eager" in report
+    ours["speedup"] = 1.5
+    assert not slower_than_baseline(loaded) and "Slower than" not in markdown_report(
+        {"environment": environment, "records": loaded}, [], str(tmp_path)
+    )

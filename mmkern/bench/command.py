@@ -19,7 +19,14 @@ import torch
 
 from mmkern.bench.ceilings import attach_fractions, measure_ceilings
 from mmkern.bench.compare import compare_records, format_comparison, regressions
-from mmkern.bench.records import describe_environment, format_table, load_records, run_folder_name, write_records
+from mmkern.bench.records import (
+    describe_environment,
+    format_table,
+    load_records,
+    run_folder_name,
+    slower_than_baseline,
+    write_records,
+)
 from mmkern.bench.report import markdown_report, plot_speedups, update_readme
 from mmkern.bench.runner import MODES, run_cases
 from mmkern.bench.suite import PRESETS, ProviderOptions, default_dtypes, suites
@@ -199,6 +206,9 @@ def _write_run(args, environment, ceilings, records, refused, notes) -> str:
     report_path = os.path.join(run_dir, "report.md")
     with open(report_path, "w") as handle:
         handle.write(markdown_report({**saved, "records": as_dicts}, plots, run_dir))
+    slower = slower_than_baseline(as_dicts)
+    if slower:
+        print("\nslower than the baseline:\n" + "\n".join(f"  {line}" for line in slower))
     print(f"\nresults: {json_path} (and results.csv); report: {report_path}; {len(plots)} plot(s)")
     return json_path
 

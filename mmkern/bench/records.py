@@ -49,6 +49,9 @@ def describe_environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "driver": _cuda_driver() if device.type == "cuda" else None,
         "triton": triton_version,
+        # The host's vector ISA as torch dispatches on it (AVX2, AVX512, ...): CPU figures, and ATen's
+        # int8 product among them, depend on it by factors of ten.
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "mmkern": mmkern.__version__,
         "python": platform.python_version(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -172,3 +175,12 @@ def format_table(records: list) -> str:
     out = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def slower_than_baseline(records: list) -> list:
+    """A line for each mmkern figure below 1.0x of its case's baseline (records as dicts)."""
+    return [
+        f"{r['op']} {r['case']} {r['mode']} {r['dtype']}: {r['speedup']:.2f}x of {r['baseline']}"
+        for r in records
+        if r["provider"] == "mmkern" and r.get("speedup") is not None and r["speedup"] < 1.0
+    ]
