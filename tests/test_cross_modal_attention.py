@@ -26,6 +26,8 @@ CASES = {
     "split_keys_several_rows": (2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]),
     # Head dim 40 beside Dv 24: wrong on an H100 with Triton 3.6 (see the README's limits).
     "head_dim_40_dv_24": (2, 33, 70, 4, 1, 40, 24, [70, 31], None),
+    # Strides not all multiples of 8 elements: the kernels' alignment hint must be left off.
+    "head_dim_36_dv_20": (2, 9, 21, 2, 1, 36, 20, [21, 5], None),
 }
 
 
@@ -571,3 +573,35 @@ def test_unchecked_offsets_read_as_their_clamped_running_maximum(device):
     assert torch.equal(lse[:, :6], first_lse) and torch.all(lse[:, 6:] == float("-inf"))
     for grad, first, rows in zip(grads, first_grads, (6, 5, 5)):
         assert torch.equal(grad[:rows], first) and torch.all(grad[rows:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strides_of_8_elements_are_marked_and_others_not(device, monkeypatch):
+    """Head dims of 40 and 24 (strides multiples of 8, not 16) tell every kernel so, which vectorises
+    their loads and pipelines their loops on a GPU; 36 does not. Under the interpreter the kernels
+    round the strides they are told of down to multiples of 8, so a wrong flag would give a wrong
+    answer in the reference tests above (head_dim_36_dv_20)."""
+    _skip_unless_gpu_path(device)
+    from mmkern.kernels import cross_modal_attention as attention
+
+    flags = {}
+
+    def recording(kernel):
+        def grid(shape):
+            def launch(*args, **kwargs):
+                if "STRIDES_8" in kwargs:
+                    flags.setdefault(kernel.fn.__name__, set()).add(kwargs["STRIDES_8"])
+                return kernel[shape](*args, **kwargs)
+
+            return launch
+
+        return type("Recording", (), {"__getitem__": lambda self, shape: grid(shape)})()
+
+    monkeypatch.setattr(attention, "traceable", recording)
+    for head_dim, v_dim, expected in ((40, 24, True), (36, 20, False)):
+        flags.clear()
+        q, k, v, lengths = make_case(2, 9, 21, 2, 1, head_dim, v_dim, [21, 5], None, torch.float32, device)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = ops.cross_modal_attention(q, k, v, **lengths)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert flags == {name: {expected} for name in ("_forward_kernel", "_grad_kv_kernel", "_grad_q_kernel")}

@@ -258,6 +258,20 @@ def _store_rows(ptr, values, rows, cols, stride_row, stride_col, length, write_l
 
 
 @triton.jit
+def _multiples_of_8(stride_b, stride_l, stride_h, STRIDES_8: tl.constexpr):
+    """A tensor's batch, row and head strides, known to the compiler as multiples of 8 elements (16 bytes
+    of a 16-bit dtype) where the launcher found them so. The JIT marks only multiples of 16: a head dim
+    of 40, 24 or 56 (its head stride) would otherwise leave every load of the tensor unvectorised and
+    the key loop unpipelined. Written as (s // 8) * 8, which the compiler's alignment analysis follows
+    (it drops tl.multiple_of on a scalar), for two shifts a program."""
+    if STRIDES_8:
+        stride_b = (stride_b // 8) * 8
+        stride_l = (stride_l // 8) * 8
+        stride_h = (stride_h // 8) * 8
+    return stride_b, stride_l, stride_h
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr,
     k_ptr,
@@ -328,6 +342,7 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
+    STRIDES_8: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -335,6 +350,10 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    stride_qb, stride_ql, stride_qh = _multiples_of_8(stride_qb, stride_ql, stride_qh, STRIDES_8)
+    stride_kb, stride_kl, stride_kh = _multiples_of_8(stride_kb, stride_kl, stride_kh, STRIDES_8)
+    stride_vb, stride_vl, stride_vh = _multiples_of_8(stride_vb, stride_vl, stride_vh, STRIDES_8)
+    stride_ob, stride_ol, stride_oh = _multiples_of_8(stride_ob, stride_ol, stride_oh, STRIDES_8)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -737,6 +756,7 @@ def _grad_kv_kernel(
     HAS_KEY_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STRIDES_8: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -744,6 +764,12 @@ def _grad_kv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    stride_qb, stride_ql, stride_qh = _multiples_of_8(stride_qb, stride_ql, stride_qh, STRIDES_8)
+    stride_kb, stride_kl, stride_kh = _multiples_of_8(stride_kb, stride_kl, stride_kh, STRIDES_8)
+    stride_vb, stride_vl, stride_vh = _multiples_of_8(stride_vb, stride_vl, stride_vh, STRIDES_8)
+    stride_gb, stride_gl, stride_gh = _multiples_of_8(stride_gb, stride_gl, stride_gh, STRIDES_8)
+    stride_dkb, stride_dkl, stride_dkh = _multiples_of_8(stride_dkb, stride_dkl, stride_dkh, STRIDES_8)
+    stride_dvb, stride_dvl, stride_dvh = _multiples_of_8(stride_dvb, stride_dvl, stride_dvh, STRIDES_8)
     pid_n = tl.program_id(0)
     ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
         scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
@@ -959,6 +985,7 @@ def _grad_q_kernel(
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    STRIDES_8: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -966,6 +993,11 @@ def _grad_q_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    stride_qb, stride_ql, stride_qh = _multiples_of_8(stride_qb, stride_ql, stride_qh, STRIDES_8)
+    stride_kb, stride_kl, stride_kh = _multiples_of_8(stride_kb, stride_kl, stride_kh, STRIDES_8)
+    stride_vb, stride_vl, stride_vh = _multiples_of_8(stride_vb, stride_vl, stride_vh, STRIDES_8)
+    stride_gb, stride_gl, stride_gh = _multiples_of_8(stride_gb, stride_gl, stride_gh, STRIDES_8)
+    stride_dqb, stride_dql, stride_dqh = _multiples_of_8(stride_dqb, stride_dql, stride_dqh, STRIDES_8)
     pid_m = tl.program_id(0)
     ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
         scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
@@ -1286,6 +1318,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         # Folding the scale into the exponent's FMA needs its sign (a max of raw products) and no other
         # terms in the scores.
         FOLD_SCALE=p.scale > 0 and p.softcap == 0 and not p.has_bias,
+        STRIDES_8=_strides_of_8(p.strides(p.q), p.strides(p.k), p.strides(p.v), out_strides),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=tile.num_warps,
@@ -1324,6 +1357,12 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         )
 
 
+def _strides_of_8(*strides) -> bool:
+    """Whether every batch, row and head stride (the first three of each of ``strides``, as the kernels
+    take them) is a multiple of 8."""
+    return all(stride % 8 == 0 for each in strides for stride in each[:3])
+
+
 def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, grad_bias=None):
     """Writes grad_q, grad_k, grad_v (shaped as q, k, v; packed ones (total, H, D)), and grad_bias
     ((B, Hq, Lq, Lk), zeros, in the accumulation dtype) where given."""
@@ -1354,8 +1393,9 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
-    flags = p.common_flags()
     operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out), *p.lse_strides(lse))
+    strides_8 = _strides_of_8(*(p.strides(t) for t in (p.q, p.k, p.v, grad_out, grad_q, grad_k, grad_v)))
+    flags = {**p.common_flags(), "STRIDES_8": strides_8}
     if p.batch * p.kv_heads and p.k_len:
         kv_tile = p.backward_kv_tile()
         traceable(_grad_kv_kernel)[(cdiv(p.k_len, kv_tile.block_n), p.batch * p.kv_heads)](

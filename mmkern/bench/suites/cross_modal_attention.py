@@ -73,6 +73,8 @@ CUDA = {
     "softcap_causal_2k_gqa_d128": (4, 2048, 2048, 16, 8, 128, 128, 1.0, SOFTCAP),
     "sinks_causal_4k_gqa_d64": (2, 4096, 4096, 64, 8, 64, 64, 1.0, SINKS),
     "position_bias_1k_padded_70_d64": (16, 1024, 1024, 8, 8, 64, 64, 0.7, POSITION_BIAS),
+    # Head dims that are multiples of 8 but not 16 (strides the JIT cannot see are 16-byte aligned).
+    "odd_head_dims_1k_padded_70_d40_dv24_gqa": (8, 1024, 1024, 16, 2, 40, 24, 0.7),
 }
 QUICK_CPU = {
     "small_padded_50": (2, 128, 256, 4, 4, 64, 64, 0.5),
