@@ -329,7 +329,7 @@ def attention_backward_kv_tile(d_pad: int, dv_pad: int, dtype: torch.dtype, capa
     block_m queries a step. The kernel computes S^T = K Q^T, keys on the MMA's rows: on Hopper 128 keys
     over 8 warps take warpgroup MMA, and 32 queries a step keep small the per-query vectors (lse, delta,
     positions), which lie along the accumulator's columns, where each thread holds many of them. The
-    audit (sm_90, bf16): 161-246 registers, no spills at hd64-hd128 but 16 B with a softcap, where 64
+    audit (sm_90, bf16): 161-245 registers, no spills at hd64-hd128 but 8 B with a softcap, where 64
     queries by 64 keys took 211-255 and spilled with lengths, grouped heads, sinks or a softcap.
     Ampere's MMA holds its operands in registers: 16x128 at hd64 and 32x64 at hd128, over 8 warps, are
     the audit's spill-free tiles there (32x128 spilled 8-352 B at hd128)."""
