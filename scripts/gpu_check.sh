@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU kit: one call on a GPU machine, within KIT_BUDGET seconds (default 530, under 9 minutes),
-# that builds for the device's arch only, runs the CUDA tests and compute-sanitizer side by side, the
-# tuning sweep (its table then used by what follows), the quick preset with device and host time, a
-# profiler summary per op, and the models preset's training steps. Each stage has a switch (0 leaves
+# that builds for the device's arch only, runs the attention's D=40/Dv=24 experiments, the CUDA tests
+# and compute-sanitizer side by side, the tuning sweep (its table then used by what follows), the
+# quick preset with device and host time, a profiler summary per op, and the models preset's training
+# steps. Each stage has a switch (0 leaves
 # it out) and a time limit, cut to what is left of the budget; the last lines printed are a table of
 # at most 40 lines. Every log and result is packed into $OUT/gpu-check.tar.gz ($OUT defaults to the
 # current folder): bench/ and bench-models/ hold runs for benchmarks/results/, tuned/ the table for
 # mmkern/kernels/tuned/. For offline GPU machines that already hold torch: nothing from pip.
 #
-#   switches: SANITIZE TUNE BENCH PROFILE MODELS (1 by default)
-#   limits (s): BUILD_TIMEOUT TEST_TIMEOUT SANITIZE_TIMEOUT TUNE_BUDGET BENCH_TIMEOUT PROFILE_TIMEOUT
-#   MODELS_TIMEOUT; KIT_RESERVE (15) is kept back for the summary. A stage that finds no time left
+#   switches: EXPERIMENTS SANITIZE TUNE BENCH PROFILE MODELS (1 by default)
+#   limits (s): BUILD_TIMEOUT EXPERIMENTS_TIMEOUT TEST_TIMEOUT SANITIZE_TIMEOUT TUNE_BUDGET BENCH_TIMEOUT
+#   PROFILE_TIMEOUT MODELS_TIMEOUT; KIT_RESERVE (15) is kept back for the summary. A stage that finds no time left
 #   is skipped, and the summary says so.
 set -uo pipefail
 PACK=${OUT:-.}
@@ -45,6 +46,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 MMKERN_CUDA_ARCH_LIST=$arch MAX_JOBS=16 run_stage build "$(limit ${BUILD_TIMEOUT:-200})" "$OUT/build.log" \
   "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . \
   || { tail -40 "$OUT/build.log"; echo "${summary[@]}"; exit 1; }
+
+if [ "${EXPERIMENTS:-1}" = 1 ]; then
+  # The attention's D=40/Dv=24 wrong answer: its discriminating experiments, seconds in all.
+  run_stage experiments "$(limit ${EXPERIMENTS_TIMEOUT:-60})" "$OUT/experiments.log" \
+    "$PYTHON" -m mmkern.bench.attention_experiments
+  cat "$OUT/experiments.log"
+fi
 
 begin=$SECONDS
 tests_limit=$(limit ${TEST_TIMEOUT:-170})

@@ -78,6 +78,7 @@ def test_every_stage_runs_in_order(kit, tmp_path):
     stages = [line for line in calls if line.startswith("python")]
     expected = [
         "pip install",
+        "mmkern.bench.attention_experiments",
         "pytest",
         "sanitize_workload.py",
         "mmkern.bench.tune --preset quick --budget 90",
@@ -89,23 +90,29 @@ def test_every_stage_runs_in_order(kit, tmp_path):
     assert order == sorted(order)
     assert all(limit <= 530 - 15 for limit in _limits(calls))
     summary = next(line for line in result.stdout.splitlines() if line.startswith("build:"))
-    assert all(f"{stage}:" in summary for stage in ("build", "tests and sanitizer", "tune", "bench", "models"))
+    stages_run = ("build", "experiments", "tests and sanitizer", "tune", "bench", "models")
+    assert all(f"{stage}:" in summary for stage in stages_run)
     with tarfile.open(tmp_path / "gpu-check.tar.gz") as pack:
         names = pack.getnames()
     assert "./pytest.log" in names and "./gpu.txt" in names and "./tune.log" in names
 
 
 def test_switches_leave_stages_out(kit):
-    result, calls = kit(SANITIZE="0", TUNE="0", MODELS="0")
+    result, calls = kit(EXPERIMENTS="0", SANITIZE="0", TUNE="0", MODELS="0")
     assert result.returncode == 0, result.stderr
-    assert not any(re.search("tune|models|sanitize", line) for line in calls)
+    assert not any(re.search("tune|models|sanitize|experiments", line) for line in calls)
     assert "bench:" in result.stdout and "tune:" not in result.stdout
 
 
 def test_stages_that_find_the_budget_spent_are_skipped(kit):
     # Each stage sleeps out its limit: the build takes 2 s, the tests the 3 s left, the rest none.
     result, calls = kit(
-        KIT_STAGES_TAKE_THEIR_LIMIT="1", KIT_BUDGET="6", KIT_RESERVE="1", BUILD_TIMEOUT="2", SANITIZE="0"
+        KIT_STAGES_TAKE_THEIR_LIMIT="1",
+        KIT_BUDGET="6",
+        KIT_RESERVE="1",
+        BUILD_TIMEOUT="2",
+        EXPERIMENTS="0",
+        SANITIZE="0",
     )
     assert result.returncode == 0, result.stderr
     assert _limits(calls) == [2, 3]
