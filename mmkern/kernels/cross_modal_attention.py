@@ -1270,6 +1270,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         p.batch * p.q_heads * cdiv(p.q_len, block_m), p.k_len, block_n, multiprocessors(p.q.device)
     )
     out4 = out.unsqueeze(0) if p.packed else out
+    qkv_strides = (p.strides(p.q), p.strides(p.k), p.strides(p.v))
     if splits > 1:
         # Partials (B, Lq, Hq, splits, Dv) and base-2 lse (B, Hq, Lq, splits) in the accumulation
         # dtype, every row written.
@@ -1296,9 +1297,9 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         p.key_mask,
         p.sinks,
         p.bias,
-        *p.strides(p.q),
-        *p.strides(p.k),
-        *p.strides(p.v),
+        *qkv_strides[0],
+        *qkv_strides[1],
+        *qkv_strides[2],
         *out_strides,
         *lse_strides,
         *p.key_mask_strides(),
@@ -1318,7 +1319,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         # Folding the scale into the exponent's FMA needs its sign (a max of raw products) and no other
         # terms in the scores.
         FOLD_SCALE=p.scale > 0 and p.softcap == 0 and not p.has_bias,
-        STRIDES_8=_strides_of_8(p.strides(p.q), p.strides(p.k), p.strides(p.v), out_strides),
+        STRIDES_8=_strides_of_8(*qkv_strides, out_strides),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=tile.num_warps,
@@ -1393,8 +1394,10 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
-    operand_strides = (*p.strides(p.q), *p.strides(p.k), *p.strides(p.v), *p.strides(grad_out), *p.lse_strides(lse))
-    strides_8 = _strides_of_8(*(p.strides(t) for t in (p.q, p.k, p.v, grad_out, grad_q, grad_k, grad_v)))
+    # (batch, length, head, dim) strides of q, k, v, grad_out, grad_q, grad_k, grad_v, taken once.
+    q_s, k_s, v_s, g_s, dq_s, dk_s, dv_s = (p.strides(t) for t in (p.q, p.k, p.v, grad_out, grad_q, grad_k, grad_v))
+    operand_strides = (*q_s, *k_s, *v_s, *g_s, *p.lse_strides(lse))
+    strides_8 = _strides_of_8(q_s, k_s, v_s, g_s, dq_s, dk_s, dv_s)
     flags = {**p.common_flags(), "STRIDES_8": strides_8}
     if p.batch * p.kv_heads and p.k_len:
         kv_tile = p.backward_kv_tile()
@@ -1410,8 +1413,8 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.key_mask,
             p.bias,
             *operand_strides,
-            *p.strides(grad_k),
-            *p.strides(grad_v),
+            *dk_s,
+            *dv_s,
             *p.key_mask_strides(),
             *p.bias_strides(),
             p.q_len,
@@ -1440,7 +1443,7 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.bias,
             p.placeholder if grad_bias is None else grad_bias,
             *operand_strides,
-            *p.strides(grad_q),
+            *dq_s,
             *p.key_mask_strides(),
             *p.bias_strides(),
             *((0, 0, 0, 0) if grad_bias is None else grad_bias.stride()),

@@ -30,7 +30,11 @@ def multiprocessors(device: torch.device) -> int:
     """The multiprocessor count launches are planned for."""
     if _config.TRITON_ON_CPU or not torch.cuda.is_available():
         return INTERPRETER_MULTIPROCESSORS
-    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_multiprocessors(_cuda_index(device))
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +50,7 @@ def compute_capability(device: torch.device) -> int:
     """The compute capability launches are planned for, as major * 10 + minor (90: Hopper)."""
     if _config.TRITON_ON_CPU or not torch.cuda.is_available():
         return INTERPRETER_CAPABILITY
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_capability(_cuda_index(device))
 
 
 @functools.lru_cache(maxsize=None)

@@ -384,7 +384,7 @@ def segmented_matmul_kernel(
     out_ptr += split * stride_osplit
     # A persistent launch has a program per resident slot, each taking output tiles pid, pid + programs, ...
     # The loop of one trip a launch with a program per tile runs folds away at compile time: the two
-    # compile to the same code but for the loop (which holds about 30 registers more across its trips).
+    # compile to the same code but for the loop (which the audit shows holding 18-65 registers more).
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
