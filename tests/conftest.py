@@ -51,6 +51,30 @@ def tma_launches(monkeypatch):
 
 
 @pytest.fixture
+def attention_launches(monkeypatch):
+    """(kernel name, grid, keyword arguments: the constexprs and launch options) of every attention
+    kernel launch, in order."""
+    from mmkern.kernels import cross_modal_attention as attention
+
+    launches = []
+    traceable = attention.traceable
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.fn.__name__, grid, kwargs))
+                return traceable(self.kernel)[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(attention, "traceable", Recording)
+    return launches
+
+
+@pytest.fixture
 def poisoned_memory():
     """Every tensor that ``empty`` allocates comes back filled with NaN (the largest value for integer
     dtypes): torch.empty and new_empty in Python, at::empty inside the C++ kernels and the buffers the

@@ -576,32 +576,81 @@ def test_unchecked_offsets_read_as_their_clamped_running_maximum(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_strides_of_8_elements_are_marked_and_others_not(device, monkeypatch):
+def test_strides_of_8_elements_are_marked_and_others_not(device, attention_launches):
     """Head dims of 40 and 24 (strides multiples of 8, not 16) tell every kernel so, which vectorises
     their loads and pipelines their loops on a GPU; 36 does not. Under the interpreter the kernels
     round the strides they are told of down to multiples of 8, so a wrong flag would give a wrong
     answer in the reference tests above (head_dim_36_dv_20)."""
     _skip_unless_gpu_path(device)
-    from mmkern.kernels import cross_modal_attention as attention
-
-    flags = {}
-
-    def recording(kernel):
-        def grid(shape):
-            def launch(*args, **kwargs):
-                if "STRIDES_8" in kwargs:
-                    flags.setdefault(kernel.fn.__name__, set()).add(kwargs["STRIDES_8"])
-                return kernel[shape](*args, **kwargs)
-
-            return launch
-
-        return type("Recording", (), {"__getitem__": lambda self, shape: grid(shape)})()
-
-    monkeypatch.setattr(attention, "traceable", recording)
     for head_dim, v_dim, expected in ((40, 24, True), (36, 20, False)):
-        flags.clear()
+        attention_launches.clear()
         q, k, v, lengths = make_case(2, 9, 21, 2, 1, head_dim, v_dim, [21, 5], None, torch.float32, device)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         out = ops.cross_modal_attention(q, k, v, **lengths)
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        flags = {}
+        for name, _, kwargs in attention_launches:
+            if "STRIDES_8" in kwargs:
+                flags.setdefault(name, set()).add(kwargs["STRIDES_8"])
         assert flags == {name: {expected} for name in ("_forward_kernel", "_grad_kv_kernel", "_grad_q_kernel")}
+
+
+# (CASES-style params, options, whether the forward packs query heads): grouped heads with fewer
+# queries than a tile's rows pack, across the variants whose per-row state is indexed by head (bias,
+# sinks, dropout's mask) and split keys; one head a key head, or queries filling a tile, do not.
+PACKING = {
+    "decode_multi_query_split_keys": ((2, 1, 1000, 8, 1, 64, 64, [1000, 513], None), {}, True),
+    "edge_lengths": ((3, 7, 33, 6, 2, 16, 24, [0, 33, 1], [7, 1, 0]), {}, True),
+    "split_keys_causal": ((2, 9, 700, 4, 2, 32, 32, [700, 290], [9, 4]), {"causal": True}, True),
+    "window_rows_across_heads": ((2, 5, 37, 4, 1, 16, 16, [37, 20], [5, 3]), {"window": (3, 2)}, True),
+    "bias_per_head_and_sinks": ((2, 9, 21, 4, 2, 16, 8, [21, 13], [9, 4]), {"bias": "full", "sinks": True}, True),
+    "dropout": ((2, 9, 21, 4, 2, 16, 8, [21, 13], [9, 4]), {"dropout_p": 0.3}, True),
+    "one_query_head_a_key_head": ((2, 9, 21, 2, 2, 16, 8, [21, 13], None), {}, False),
+    "queries_fill_a_tile": ((1, 200, 17, 2, 1, 8, 8, None, [150]), {}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKING))
+@pytest.mark.parametrize("device", DEVICES)
+def test_query_heads_packed_into_rows_give_the_unpacked_results(case, device, attention_launches, monkeypatch):
+    """The forward packs a key head's query heads into one program's rows where a head's queries are
+    fewer than a tile's (one program per key head, the grid's second dim B * Hkv), and gives what the
+    unpacked forward gives: output, lse and gradients, dropout's mask included."""
+    _skip_unless_gpu_path(device)
+    from mmkern.kernels import cross_modal_attention as attention
+    from tests.test_attention_variants import materialise
+
+    params, options, packs = PACKING[case]
+    q, k, v, lengths = make_case(*params, torch.float64, device)
+    options = materialise(params, options, device)
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
+
+    def run():
+        torch.manual_seed(7)
+        return forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths, **options)
+
+    packed = run()
+    forwards = [(grid, kwargs) for name, grid, kwargs in attention_launches if name == "_forward_kernel"]
+    assert [kwargs["PACK_GQA"] for _, kwargs in forwards] == [packs]
+    heads = params[4] if packs else params[3]
+    assert forwards[0][0][1] == params[0] * heads
+    monkeypatch.setattr(attention, "packs_query_heads", lambda q_len, group: False)
+    unpacked = run()
+    torch.testing.assert_close(packed[0], unpacked[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(packed[1], unpacked[1], rtol=1e-13, atol=1e-13)
+    for a, e in zip(packed[2], unpacked[2]):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    if packs and "dropout_p" not in options:
+        # (Dropout's mask against the reference's: test_dropout_is_the_reference_mask_for_the_generators_seed,
+        # whose shape packs too.)
+        check_against_reference(params, torch.float32, device, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_form_packs_query_heads(device, attention_launches):
+    """Packed (cu_seqlens) tensors with grouped heads and few queries take the packed-heads forward and
+    equal their padded form."""
+    _skip_unless_gpu_path(device)
+    check_packed_equals_padded(device)
+    forwards = [kwargs for name, _, kwargs in attention_launches if name == "_forward_kernel"]
+    assert [(kwargs["PACKED"], kwargs["PACK_GQA"]) for kwargs in forwards] == [(False, True), (True, True)]

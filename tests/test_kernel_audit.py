@@ -49,3 +49,14 @@ def test_the_gemm_reads_through_tma_on_hopper(rows):
     async copies."""
     gemm = [r for r in rows if r.kernel == "segmented_matmul_kernel" and r.grid_ctas >= audit.MULTIPROCESSORS]
     assert gemm and all(r.tma > 0 and r.async_copy == 0 for r in gemm), [(r.op, r.case, r.tile, r.tma) for r in gemm]
+
+
+def test_every_attention_forward_takes_warpgroup_mma_on_hopper(rows):
+    """Few queries included: on sm_90 their tiles have 64 rows or more (32-row tiles ran the older
+    mma.sync), and their launches fill whole waves (split-KV planned from the SM's resident CTAs)."""
+    forward = [r for r in rows if r.kernel == "_forward_kernel"]
+    assert forward and all(r.warpgroup_mma > 0 and r.mma == 0 for r in forward), [
+        (r.case, r.tile, r.warpgroup_mma, r.mma) for r in forward
+    ]
+    few = [r for r in forward if r.case.startswith("few_queries")]
+    assert few and all(r.waves is not None and r.waves <= 1.0 for r in few), [(r.case, r.waves) for r in few]

@@ -10,8 +10,18 @@ from mmkern import _config, ops
 from mmkern.kernels import tiles
 from mmkern.kernels.concat_linear import projection_plan
 from mmkern.kernels.cross_modal_attention import float_halves
-from mmkern.kernels.launch import INTERPRETER_MULTIPROCESSORS, power_of_2_at_least
-from mmkern.kernels.tiles import MIN_K_PER_SPLIT, GemmTile, cdiv, epilogue_split, gemm_splits, gemm_tile, key_splits
+from mmkern.kernels.launch import power_of_2_at_least
+from mmkern.kernels.tiles import (
+    MIN_K_PER_SPLIT,
+    AttentionTile,
+    GemmTile,
+    cdiv,
+    epilogue_split,
+    forward_residency,
+    gemm_splits,
+    gemm_tile,
+    key_splits,
+)
 
 segmented_matmul = importlib.import_module("mmkern.kernels.segmented_matmul")
 H100_MULTIPROCESSORS = 132
@@ -107,15 +117,40 @@ def test_a_wide_epilogue_runs_in_column_pieces(epilogue, block_n, pieces):
 
 
 def test_few_queries_over_long_keys_split_the_keys():
-    # 16 (sample, head) programs cannot fill 132 multiprocessors, so 1000 keys are split; 2048 query
-    # rows can, so they are not.
-    def plan(batch, q_len, k_len):
-        return key_splits(batch * 8 * cdiv(q_len, 16), k_len, 64, INTERPRETER_MULTIPROCESSORS)
+    # 16 (sample, head) programs cannot fill 264 slots (2 CTAs on each of 132 multiprocessors), so
+    # 1000 keys are split as far as 256 keys a split allows; 2048 query rows can, so they are not.
+    def plan(batch, q_len, k_len, slots=2 * H100_MULTIPROCESSORS):
+        return key_splits(batch * 8 * cdiv(q_len, 16), k_len, 64, slots)
 
     assert plan(2, 1, 1000) == (3, 384)
-    assert plan(2, 32, 32768)[0] > 8
     assert plan(16, 2048, 4096) == (1, 4096)
     assert plan(2, 1, 300) == (1, 300)
+    # The few-query forward of the benchmark (64 programs over 4k or 32k keys): 4 splits fill one wave
+    # (256 of 264 slots), where 5 (the old rule's "twice the multiprocessors") took 1.21 waves.
+    assert key_splits(64, 32768, 64, 264) == (4, 8192)
+    assert key_splits(64, 4096, 64, 264) == (4, 1024)
+    # 200 programs: 5 splits, 1000 CTAs in 4 waves (0.95 full) of a fifth of the keys each, 0.8 of
+    # the time of one wave three quarters full; from 0.8 of a wave on programs are left whole.
+    assert key_splits(200, 32768, 64, 264) == (5, 6592)
+    assert key_splits(220, 32768, 64, 264) == (1, 32768)
+
+
+@pytest.mark.parametrize(
+    "tile, d_pad, capability, resident",
+    [
+        # The audit's sm_90 figures (bf16): 128x64 over 4 warps at hd64 two a SM (registers), over 8
+        # warps at hd128 one (registers and 128 KiB of shared memory); 64x64 at hd128 over 4 warps two
+        # (112 KiB). sm_80: 32x64 at hd128 two (76 KiB), 64x64 one (88 KiB of its 163).
+        (AttentionTile(128, 64, 4, 3), 64, 90, 2),
+        (AttentionTile(128, 64, 8, 3), 128, 90, 1),
+        (AttentionTile(64, 64, 4, 3), 128, 90, 2),
+        (AttentionTile(64, 32, 8, 2), 256, 90, 1),
+        (AttentionTile(32, 64, 4, 3), 128, 80, 2),
+        (AttentionTile(64, 64, 4, 3), 128, 80, 1),
+    ],
+)
+def test_forward_residency_is_the_audits(tile, d_pad, capability, resident):
+    assert forward_residency(tile, d_pad, d_pad, 2, capability) == resident
 
 
 def test_an_override_picks_the_tiles_and_the_result_stays_right():

@@ -128,7 +128,9 @@ def candidates(target: Target) -> list:
             for tma in ((False, True) if capability >= 90 and dtype != torch.float64 else (False,))
         ]
     else:
-        wide = max(target.args[-3], target.args[-2]) if target.family == "attention_forward" else max(target.args[:2])
+        # (rows, d_pad, dv_pad, dtype, capability) for the forward, (d_pad, dv_pad, dtype, ...) for the others.
+        d_pad, dv_pad, dtype = target.args[1:4] if target.family == "attention_forward" else target.args[:3]
+        wide = max(d_pad, dv_pad)
         blocks = (
             [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)] if wide <= 128 else [(32, 32), (64, 32), (64, 64)]
         )
@@ -138,7 +140,7 @@ def candidates(target: Target) -> list:
             blocks = (
                 [(16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (64, 128)] if wide <= 128 else [(16, 64), (32, 64)]
             )
-        if target.args[-1] in (torch.float32, torch.float64):
+        if dtype in (torch.float32, torch.float64):
             blocks = [(bm // 2, bn // 2) for bm, bn in blocks]
         stages = (1, 2, 3) if target.family.startswith("attention_backward") else (2, 3, 4)
         others = [AttentionTile(bm, bn, warps, st) for bm, bn in blocks for warps in (4, 8) for st in stages]

@@ -49,7 +49,9 @@ from mmkern.kernels.tiles import (
     attention_forward_tile,
     cdiv,
     combine_block_m,
+    forward_residency,
     key_splits,
+    packs_query_heads,
 )
 
 # Offsets a program reads at once to take their running maximum (one load for batches up to it).
@@ -113,6 +115,14 @@ def _span(b, starts_ptr, lens_ptr, full_len, rows, PACKED: tl.constexpr, HAS_LEN
         if HAS_LENS:
             length = tl.load(lens_ptr + b).to(tl.int64)
     return start, tl.minimum(tl.maximum(length, 0), full_len)
+
+
+@triton.jit
+def _sample_and_head(pid, heads):
+    """(sample, head) of a program over the (sample, head) pairs of ``heads`` heads a sample, in 64 bits
+    (offsets past 2^31 elements)."""
+    pair = pid.to(tl.int64)
+    return pair // heads, pair % heads
 
 
 @triton.jit
@@ -227,11 +237,10 @@ def _window_mask(rows, cols, diagonal, window_left, window_right):
 
 
 @triton.jit
-def _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) holding every key that query block pid_m sees, lo a multiple of BLOCK_N: the key
-    blocks wholly outside the window are never visited."""
-    first_row = pid_m * BLOCK_M
-    last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
+def _key_range(first_row, end_row, q_len, kv_len, window_left, window_right, BLOCK_N: tl.constexpr):
+    """[lo, hi) holding every key that queries first_row to end_row - 1 see, lo a multiple of BLOCK_N:
+    the key blocks wholly outside the window are never visited."""
+    last_row = tl.minimum(end_row, q_len) - 1
     diagonal = kv_len - q_len
     lo = tl.where(window_left >= 0, tl.maximum(first_row + diagonal - window_left, 0), 0)
     hi = tl.where(window_right >= 0, tl.minimum(last_row + diagonal + window_right + 1, kv_len), kv_len)
@@ -341,6 +350,7 @@ def _forward_kernel(
     HAS_SINKS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    PACK_GQA: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
     STRIDES_8: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -355,25 +365,42 @@ def _forward_kernel(
     stride_vb, stride_vl, stride_vh = _multiples_of_8(stride_vb, stride_vl, stride_vh, STRIDES_8)
     stride_ob, stride_ol, stride_oh = _multiples_of_8(stride_ob, stride_ol, stride_oh, STRIDES_8)
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    b = bh // Q_HEADS
-    h = bh % Q_HEADS
+    # A program's rows: BLOCK_M queries of one head, or with PACK_GQA, rows of a key head's GROUP query
+    # heads, query-major (row r is query r // GROUP of head r % GROUP of the group), so that the group
+    # reads each K/V block once and a few queries still fill a tile. `heads` is then a row vector
+    # (`row_heads` its column, for tiles), else the program's one head.
+    if PACK_GQA:
+        b, kv_head = _sample_and_head(tl.program_id(1), Q_HEADS // GROUP)
+        # In 32 bits (a key head's rows number far fewer than 2^31): 64-bit division is a long
+        # sequence, and its results are live across the key loop.
+        tile_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (tile_rows // GROUP).to(tl.int64)
+        heads = kv_head * GROUP + tile_rows % GROUP
+        row_heads = heads[:, None]
+        first_row = pid_m * BLOCK_M // GROUP
+        end_row = (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP + 1
+    else:
+        b, heads = _sample_and_head(tl.program_id(1), Q_HEADS)
+        kv_head = heads // GROUP
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_heads = heads
+        first_row = pid_m * BLOCK_M
+        end_row = first_row + BLOCK_M
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     # Split partials are written over every row (the combine kernel reads them); outputs over the
     # padded rows, or only the sample's own rows when packed.
     write_limit = q_len if PACKED and not SPLIT else Q_LEN
-    if pid_m * BLOCK_M >= write_limit:
+    if first_row >= write_limit:
         return
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     dims = tl.arange(0, D_PAD)
     v_dims = tl.arange(0, DV_PAD)
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
-    q_base = q_ptr + b * stride_qb + q_start * stride_ql + h * stride_qh
-    k_base = k_ptr + b * stride_kb + k_start * stride_kl + (h // GROUP) * stride_kh
-    v_base = v_ptr + b * stride_vb + k_start * stride_vl + (h // GROUP) * stride_vh
+    q_base = q_ptr + b * stride_qb + q_start * stride_ql + row_heads * stride_qh
+    k_base = k_ptr + b * stride_kb + k_start * stride_kl + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + k_start * stride_vl + kv_head * stride_vh
     row_valid = rows < q_len
     q = tl.load(
         q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
@@ -391,7 +418,7 @@ def _forward_kernel(
     hi = tl.minimum(lo + KEYS_PER_SPLIT, kv_len)
     diagonal = kv_len - q_len
     if WINDOWED:
-        window_lo, window_hi = _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
+        window_lo, window_hi = _key_range(first_row, end_row, q_len, kv_len, window_left, window_right, BLOCK_N)
         lo = tl.maximum(lo, window_lo)
         hi = tl.minimum(hi, window_hi)
     if HAS_KEY_MASK:
@@ -418,7 +445,7 @@ def _forward_kernel(
             s = s + _bias_log2(
                 bias_ptr,
                 b,
-                h,
+                row_heads,
                 rows[:, None],
                 cols[None, :],
                 stride_bb,
@@ -453,7 +480,9 @@ def _forward_kernel(
             p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed_ptr, b, h, rows[:, None], cols[None, :], Q_HEADS, Q_LEN, K_LEN, dropout_threshold)
+            keep = _dropout_keep(
+                seed_ptr, b, row_heads, rows[:, None], cols[None, :], Q_HEADS, Q_LEN, K_LEN, dropout_threshold
+            )
             p = tl.where(keep, p, 0.0)
         v = tl.load(
             v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
@@ -464,7 +493,7 @@ def _forward_kernel(
         m_i = m_new
 
     if HAS_SINKS and not SPLIT:  # split partials leave the sink to the combine kernel
-        m_i, l_i, acc = _add_sink(sinks_ptr, h, m_i, l_i, acc, ln2, ACC_DTYPE)
+        m_i, l_i, acc = _add_sink(sinks_ptr, heads, m_i, l_i, acc, ln2, ACC_DTYPE)
     has_keys = l_i > 0
     out = acc * (dropout_scale / tl.where(has_keys, l_i, 1.0))[:, None]
     # Stored in base 2 for the combine kernel; in natural log for the caller.
@@ -473,11 +502,11 @@ def _forward_kernel(
         lse = lse * ln2
     # Split partials are indexed by the sample's own rows; outputs by the (packed) tensor's rows.
     out_start = 0 if SPLIT else q_start
-    out_base = out_ptr + b * stride_ob + out_start * stride_ol + h * stride_oh + split * stride_os
+    out_base = out_ptr + b * stride_ob + out_start * stride_ol + row_heads * stride_oh + split * stride_os
     _store_rows(out_base, out, rows, v_dims, stride_ol, stride_od, q_len, write_limit, V_DIM)
     lse = tl.where(row_valid, lse, float("-inf"))
     tl.store(
-        lse_ptr + b * stride_lb + h * stride_lh + (out_start + rows) * stride_ll + split * stride_ls,
+        lse_ptr + b * stride_lb + heads * stride_lh + (out_start + rows) * stride_ll + split * stride_ls,
         lse,
         mask=rows < write_limit,
     )
@@ -1036,7 +1065,9 @@ def _grad_q_kernel(
     keys_begin = 0
     diagonal = kv_len - q_len
     if WINDOWED:
-        keys_begin, window_end = _key_range(pid_m, q_len, kv_len, window_left, window_right, BLOCK_M, BLOCK_N)
+        keys_begin, window_end = _key_range(
+            pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_len, kv_len, window_left, window_right, BLOCK_N
+        )
         keys_end = tl.minimum(keys_end, window_end)
     if HAS_KEY_MASK:
         kept_lo, kept_hi = _kept_range(key_mask_ptr, b, stride_mb, stride_ml, k_start, kv_len, BLOCK_N)
@@ -1193,6 +1224,7 @@ class Problem:
         self.dropout_scale = 1.0 / (1.0 - dropout_p)
         self.acc_dtype = accumulate_dtype(q.dtype)
         self.acc_tl_dtype = tl.float64 if self.acc_dtype == torch.float64 else tl.float32
+        self.capability = compute_capability(q.device)
         self.d_pad = power_of_2_at_least(self.head_dim, 16, 256)
         self.dv_pad = power_of_2_at_least(self.v_dim, 16, 256)
 
@@ -1252,23 +1284,31 @@ class Problem:
             "DV_PAD": self.dv_pad,
         }
 
+    def packs_query_heads(self):
+        return packs_query_heads(self.q_len, self.group)
+
     def forward_tile(self):
-        return attention_forward_tile(self.q_len, self.d_pad, self.dv_pad, self.q.dtype)
+        """The forward's tile, for a head's queries or, packed, a key head's group of them."""
+        rows = self.q_len * self.group if self.packs_query_heads() else self.q_len
+        return attention_forward_tile(rows, self.d_pad, self.dv_pad, self.q.dtype, self.capability)
 
     def backward_tile(self):
         return attention_backward_tile(self.d_pad, self.dv_pad, self.q.dtype)
 
     def backward_kv_tile(self):
-        return attention_backward_kv_tile(self.d_pad, self.dv_pad, self.q.dtype, compute_capability(self.q.device))
+        return attention_backward_kv_tile(self.d_pad, self.dv_pad, self.q.dtype, self.capability)
 
 
 def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     """Writes out (B, Lq, Hq, Dv) or packed (total_q, Hq, Dv), and lse (B, Hq, Lq) or (Hq, total_q)."""
     tile = p.forward_tile()
     block_m, block_n = tile.block_m, tile.block_n
-    splits, keys_per_split = key_splits(
-        p.batch * p.q_heads * cdiv(p.q_len, block_m), p.k_len, block_n, multiprocessors(p.q.device)
-    )
+    pack = p.packs_query_heads()
+    # Programs: (query block, sample and head) pairs, a key head's packed query heads sharing one.
+    query_blocks = cdiv(p.q_len * p.group, block_m) if pack else cdiv(p.q_len, block_m)
+    head_programs = p.batch * (p.kv_heads if pack else p.q_heads)
+    slots = multiprocessors(p.q.device) * forward_residency(tile, p.d_pad, p.dv_pad, p.q.element_size(), p.capability)
+    splits, keys_per_split = key_splits(query_blocks * head_programs, p.k_len, block_n, slots)
     out4 = out.unsqueeze(0) if p.packed else out
     qkv_strides = (p.strides(p.q), p.strides(p.k), p.strides(p.v))
     if splits > 1:
@@ -1283,7 +1323,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         target, target_lse = out4, lse
         out_strides = (*p.strides(out4), 0)
         lse_strides = (*p.lse_strides(lse), 0)
-    grid = (cdiv(p.q_len, block_m), p.batch * p.q_heads, splits)
+    grid = (query_blocks, head_programs, splits)
     if grid[0] == 0 or grid[1] == 0:
         return
     traceable(_forward_kernel)[grid](
@@ -1316,6 +1356,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         *p.scalars(),
         HAS_SINKS=p.has_sinks,
         SPLIT=splits > 1,
+        PACK_GQA=pack,
         # Folding the scale into the exponent's FMA needs its sign (a max of raw products) and no other
         # terms in the scores.
         FOLD_SCALE=p.scale > 0 and p.softcap == 0 and not p.has_bias,

@@ -294,10 +294,25 @@ def epilogue_split(tile: GemmTile, wide_epilogue: bool) -> int:
     return (4 if tile.block_n >= 256 else 2) if wide_epilogue and tile.block_n >= 64 else 1
 
 
-def attention_forward_tile(q_len, d_pad: int, dv_pad: int, dtype: torch.dtype) -> AttentionTile:
-    """The forward's tile for padded head dims ``d_pad``, ``dv_pad``; a short query side takes a
-    short tile, and fp32/fp64 operands half the rows and keys (twice the bytes, and no wide MMA)."""
-    tile = _chosen("attention_forward", q_len, d_pad, dv_pad, dtype)
+# The forward packs a key head's group of query heads into one program's rows (grouped-query attention)
+# while a head's queries alone are fewer than the widest tile's rows: decoding, a few text tokens over
+# an image. The group then reads each K/V block once where each of its heads read it, and its rows
+# fill the tile that one head's queries would leave mostly empty.
+PACK_QUERY_HEADS_BELOW = 128
+
+
+def packs_query_heads(q_len, group: int) -> bool:
+    """Whether the forward packs each key head's ``group`` query heads into its programs' rows."""
+    below = INTERPRETER_ATTENTION.block_m if _config.TRITON_ON_CPU else PACK_QUERY_HEADS_BELOW
+    return group > 1 and q_len < below
+
+
+def attention_forward_tile(rows, d_pad: int, dv_pad: int, dtype: torch.dtype, capability: int = 90) -> AttentionTile:
+    """The forward's tile for ``rows`` query rows a (sample, head) program (a key head's group of query
+    heads when packed) and padded head dims ``d_pad``, ``dv_pad``. Few rows take a short tile, but on
+    Hopper at least 64 (4 warps of warpgroup MMA; fewer rows run the older mma.sync path); fp32/fp64
+    operands half the rows and keys (twice the bytes, and no wide MMA)."""
+    tile = _chosen("attention_forward", rows, d_pad, dv_pad, dtype, capability)
     if tile is not None:
         return tile
     if _config.TRITON_ON_CPU:
@@ -306,7 +321,10 @@ def attention_forward_tile(q_len, d_pad: int, dv_pad: int, dtype: torch.dtype) -
     block_m, block_n, warps = (128, 64, 4) if widest <= 64 else (128, 64, 8) if widest <= 128 else (64, 32, 8)
     if dtype in (torch.float32, torch.float64):
         block_m, block_n = block_m // 2, block_n // 2
-    return AttentionTile(power_of_2_at_least(q_len, 16, block_m), block_n, warps, 2 if widest > 128 else 3)
+    block_m = power_of_2_at_least(rows, min(64, block_m) if capability >= 90 else 16, block_m)
+    if block_m <= 64 and widest <= 128:
+        warps = 4
+    return AttentionTile(block_m, block_n, warps, 2 if widest > 128 else 3)
 
 
 def attention_backward_tile(d_pad: int, dv_pad: int, dtype: torch.dtype) -> AttentionTile:
@@ -353,13 +371,56 @@ def attention_backward_kv_tile(d_pad: int, dv_pad: int, dtype: torch.dtype, capa
 # Split-KV is worth it only while programs are few; each split keeps at least this many keys.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
+# Programs that fill this share of the resident slots are left whole (the tail of a wave costs less
+# than the combine), and a split count is taken at this share of the best one's wave efficiency.
+SPLIT_WHEN_BELOW = 0.8
+SPLIT_EFFICIENCY = 0.85
+# Shared memory a CTA may take on one SM: Hopper 227 KiB, Ampere (A100) 163 KiB.
+SHARED_PER_SM = {90: 227 * 1024, 80: 163 * 1024}
 
 
-def key_splits(programs, k_len, block_n: int, multiprocessors: int) -> tuple:
-    """(splits, keys per split) for a forward of ``programs`` (sample, head, query block) programs:
-    enough to fill the GPU twice over, each split at least MIN_KEYS_PER_SPLIT keys and a whole number
-    of key blocks."""
-    splits = min(cdiv(2 * multiprocessors, max(programs, 1)), k_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+def forward_residency(tile: AttentionTile, d_pad: int, dv_pad: int, element_size: int, capability: int = 90) -> int:
+    """How many CTAs of the forward's tile one SM holds at once, as the audit finds them: shared memory
+    holds Q's tile and ``num_stages`` K and V blocks on Hopper (warpgroup MMA takes P from registers),
+    one stage fewer and P's tile on Ampere, and registers two CTAs of 4 warps or one of 8 (the audit's
+    forward launches take 128-255 registers a thread)."""
+    kv_block = tile.block_n * (d_pad + dv_pad)
+    if capability >= 90:
+        shared = tile.block_m * d_pad + tile.num_stages * kv_block
+    else:
+        shared = tile.block_m * d_pad + (tile.num_stages - 1) * kv_block + tile.block_m * tile.block_n
+    shared *= element_size
+    by_shared = SHARED_PER_SM[90 if capability >= 90 else 80] // max(shared, 1)
+    return max(1, min(by_shared, 8 // tile.num_warps))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fullest_splits(programs: int, most: int, slots: int) -> int:
+    """The fewest splits, up to ``most``, within SPLIT_EFFICIENCY of the fullest waves of ``slots``
+    that ``programs`` programs split any number of times up to ``most`` make (cached: a scan of up
+    to MAX_SPLITS counts, on every forward's host path)."""
+
+    def fullness(splits):
+        return programs * splits / (cdiv(programs * splits, slots) * slots)
+
+    best = max(fullness(splits) for splits in range(1, most + 1))
+    return next(splits for splits in range(1, most + 1) if fullness(splits) >= SPLIT_EFFICIENCY * best)
+
+
+def key_splits(programs, k_len, block_n: int, slots: int) -> tuple:
+    """(splits, keys per split) for a forward of ``programs`` (sample, head, query block) programs on a
+    GPU that holds ``slots`` of them at once: each split at least MIN_KEYS_PER_SPLIT keys and a whole
+    number of key blocks. The time is that of the waves the CTAs take, ceil(programs * splits / slots)
+    waves each 1/splits as long, so the count is chosen by how full its waves are (320 CTAs on 264
+    slots take two waves, the second a fifth full, where 256 take one): the fewest splits within
+    SPLIT_EFFICIENCY of the fullest waves any count reaches."""
+    most = min(k_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+    if most < 2 or programs >= SPLIT_WHEN_BELOW * slots:
+        return 1, max(k_len, 1)
+    if type(programs) is int and type(k_len) is int:
+        splits = _fullest_splits(programs, most, slots)
+    else:  # torch.compile's symbolic sizes: one wave, decided by a comparison or two rather than a scan
+        splits = min(max(slots // programs, 1), most)
     if splits < 2:
         return 1, max(k_len, 1)
     keys_per_split = cdiv(cdiv(k_len, splits), block_n) * block_n
