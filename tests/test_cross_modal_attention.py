@@ -654,3 +654,38 @@ def test_packed_form_packs_query_heads(device, attention_launches):
     check_packed_equals_padded(device)
     forwards = [kwargs for name, _, kwargs in attention_launches if name == "_forward_kernel"]
     assert [(kwargs["PACKED"], kwargs["PACK_GQA"]) for kwargs in forwards] == [(False, True), (True, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", [{}, {"causal": True, "window": (200, 0)}, {"bias": "full"}])
+def test_few_queries_split_the_query_gradients_keys(device, options, attention_launches):
+    """Few queries over long keys: the query gradient's programs split the keys (the grid's third dim),
+    their partial dQ summed, padded and packed alike, with windows and the bias gradient too."""
+    _skip_unless_gpu_path(device)
+    from tests.test_attention_variants import materialise
+
+    params = CASES["split_keys_several_rows"]
+    options = materialise(params, options, device)
+    if "bias" in options:
+        options["bias"].requires_grad_()
+    check_against_reference(params, torch.float32, device, **options)
+    splits = [grid[2] for name, grid, _ in attention_launches if name == "_grad_q_kernel"]
+    assert splits and all(count > 1 for count in splits), splits
+    if "bias" in options:
+        return
+    q, k, v, lengths = make_case(*params, torch.float64, device)
+    q_lens, kv_lens = lengths["q_lens"].tolist(), lengths["kv_lens"].tolist()
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], dtype=torch.float64, device=device)
+    padded = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths, **options)
+    cu = [torch.tensor([0, *itertools.accumulate(n)], device=device, dtype=torch.int32) for n in (q_lens, kv_lens)]
+    attention_launches.clear()
+    packed = forward_and_grads(
+        lambda *t: ops.cross_modal_attention_packed(*t, *cu, q.shape[1], k.shape[1], return_lse=True, **options),
+        pack(q, q_lens),
+        pack(k, kv_lens),
+        pack(v, kv_lens),
+        pack(grad_out, q_lens),
+    )
+    assert all(grid[2] > 1 for name, grid, _ in attention_launches if name == "_grad_q_kernel")
+    for packed_grad, grad, lens in zip(packed[2], padded[2], (q_lens, kv_lens, kv_lens)):
+        torch.testing.assert_close(packed_grad, pack(grad, lens), rtol=1e-10, atol=1e-10)

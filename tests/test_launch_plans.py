@@ -15,9 +15,9 @@ from mmkern.kernels.tiles import (
     MIN_K_PER_SPLIT,
     AttentionTile,
     GemmTile,
+    attention_residency,
     cdiv,
     epilogue_split,
-    forward_residency,
     gemm_splits,
     gemm_tile,
     key_splits,
@@ -149,8 +149,15 @@ def test_few_queries_over_long_keys_split_the_keys():
         (AttentionTile(64, 64, 4, 3), 128, 80, 1),
     ],
 )
-def test_forward_residency_is_the_audits(tile, d_pad, capability, resident):
-    assert forward_residency(tile, d_pad, d_pad, 2, capability) == resident
+def test_attention_residency_is_the_audits(tile, d_pad, capability, resident):
+    assert attention_residency(tile, d_pad, d_pad, 2, capability) == resident
+
+
+def test_query_gradient_residency_is_the_audits():
+    # sm_90, bf16: 64x64 over 8 warps at hd128 one a SM (96 KiB, registers), over 4 warps at hd64 two
+    # (48 KiB; registers allow three there, which the estimate leaves out).
+    assert attention_residency(AttentionTile(64, 64, 8, 2), 128, 128, 2, query_gradient=True) == 1
+    assert attention_residency(AttentionTile(64, 64, 4, 2), 64, 64, 2, query_gradient=True) == 2
 
 
 def test_an_override_picks_the_tiles_and_the_result_stays_right():

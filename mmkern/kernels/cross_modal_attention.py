@@ -47,9 +47,9 @@ from mmkern.kernels.tiles import (
     attention_backward_kv_tile,
     attention_backward_tile,
     attention_forward_tile,
+    attention_residency,
     cdiv,
     combine_block_m,
-    forward_residency,
     key_splits,
     packs_query_heads,
 )
@@ -560,9 +560,7 @@ def _combine_splits_kernel(
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Q_HEADS
-    h = bh % Q_HEADS
+    b, h = _sample_and_head(tl.program_id(1), Q_HEADS)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     write_limit = q_len if PACKED else Q_LEN
     if pid_m * BLOCK_M >= write_limit:
@@ -635,9 +633,7 @@ def _delta_kernel(
 ):
     """delta = rowsum(dO * O), the softmax backward's correction (dropout included, as O holds it)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Q_HEADS
-    h = bh % Q_HEADS
+    b, h = _sample_and_head(tl.program_id(1), Q_HEADS)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     write_limit = q_len if PACKED else Q_LEN
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -803,9 +799,7 @@ def _grad_kv_kernel(
     ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
         scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
     )
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // KV_HEADS
-    kv_h = bh % KV_HEADS
+    b, kv_h = _sample_and_head(tl.program_id(1), KV_HEADS)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     write_limit = kv_len if PACKED else K_LEN
@@ -978,6 +972,7 @@ def _grad_q_kernel(
     stride_dql,
     stride_dqh,
     stride_dqd,
+    stride_dqs,
     stride_mb,
     stride_ml,
     stride_bb,
@@ -996,6 +991,7 @@ def _grad_q_kernel(
     GROUP,
     HEAD_DIM: tl.constexpr,
     V_DIM: tl.constexpr,
+    KEYS_PER_SPLIT,
     scale_hi,
     scale_lo,
     dropout_threshold,
@@ -1014,6 +1010,7 @@ def _grad_q_kernel(
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    SPLIT: tl.constexpr,
     STRIDES_8: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -1031,9 +1028,10 @@ def _grad_q_kernel(
     ln2, scale, scale_log2, dropout_scale, cap_in, cap_out = _scalars(
         scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, softcap_hi, softcap_lo, ACC_DTYPE
     )
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Q_HEADS
-    h = bh % Q_HEADS
+    b, h = _sample_and_head(tl.program_id(1), Q_HEADS)
+    # With few queries the keys are split across programs (program_id(2)), each writing its partial
+    # dQ to its own slice (stride_dqs) of a buffer the launcher sums; one split otherwise.
+    split = tl.program_id(2)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     write_limit = q_len if PACKED else Q_LEN
@@ -1061,13 +1059,18 @@ def _grad_q_kernel(
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + k_start * stride_kl
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
     dq = tl.zeros((BLOCK_M, D_PAD), ACC_DTYPE)
-    keys_end = tl.where(pid_m * BLOCK_M < q_len, kv_len, 0)
     keys_begin = 0
+    keys_end = kv_len
+    if SPLIT:  # (a constexpr: one split keeps the loop's bounds simple, 29 registers fewer with a window)
+        keys_begin = split * KEYS_PER_SPLIT
+        keys_end = tl.minimum(keys_begin + KEYS_PER_SPLIT, kv_len)
+    keys_end = tl.where(pid_m * BLOCK_M < q_len, keys_end, 0)
     diagonal = kv_len - q_len
     if WINDOWED:
-        keys_begin, window_end = _key_range(
+        window_begin, window_end = _key_range(
             pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_len, kv_len, window_left, window_right, BLOCK_N
         )
+        keys_begin = tl.maximum(keys_begin, window_begin) if SPLIT else window_begin
         keys_end = tl.minimum(keys_end, window_end)
     if HAS_KEY_MASK:
         kept_lo, kept_hi = _kept_range(key_mask_ptr, b, stride_mb, stride_ml, k_start, kv_len, BLOCK_N)
@@ -1142,7 +1145,7 @@ def _grad_q_kernel(
         ds = d_scores * slope
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     _store_rows(
-        dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql,
+        dq_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dql + split * stride_dqs,
         dq * scale,
         rows,
         dims,
@@ -1307,7 +1310,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     # Programs: (query block, sample and head) pairs, a key head's packed query heads sharing one.
     query_blocks = cdiv(p.q_len * p.group, block_m) if pack else cdiv(p.q_len, block_m)
     head_programs = p.batch * (p.kv_heads if pack else p.q_heads)
-    slots = multiprocessors(p.q.device) * forward_residency(tile, p.d_pad, p.dv_pad, p.q.element_size(), p.capability)
+    slots = multiprocessors(p.q.device) * attention_residency(tile, p.d_pad, p.dv_pad, p.q.element_size(), p.capability)
     splits, keys_per_split = key_splits(query_blocks * head_programs, p.k_len, block_n, slots)
     out4 = out.unsqueeze(0) if p.packed else out
     qkv_strides = (p.strides(p.q), p.strides(p.k), p.strides(p.v))
@@ -1435,8 +1438,22 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
         )
     shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
-    # (batch, length, head, dim) strides of q, k, v, grad_out, grad_q, grad_k, grad_v, taken once.
-    q_s, k_s, v_s, g_s, dq_s, dk_s, dv_s = (p.strides(t) for t in (p.q, p.k, p.v, grad_out, grad_q, grad_k, grad_v))
+    # The query gradient's programs split the keys when they are too few to fill the GPU (few queries
+    # over long keys), each split's partial dQ written, in the accumulation dtype, to its own slice of
+    # (B, Lq, Hq, splits, D) (zeros first where rows belong to no sample) and summed in a fixed order.
+    slots = multiprocessors(p.q.device) * attention_residency(
+        tile, p.d_pad, p.dv_pad, p.q.element_size(), p.capability, query_gradient=True
+    )
+    splits, keys_per_split = key_splits(cdiv(p.q_len, block_m) * p.batch * p.q_heads, p.k_len, tile.block_n, slots)
+    if splits > 1:
+        allocate = torch.zeros if p.packed else torch.empty
+        dq_target = allocate((*grad_q.shape[:3], splits, p.head_dim), dtype=p.acc_dtype, device=grad_q.device)
+        dq_s = (p.batch_stride(dq_target), dq_target.stride(1), dq_target.stride(2), dq_target.stride(4))
+        dq_split_stride = dq_target.stride(3)
+    else:
+        dq_target, dq_s, dq_split_stride = grad_q, p.strides(grad_q), 0
+    # (batch, length, head, dim) strides of q, k, v, grad_out, grad_k, grad_v, taken once.
+    q_s, k_s, v_s, g_s, dk_s, dv_s = (p.strides(t) for t in (p.q, p.k, p.v, grad_out, grad_k, grad_v))
     operand_strides = (*q_s, *k_s, *v_s, *g_s, *p.lse_strides(lse))
     strides_8 = _strides_of_8(q_s, k_s, v_s, g_s, dq_s, dk_s, dv_s)
     flags = {**p.common_flags(), "STRIDES_8": strides_8}
@@ -1472,9 +1489,9 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             **flags,
         )
     if p.batch * p.q_heads and p.q_len:
-        traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads)](
+        traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads, splits)](
             *shared,
-            grad_q,
+            dq_target,
             p.dropout_seed,
             cu_q,
             cu_k,
@@ -1485,6 +1502,7 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.placeholder if grad_bias is None else grad_bias,
             *operand_strides,
             *dq_s,
+            dq_split_stride,
             *p.key_mask_strides(),
             *p.bias_strides(),
             *((0, 0, 0, 0) if grad_bias is None else grad_bias.stride()),
@@ -1496,11 +1514,15 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.group,
             p.head_dim,
             p.v_dim,
+            keys_per_split,
             *scalars,
             BIAS_GRAD=grad_bias is not None,
+            SPLIT=splits > 1,
             **tile.launch_options(),
             **flags,
         )
+        if splits > 1:
+            grad_q.copy_(dq_target.sum(3))
 
 
 def forward(

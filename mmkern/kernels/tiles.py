@@ -379,18 +379,21 @@ SPLIT_EFFICIENCY = 0.85
 SHARED_PER_SM = {90: 227 * 1024, 80: 163 * 1024}
 
 
-def forward_residency(tile: AttentionTile, d_pad: int, dv_pad: int, element_size: int, capability: int = 90) -> int:
-    """How many CTAs of the forward's tile one SM holds at once, as the audit finds them: shared memory
-    holds Q's tile and ``num_stages`` K and V blocks on Hopper (warpgroup MMA takes P from registers),
-    one stage fewer and P's tile on Ampere, and registers two CTAs of 4 warps or one of 8 (the audit's
-    forward launches take 128-255 registers a thread)."""
+def attention_residency(
+    tile: AttentionTile, d_pad: int, dv_pad: int, element_size: int, capability: int = 90, query_gradient=False
+) -> int:
+    """How many CTAs of an attention tile (the forward's, or with ``query_gradient`` the query
+    gradient's) one SM holds at once, as the audit finds them: shared memory holds Q's tile (and dO's
+    for the gradient) and ``num_stages`` K and V blocks on Hopper (warpgroup MMA takes P from
+    registers), one stage fewer and P's tile on Ampere; registers two CTAs of 4 warps or one of 8 (the
+    audit's launches take 128-255 registers a thread)."""
+    rows = tile.block_m * (d_pad + (dv_pad if query_gradient else 0))
     kv_block = tile.block_n * (d_pad + dv_pad)
     if capability >= 90:
-        shared = tile.block_m * d_pad + tile.num_stages * kv_block
+        shared = rows + tile.num_stages * kv_block
     else:
-        shared = tile.block_m * d_pad + (tile.num_stages - 1) * kv_block + tile.block_m * tile.block_n
-    shared *= element_size
-    by_shared = SHARED_PER_SM[90 if capability >= 90 else 80] // max(shared, 1)
+        shared = rows + (tile.num_stages - 1) * kv_block + tile.block_m * tile.block_n
+    by_shared = SHARED_PER_SM[90 if capability >= 90 else 80] // max(shared * element_size, 1)
     return max(1, min(by_shared, 8 // tile.num_warps))
 
 
