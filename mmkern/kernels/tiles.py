@@ -423,7 +423,7 @@ def key_splits(programs, k_len, block_n: int, slots: int) -> tuple:
     if type(programs) is int and type(k_len) is int:
         splits = _fullest_splits(programs, most, slots)
     else:  # torch.compile's symbolic sizes: one wave, decided by a comparison or two rather than a scan
-        splits = min(max(slots // programs, 1), most)
+        splits = min(max(slots // max(programs, 1), 1), most)
     if splits < 2:
         return 1, max(k_len, 1)
     keys_per_split = cdiv(cdiv(k_len, splits), block_n) * block_n
