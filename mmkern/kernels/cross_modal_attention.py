@@ -118,6 +118,13 @@ def _span(b, starts_ptr, lens_ptr, full_len, rows, PACKED: tl.constexpr, HAS_LEN
 
 
 @triton.jit
+def _write_limit(length, full_len, OWN_ROWS_ONLY: tl.constexpr):
+    """The rows a program may write: only the sample's own when packed (the next sample's rows follow
+    them), else every padded row, so that rows past the length get their defined zeros."""
+    return length if OWN_ROWS_ONLY else full_len
+
+
+@triton.jit
 def _sample_and_head(pid, heads):
     """(sample, head) of a program over the (sample, head) pairs of ``heads`` heads a sample, in 64 bits
     (offsets past 2^31 elements)."""
@@ -391,7 +398,7 @@ def _forward_kernel(
     k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
     # Split partials are written over every row (the combine kernel reads them); outputs over the
     # padded rows, or only the sample's own rows when packed.
-    write_limit = q_len if PACKED and not SPLIT else Q_LEN
+    write_limit = _write_limit(q_len, Q_LEN, PACKED and not SPLIT)
     if first_row >= write_limit:
         return
 
@@ -562,7 +569,7 @@ def _combine_splits_kernel(
     pid_m = tl.program_id(0)
     b, h = _sample_and_head(tl.program_id(1), Q_HEADS)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
-    write_limit = q_len if PACKED else Q_LEN
+    write_limit = _write_limit(q_len, Q_LEN, PACKED)
     if pid_m * BLOCK_M >= write_limit:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -635,7 +642,7 @@ def _delta_kernel(
     pid_m = tl.program_id(0)
     b, h = _sample_and_head(tl.program_id(1), Q_HEADS)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
-    write_limit = q_len if PACKED else Q_LEN
+    write_limit = _write_limit(q_len, Q_LEN, PACKED)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     v_dims = tl.arange(0, DV_PAD)
     mask = (rows < q_len)[:, None] & (v_dims < V_DIM)[None, :]
@@ -802,7 +809,7 @@ def _grad_kv_kernel(
     b, kv_h = _sample_and_head(tl.program_id(1), KV_HEADS)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
-    write_limit = kv_len if PACKED else K_LEN
+    write_limit = _write_limit(kv_len, K_LEN, PACKED)
     if pid_n * BLOCK_N >= write_limit:
         return
 
@@ -1034,7 +1041,7 @@ def _grad_q_kernel(
     split = tl.program_id(2)
     q_start, q_len = _span(b, q_starts_ptr, q_lens_ptr, Q_LEN, Q_ROWS, PACKED, HAS_Q_LENS)
     k_start, kv_len = _span(b, k_starts_ptr, kv_lens_ptr, K_LEN, K_ROWS, PACKED, HAS_KV_LENS)
-    write_limit = q_len if PACKED else Q_LEN
+    write_limit = _write_limit(q_len, Q_LEN, PACKED)
     if pid_m * BLOCK_M >= write_limit:
         return
 
