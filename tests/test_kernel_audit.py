@@ -60,3 +60,16 @@ def test_every_attention_forward_takes_warpgroup_mma_on_hopper(rows):
     ]
     few = [r for r in forward if r.case.startswith("few_queries")]
     assert few and all(r.waves is not None and r.waves <= 1.0 for r in few), [(r.case, r.waves) for r in few]
+
+
+def test_dense_key_attention_forwards_read_through_tma_on_hopper(rows):
+    """The quick preset's attention cases whose samples keep every key (no kv_lens) read K and V through
+    TMA on sm_90, none through async copies; those with key lengths keep the pointer path (a box would
+    read the padding past a sample's keys)."""
+    from mmkern.bench.suites.cross_modal_attention import CUDA
+
+    forward = [r for r in rows if r.kernel == "_forward_kernel"]
+    dense = [r for r in forward if CUDA[r.case][7] >= 1.0]
+    assert dense and all(r.tma > 0 and r.async_copy == 0 for r in dense), [(r.case, r.tma) for r in dense]
+    padded = [r for r in forward if CUDA[r.case][7] < 1.0]
+    assert padded and all(r.tma == 0 for r in padded), [(r.case, r.tma) for r in padded]

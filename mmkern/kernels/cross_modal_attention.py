@@ -41,6 +41,7 @@ from mmkern.kernels.launch import (
     input_precision,
     multiprocessors,
     power_of_2_at_least,
+    tma_descriptor,
     traceable,
 )
 from mmkern.kernels.tiles import (
@@ -360,6 +361,7 @@ def _forward_kernel(
     PACK_GQA: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
     STRIDES_8: tl.constexpr,
+    KV_TMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -406,8 +408,9 @@ def _forward_kernel(
     v_dims = tl.arange(0, DV_PAD)
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     q_base = q_ptr + b * stride_qb + q_start * stride_ql + row_heads * stride_qh
-    k_base = k_ptr + b * stride_kb + k_start * stride_kl + kv_head * stride_kh
-    v_base = v_ptr + b * stride_vb + k_start * stride_vl + kv_head * stride_vh
+    if not KV_TMA:
+        k_base = k_ptr + b * stride_kb + k_start * stride_kl + kv_head * stride_kh
+        v_base = v_ptr + b * stride_vb + k_start * stride_vl + kv_head * stride_vh
     row_valid = rows < q_len
     q = tl.load(
         q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
@@ -435,11 +438,20 @@ def _forward_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + cols0
         col_valid = cols < hi
-        k = tl.load(
-            k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
-            mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None],
-            other=0.0,
-        )
+        if KV_TMA:
+            # (1, BLOCK_N, 1, D_PAD) boxes of the (B, Lk, Hkv, D) tensor: dims past D and keys past Lk
+            # come in as zeros; keys in [hi, Lk) are the sample's own, read as the pointer path reads
+            # masked keys inside [lo, hi): their scores are masked below.
+            k = tl.reshape(
+                k_ptr.load([b.to(tl.int32), tl.cast(start, tl.int32), kv_head.to(tl.int32), 0]), (BLOCK_N, D_PAD)
+            )
+            k = tl.trans(k)
+        else:
+            k = tl.load(
+                k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
+                mask=col_valid[None, :] & (dims < HEAD_DIM)[:, None],
+                other=0.0,
+            )
         qk = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if FOLD_SCALE:
             # A positive scale and no bias or softcap: the maximum is taken of the raw products, and the
@@ -491,11 +503,16 @@ def _forward_kernel(
                 seed_ptr, b, row_heads, rows[:, None], cols[None, :], Q_HEADS, Q_LEN, K_LEN, dropout_threshold
             )
             p = tl.where(keep, p, 0.0)
-        v = tl.load(
-            v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
-            mask=col_valid[:, None] & (v_dims < V_DIM)[None, :],
-            other=0.0,
-        )
+        if KV_TMA:
+            v = tl.reshape(
+                v_ptr.load([b.to(tl.int32), tl.cast(start, tl.int32), kv_head.to(tl.int32), 0]), (BLOCK_N, DV_PAD)
+            )
+        else:
+            v = tl.load(
+                v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
+                mask=col_valid[:, None] & (v_dims < V_DIM)[None, :],
+                other=0.0,
+            )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
 
@@ -1336,10 +1353,10 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
     grid = (query_blocks, head_programs, splits)
     if grid[0] == 0 or grid[1] == 0:
         return
+    key_values = _key_value_descriptors(p, block_n)
     traceable(_forward_kernel)[grid](
         p.q,
-        p.k,
-        p.v,
+        *(key_values or (p.k, p.v)),
         target,
         target_lse,
         p.dropout_seed,
@@ -1371,6 +1388,7 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         # terms in the scores.
         FOLD_SCALE=p.scale > 0 and p.softcap == 0 and not p.has_bias,
         STRIDES_8=_strides_of_8(*qkv_strides, out_strides),
+        KV_TMA=key_values is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=tile.num_warps,
@@ -1407,6 +1425,18 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
             DV_PAD=p.dv_pad,
             BLOCK_M=combine_block,
         )
+
+
+def _key_value_descriptors(p: Problem, block_n: int):
+    """K and V as TMA descriptors of their (B, Lk, Hkv, D) layout, read in (1, block_n, 1, D_PAD) boxes,
+    or None for the pointer path: before Hopper, for float64 (no tensor-core dot to feed), where a base
+    or stride is not 16-byte aligned, and for packed samples or key lengths, where a box running past a
+    sample's last key would read the next sample's keys, or padding that is never to be read."""
+    if p.capability < 90 or p.packed or p.spans[3] is not None or p.q.dtype == torch.float64:
+        return None
+    k = tma_descriptor(p.k, list(p.k.shape), list(p.k.stride()), [1, block_n, 1, p.d_pad])
+    v = tma_descriptor(p.v, list(p.v.shape), list(p.v.stride()), [1, block_n, 1, p.dv_pad])
+    return None if k is None or v is None else (k, v)
 
 
 def _strides_of_8(*strides) -> bool:

@@ -74,6 +74,47 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _tensor_descriptor_class():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton before 3.3 has no host-side tensor descriptors: launches read through pointers
+        return None
+    return TensorDescriptor
+
+
+def triton_has_tensor_descriptors() -> bool:
+    return _tensor_descriptor_class() is not None
+
+
+def tma_descriptor(base: torch.Tensor, shape: list, strides: list, block: list, transposed: bool = False):
+    """A TMA descriptor reading ``base``'s elements as a tensor of ``shape`` and ``strides`` (the last 1)
+    in ``block`` boxes, or None where TMA cannot address it: an empty dim, or a base address or stride
+    that is not a non-zero multiple of 16 bytes. Also None where the installed Triton has no host-side
+    descriptors (before 3.3). ``transposed``: the shape and strides are those of ``base.T``."""
+    TensorDescriptor = _tensor_descriptor_class()
+    if TensorDescriptor is None:
+        return None
+    size = base.element_size()
+    try:
+        address, tracing = base.data_ptr(), False
+    except RuntimeError:  # a fake tensor while tracing: its storage is allocated aligned, its offset is known
+        address, tracing = base.storage_offset() * size, True
+    if type(address) is not int or address % 16 or not all(shape) or strides[-1] != 1:
+        return None
+    if any(not stride or (stride * size) % 16 for stride in strides[:-1]):
+        return None
+    if tracing:
+        # torch.compile rebuilds a descriptor from its base alone (from_tensor), so the base must be the
+        # tensor the shape and strides are of.
+        return TensorDescriptor.from_tensor(base.T if transposed else base, block)
+    # TensorDescriptor(base, shape, strides, block) without its checks, made above: they cost a
+    # microsecond a descriptor, and a transposed view as the base most of another.
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.base, descriptor.shape, descriptor.strides, descriptor.block_shape = base, shape, strides, block
+    return descriptor
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision. fp32 follows torch's matmul setting, as F.linear would: TF32 only
     when the user allowed it."""

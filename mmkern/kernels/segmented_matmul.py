@@ -36,15 +36,12 @@ from mmkern.kernels.launch import (
     input_precision,
     multiprocessors,
     planned,
+    tma_descriptor,
     traceable,
+    triton_has_tensor_descriptors,
 )
 from mmkern.kernels.tiles import cdiv, epilogue_split, gemm_splits, gemm_tile
 from mmkern.kernels.tiles import overridden as tiles_overridden
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton before 3.3 has no host-side tensor descriptors: every launch reads through pointers
-    TensorDescriptor = None
 
 MAX_SEGMENTS = 4
 
@@ -620,34 +617,18 @@ def _tma_operand(operand, block: tuple):
     dim); else None."""
     (rows, columns), (row_stride, column_stride) = operand.shape, operand.stride()
     if column_stride == 1:
-        transposed, leading, shape, strides, block = False, row_stride, [rows, columns], [row_stride, 1], list(block)
+        transposed, shape, strides, block = False, [rows, columns], [row_stride, 1], list(block)
     elif row_stride == 1:
-        transposed, leading, shape, strides, block = (
+        transposed, shape, strides, block = (
             True,
-            column_stride,
             [columns, rows],
             [column_stride, 1],
             block[::-1],
         )
     else:
         return None
-    size = operand.element_size()
-    try:
-        address, tracing = operand.data_ptr(), False
-    except RuntimeError:  # a fake tensor while tracing: its storage is allocated aligned, its offset is known
-        address, tracing = operand.storage_offset() * size, True
-    if type(address) is not int or address % 16 or (leading * size) % 16 or not leading or not rows or not columns:
-        return None
-    if tracing:
-        # torch.compile rebuilds a descriptor from its base alone (from_tensor), so the base must be the
-        # transposed view itself.
-        view = operand.T if transposed else operand
-        return TensorDescriptor.from_tensor(view, block), transposed
-    # TensorDescriptor(operand, shape, strides, block) without its checks, made above: they cost a
-    # microsecond a descriptor, and a transposed view as the base most of another.
-    descriptor = object.__new__(TensorDescriptor)
-    descriptor.base, descriptor.shape, descriptor.strides, descriptor.block_shape = operand, shape, strides, block
-    return descriptor, transposed
+    descriptor = tma_descriptor(operand, shape, strides, block, transposed)
+    return None if descriptor is None else (descriptor, transposed)
 
 
 def _tma_segments(segments, constexprs) -> tuple:
@@ -709,7 +690,13 @@ def _launch_plan(
     index_64 = index_64 or splits * M * N >= 2**31  # the split-K workspace's offsets
     terms = _addend_terms(row_map, M) if has_addend else None
     row_args = sum((*(terms or ()), (1, 1, 0), (1, 1, 0))[:2], ())
-    tma = tile.tma and capability >= 90 and operand_dtype != torch.float64 and bool(Ks) and TensorDescriptor is not None
+    tma = (
+        tile.tma
+        and capability >= 90
+        and operand_dtype != torch.float64
+        and bool(Ks)
+        and triton_has_tensor_descriptors()
+    )
     programs = min(blocks, multiprocessors * _resident_tiles(tile.block_m, tile.block_n))
     return (
         (programs if tile.persistent else blocks, splits),
