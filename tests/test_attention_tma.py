@@ -1,6 +1,8 @@
-"""The attention forward's TMA path: dense keys (no kv_lens, not packed) read through tensor descriptors
-of K and V, which Hopper takes and Triton's interpreter runs on CPU tensors (planned as for sm_90).
-Each test checks which path its launches took, so a plan that quietly fell back to pointers fails."""
+"""The attention kernels' TMA paths, which Hopper takes and Triton's interpreter runs on CPU tensors
+(planned as for sm_90): where every key is valid (no kv_lens, not packed) the forward and the query
+gradient read K and V through tensor descriptors; where every query is valid the key-and-value
+gradient reads Q and dO so. Each test checks which path its launches took, so a plan that quietly
+fell back to pointers fails."""
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from mmkern.kernels import cross_modal_attention as attention
 from mmkern.kernels.launch import runs_on_triton
 from tests.numerics import DEVICES, dtypes_for
 from tests.test_attention_variants import materialise
-from tests.test_cross_modal_attention import check_against_reference, make_case
+from tests.test_cross_modal_attention import check_against_reference, forward_and_grads, make_case, mmkern_attention
 
 # name: (B, Lq, Lk, Hq, Hkv, D, Dv, kv_lens, q_lens), every key valid.
 DENSE = {
@@ -41,41 +43,61 @@ def _skip_off_triton(device):
         pytest.skip("TMA is the Triton kernels'")
 
 
+# The constexpr that says a kernel reads through descriptors.
+TMA_FLAGS = {"_forward_kernel": "KV_TMA", "_grad_q_kernel": "KV_TMA", "_grad_kv_kernel": "Q_TMA"}
+
+
 def _forward_reads(launches) -> list:
-    return [kwargs["KV_TMA"] for name, _, kwargs in launches if name == "_forward_kernel"]
+    return _reads(launches)["_forward_kernel"]
+
+
+def _reads(launches) -> dict:
+    """kernel name: whether each of its launches read through descriptors."""
+    reads = {name: [] for name in TMA_FLAGS}
+    for name, _, kwargs in launches:
+        if name in TMA_FLAGS:
+            reads[name].append(kwargs[TMA_FLAGS[name]])
+    return reads
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", list(DENSE))
 def test_dense_keys_are_read_through_tma(case, variant, device, attention_launches):
-    """Outputs, lse and gradients against the float64 reference, every dtype, with every forward launch
-    through descriptors (float64's through pointers: it has no tensor-core dot to feed)."""
+    """Outputs, lse and gradients against the float64 reference, every dtype, with the forward and the
+    query gradient through descriptors, and the key-and-value gradient too where every query is valid
+    (float64 through pointers: it has no tensor-core dot to feed)."""
     _skip_off_triton(device)
     params = DENSE[case]
+    dense_queries = params[8] is None
     for dtype in dtypes_for(device):
         attention_launches.clear()
         check_against_reference(params, dtype, device, **materialise(params, VARIANTS[variant], device))
-        reads = _forward_reads(attention_launches)
-        assert reads and all(tma == (dtype != torch.float64) for tma in reads), (dtype, reads)
+        reads, tma = _reads(attention_launches), dtype != torch.float64
+        assert reads["_forward_kernel"] and set(reads["_forward_kernel"]) == {tma}, (dtype, reads)
+        assert reads["_grad_q_kernel"] and set(reads["_grad_q_kernel"]) == {tma}, (dtype, reads)
+        assert reads["_grad_kv_kernel"] == [tma and dense_queries], (dtype, reads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tma_gives_the_pointer_paths_bits(variant, device, attention_launches, monkeypatch):
     """The keys a box reads past a block's end (past the window, or the last kept key) get zero weight,
-    so the descriptors' output and lse equal the pointer path's bit for bit."""
+    and rows past the tensor's come in as the pointer path's zeros, so output, lse and gradients
+    through descriptors equal the pointer path's bit for bit."""
     _skip_off_triton(device)
     params = DENSE["odd_dims_one_key_head"]
     q, k, v, lengths = make_case(*params, torch.float32, device)
     options = materialise(params, VARIANTS[variant], device, torch.float32)
-    through_tma = ops.cross_modal_attention(q, k, v, return_lse=True, **lengths, **options)
-    assert _forward_reads(attention_launches) == [True]
-    monkeypatch.setattr(attention, "_key_value_descriptors", lambda *args: None)
-    through_pointers = ops.cross_modal_attention(q, k, v, return_lse=True, **lengths, **options)
-    assert _forward_reads(attention_launches) == [True, False]
-    assert torch.equal(through_tma[0], through_pointers[0])
-    assert torch.equal(through_tma[1], through_pointers[1])
+    grad_out = torch.randn(*q.shape[:3], v.shape[3], device=device)
+    through_tma = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths, **options)
+    assert _reads(attention_launches) == {name: [True] for name in TMA_FLAGS}
+    attention_launches.clear()
+    monkeypatch.setattr(attention, "_row_descriptors", lambda *args: None)
+    through_pointers = forward_and_grads(mmkern_attention, q, k, v, grad_out, **lengths, **options)
+    assert _reads(attention_launches) == {name: [False] for name in TMA_FLAGS}
+    for tma, pointers in zip((*through_tma[:2], *through_tma[2]), (*through_pointers[:2], *through_pointers[2])):
+        assert torch.equal(tma, pointers)
 
 
 def _misaligned(t):
@@ -121,4 +143,8 @@ def test_keys_tma_cannot_read_safely_take_pointers(case, device, attention_launc
         assert _forward_reads(attention_launches) == [True, False]
         return
     check_against_reference(params, dtype, device)
-    assert not any(_forward_reads(attention_launches))
+    reads = _reads(attention_launches)
+    assert not any(reads["_forward_kernel"] + reads["_grad_q_kernel"]), reads
+    # Every query is valid: the key-and-value gradient still reads Q and dO through descriptors, where
+    # it runs (keys to take gradients of) and the dtype has them.
+    assert reads["_grad_kv_kernel"] == ([] if case == "no_keys" else [case == "key_lengths"]), reads

@@ -104,7 +104,7 @@ def test_quantized_fusion(fake_mode):
     )
 
 
-def test_cross_modal_attention(fake_mode):
+def test_cross_modal_attention(fake_mode, attention_launches):
     q, k, v, grad_out, out, lse = symbolic_cuda_tensors(
         fake_mode,
         ((2, 9, 4, 32), F32),
@@ -138,3 +138,9 @@ def test_cross_modal_attention(fake_mode):
         out,
         lse,
     )
+    # Every key valid: K and V are read through TMA descriptors, built from symbolic sizes and strides.
+    attention_launches.clear()
+    assert_decomposes_into_triton(
+        lambda q, k, v: torch.ops.mmkern.cross_modal_attention.default(q, k, v, None, None, 0.2, 0.0, None), q, k, v
+    )
+    assert {kwargs["KV_TMA"] for name, _, kwargs in attention_launches if name == "_forward_kernel"} == {True}

@@ -806,6 +806,7 @@ def _grad_kv_kernel(
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STRIDES_8: tl.constexpr,
+    Q_TMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -864,23 +865,31 @@ def _grad_kv_kernel(
         q_end = tl.minimum(q_end, window_end)
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        q_base = q_ptr + b * stride_qb + h * stride_qh + q_start * stride_ql
-        g_base = grad_ptr + b * stride_gb + h * stride_gh + q_start * stride_gl
+        if not Q_TMA:
+            q_base = q_ptr + b * stride_qb + h * stride_qh + q_start * stride_ql
+            g_base = grad_ptr + b * stride_gb + h * stride_gh + q_start * stride_gl
         l_base = lse_ptr + b * stride_lb + h * stride_lh + q_start * stride_ll
         d_base = delta_ptr + b * stride_lb + h * stride_lh + q_start * stride_ll
         for start in range(q_begin, q_end, BLOCK_M):
             rows = start + rows0
             row_valid = rows < q_len
-            q = tl.load(
-                q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-                mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :],
-                other=0.0,
-            )
-            grad = tl.load(
-                g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
-                mask=row_valid[:, None] & (v_dims < V_DIM)[None, :],
-                other=0.0,
-            )
+            if Q_TMA:
+                # (1, BLOCK_M, 1, D_PAD) boxes of the (B, Lq, Hq, D) tensors, every query valid: rows past
+                # Lq and dims past D come in as zeros.
+                box = [b.to(tl.int32), tl.cast(start, tl.int32), h.to(tl.int32), 0]
+                q = tl.reshape(q_ptr.load(box), (BLOCK_M, D_PAD))
+                grad = tl.reshape(grad_ptr.load(box), (BLOCK_M, DV_PAD))
+            else:
+                q = tl.load(
+                    q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+                    mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :],
+                    other=0.0,
+                )
+                grad = tl.load(
+                    g_base + rows[:, None] * stride_gl + v_dims[None, :] * stride_gd,
+                    mask=row_valid[:, None] & (v_dims < V_DIM)[None, :],
+                    other=0.0,
+                )
             lse_log2 = _finite_lse(tl.load(l_base + rows * stride_ll, mask=row_valid, other=0.0) / ln2, HAS_BIAS)
             delta = tl.load(d_base + rows * stride_ll, mask=row_valid, other=0.0)
             bias_log2 = 0.0
@@ -1036,6 +1045,7 @@ def _grad_q_kernel(
     BIAS_GRAD: tl.constexpr,
     SPLIT: tl.constexpr,
     STRIDES_8: tl.constexpr,
+    KV_TMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -1080,8 +1090,9 @@ def _grad_q_kernel(
     row_offsets = b * stride_lb + h * stride_lh + (q_start + rows) * stride_ll  # lse and delta share a layout
     lse_log2 = _finite_lse(tl.load(lse_ptr + row_offsets, mask=row_valid, other=0.0) / ln2, HAS_BIAS)
     delta = tl.load(delta_ptr + row_offsets, mask=row_valid, other=0.0)
-    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + k_start * stride_kl
-    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
+    if not KV_TMA:
+        k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + k_start * stride_kl
+        v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + k_start * stride_vl
     dq = tl.zeros((BLOCK_M, D_PAD), ACC_DTYPE)
     keys_begin = 0
     keys_end = kv_len
@@ -1103,16 +1114,21 @@ def _grad_q_kernel(
     for start in range(keys_begin, keys_end, BLOCK_N):
         cols = start + cols0
         col_valid = cols < kv_len
-        k = tl.load(
-            k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
-            mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :],
-            other=0.0,
-        )
-        v_t = tl.load(
-            v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
-            mask=col_valid[None, :] & (v_dims < V_DIM)[:, None],
-            other=0.0,
-        )
+        if KV_TMA:  # as in the forward; keys past the block's range are the sample's own, of zero weight
+            box = [b.to(tl.int32), tl.cast(start, tl.int32), (h // GROUP).to(tl.int32), 0]
+            k = tl.reshape(k_ptr.load(box), (BLOCK_N, D_PAD))
+            v_t = tl.trans(tl.reshape(v_ptr.load(box), (BLOCK_N, DV_PAD)))
+        else:
+            k = tl.load(
+                k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
+                mask=col_valid[:, None] & (dims < HEAD_DIM)[None, :],
+                other=0.0,
+            )
+            v_t = tl.load(
+                v_base + cols[None, :] * stride_vl + v_dims[:, None] * stride_vd,
+                mask=col_valid[None, :] & (v_dims < V_DIM)[:, None],
+                other=0.0,
+            )
         col_seen = col_valid
         if HAS_KEY_MASK:
             col_seen = col_seen & _keys_kept(key_mask_ptr, b, stride_mb, stride_ml, k_start, cols, col_valid)
@@ -1427,16 +1443,23 @@ def _launch_forward(p: Problem, out: torch.Tensor, lse: torch.Tensor):
         )
 
 
-def _key_value_descriptors(p: Problem, block_n: int):
-    """K and V as TMA descriptors of their (B, Lk, Hkv, D) layout, read in (1, block_n, 1, D_PAD) boxes,
-    or None for the pointer path: before Hopper, for float64 (no tensor-core dot to feed), where a base
-    or stride is not 16-byte aligned, and for packed samples or key lengths, where a box running past a
-    sample's last key would read the next sample's keys, or padding that is never to be read."""
-    if p.capability < 90 or p.packed or p.spans[3] is not None or p.q.dtype == torch.float64:
+def _row_descriptors(p: Problem, lengths, rows: int, *operands) -> tuple | None:
+    """``operands``, (tensor, padded width) pairs of one side's (B, L, H, D) tensors, as TMA descriptors
+    read in (1, rows, 1, width) boxes; or None for the pointer path: before Hopper, for float64 (no
+    tensor-core dot to feed), where a base or stride is not 16-byte aligned, and where the side has
+    ``lengths`` or the samples are packed, since a box running past a sample's last row would read its
+    padding, which is never to be read, or the next sample's rows."""
+    if p.capability < 90 or p.packed or lengths is not None or p.q.dtype == torch.float64:
         return None
-    k = tma_descriptor(p.k, list(p.k.shape), list(p.k.stride()), [1, block_n, 1, p.d_pad])
-    v = tma_descriptor(p.v, list(p.v.shape), list(p.v.stride()), [1, block_n, 1, p.dv_pad])
-    return None if k is None or v is None else (k, v)
+    descriptors = tuple(
+        tma_descriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, width]) for t, width in operands
+    )
+    return None if any(descriptor is None for descriptor in descriptors) else descriptors
+
+
+def _key_value_descriptors(p: Problem, block_n: int) -> tuple | None:
+    """K and V in boxes of block_n keys where every key is valid (`_row_descriptors`)."""
+    return _row_descriptors(p, p.spans[3], block_n, (p.k, p.d_pad), (p.v, p.dv_pad))
 
 
 def _strides_of_8(*strides) -> bool:
@@ -1473,7 +1496,6 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             DV_PAD=p.dv_pad,
             BLOCK_M=block_m,
         )
-    shared = (p.q, p.k, p.v, grad_out, lse, delta)
     scalars = p.scalars()
     # The query gradient's programs split the keys when they are too few to fill the GPU (few queries
     # over long keys), each split's partial dQ written, in the accumulation dtype, to its own slice of
@@ -1496,8 +1518,16 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
     flags = {**p.common_flags(), "STRIDES_8": strides_8}
     if p.batch * p.kv_heads and p.k_len:
         kv_tile = p.backward_kv_tile()
+        # Q and dO in boxes of the query step's rows where every query is valid.
+        queries = _row_descriptors(p, p.spans[2], kv_tile.block_m, (p.q, p.d_pad), (grad_out, p.dv_pad))
+        q_arg, grad_arg = queries or (p.q, grad_out)
         traceable(_grad_kv_kernel)[(cdiv(p.k_len, kv_tile.block_n), p.batch * p.kv_heads)](
-            *shared,
+            q_arg,
+            p.k,
+            p.v,
+            grad_arg,
+            lse,
+            delta,
             grad_k,
             grad_v,
             p.dropout_seed,
@@ -1522,12 +1552,20 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             p.head_dim,
             p.v_dim,
             *scalars,
+            Q_TMA=queries is not None,
             **kv_tile.launch_options(),
             **flags,
         )
     if p.batch * p.q_heads and p.q_len:
+        key_values = _key_value_descriptors(p, tile.block_n)
+        k_arg, v_arg = key_values or (p.k, p.v)
         traceable(_grad_q_kernel)[(cdiv(p.q_len, block_m), p.batch * p.q_heads, splits)](
-            *shared,
+            p.q,
+            k_arg,
+            v_arg,
+            grad_out,
+            lse,
+            delta,
             dq_target,
             p.dropout_seed,
             cu_q,
@@ -1555,6 +1593,7 @@ def _launch_backward(p: Problem, grad_out, out, lse, grad_q, grad_k, grad_v, gra
             *scalars,
             BIAS_GRAD=grad_bias is not None,
             SPLIT=splits > 1,
+            KV_TMA=key_values is not None,
             **tile.launch_options(),
             **flags,
         )
