@@ -203,10 +203,12 @@ class BuildExtensionWithoutStaleBinaries(BuildExtension):
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cpu/isa/*.cpp"))
     # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (C++17 for
     # torch 2.6-2.9, C++20 for newer).
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]
+    # -ffp-contract=off: the CPU kernels' AVX2 and AVX-512 builds (csrc/cpu/isa) may not fuse a multiply
+    # and an add into an FMA, so that every ISA variant rounds as the baseline one does.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]
     if not CUDA_HOME:
         return CppExtension("mmkern._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
     nvcc_flags = ["-O3", "--threads", NVCC_THREADS, "-lineinfo"]

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "build_info.h"
+#include "cpu/isa/isa.h"
 
 extern "C" {
 // An empty module: importing mmkern._C loads this library, which runs the registrations below.
@@ -36,6 +37,15 @@ std::string build_info() {
 TORCH_LIBRARY(mmkern, m) {
   // What this binary was compiled against: "torch=2.14;cuda=13.0;archs=800,900" or "...;cuda=none".
   m.def("build_info() -> str", &build_info);
+  // The CPU kernels' ISA variant (csrc/cpu/isa/isa.h): the one running, "baseline", "avx2" or
+  // "avx512"; those this host runs, comma-separated; and a switch to another ("best": the host's
+  // best), which returns the one it replaces.
+  m.def("cpu_isa() -> str", [] { return cpu::isa_name(cpu::active_isa()); });
+  m.def("supported_cpu_isas() -> str", [] { return cpu::supported_isas(); });
+  m.def("set_cpu_isa(str isa) -> str", [](c10::string_view isa) { return cpu::set_active_isa(std::string(isa)); });
+  // How the CPU kernels multiply int8 matrices under the running variant: "int_mm" (oneDNN's int8
+  // GEMM) or "float32_chunks" (exact float32 GEMMs over K-chunks).
+  m.def("cpu_int8_gemm() -> str", [] { return std::string(cpu::int8_gemm_uses_int_mm() ? "int_mm" : "float32_chunks"); });
 
   // act(cat([x.expand(*lead, d) for x in inputs], -1) @ weight.T + bias) without building the
   // concat. Returns (out, activation_saved): the pre-activation for gelu, gelu_tanh and silu

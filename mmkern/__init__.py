@@ -14,7 +14,7 @@ from mmkern import (
     reference,
 )
 from mmkern._config import set_value_checks
-from mmkern._extension import build_info
+from mmkern._extension import build_info, cpu_isa, set_cpu_isa
 from mmkern.swap import SwapReport, swap
 
 __version__ = _extension.build_config.VERSION
@@ -24,11 +24,13 @@ _ON_FIRST_USE = ("data", "models")
 __all__ = [
     "SwapReport",
     "build_info",
+    "cpu_isa",
     "data",
     "models",
     "nn",
     "ops",
     "reference",
+    "set_cpu_isa",
     "set_value_checks",
     "swap",
     "__version__",

@@ -74,6 +74,15 @@ def report() -> list:
             else "off (MMKERN_TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors)",
         ),
     ]
+    int8_gemm = {"int_mm": "oneDNN's int8 GEMM (VNNI)", "float32_chunks": "exact float32 GEMMs over K-chunks"}
+    rows.append(
+        (
+            "CPU kernels",
+            f"{mmkern.cpu_isa()} build of the hot loops (this host runs {torch.ops.mmkern.supported_cpu_isas()}; "
+            f"MMKERN_CPU_ISA or mmkern.set_cpu_isa picks another), int8 products: "
+            f"{int8_gemm[torch.ops.mmkern.cpu_int8_gemm()]}",
+        )
+    )
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmkern::"))
     for name in names:
         rows.append((f"op {name}", f"CPU: {_kernel(name, 'cpu')}, CUDA: {_kernel(name, 'cuda')}"))

@@ -1,19 +1,20 @@
 // quantized_concat_linear on CPU.
 //
-// Each segment's int8 GEMM goes to ATen's _int_mm (oneDNN's s8s8s32 kernels: VNNI where the CPU has
-// it, about 4x fp32 BLAS on AVX-512), reading the segment and its weight column slice in place;
-// its int32 products are scaled by the segment's token scales into a float32 sum, per-token
+// Each segment's int8 GEMM (int8_products: oneDNN's s8s8s32 kernels where the CPU has VNNI, exact
+// float32 GEMMs over K-chunks elsewhere) reads the segment and its weight column slice in place; its
+// integer products are scaled by the segment's token scales into a float32 sum, per-token
 // segments into the output and broadcast ones (a pooled (B, 1, d) vector) into a partial at their
 // own, smaller shape. One row pass then adds the broadcast partials and applies weight_scale and
 // bias; the activation follows, as in concat_linear.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
 #include "concat_plan.h"
+#include "isa/hot_loops.h"
 
 namespace mmkern {
 namespace {
@@ -22,25 +23,29 @@ using at::Tensor;
 using at::TensorList;
 using namespace cpu;
 
-// target[m, :] (= or +=) token_scale[m] * products[m, :].
-void add_scaled_products(Tensor& target, const Tensor& products, const Tensor& token_scale, bool accumulate) {
-  const int64_t rows = target.size(0), cols = target.size(1);
-  float* target_data = target.data_ptr<float>();
-  const int32_t* product_data = products.const_data_ptr<int32_t>();
-  const float* scale_data = token_scale.const_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      float* out = target_data + m * cols;
-      const int32_t* in = product_data + m * cols;
-      const float s = scale_data[m];
-      if (accumulate) {
-        for (int64_t n = 0; n < cols; ++n) out[n] += s * static_cast<float>(in[n]);
-      } else {
-        for (int64_t n = 0; n < cols; ++n) out[n] = s * static_cast<float>(in[n]);
-      }
-    }
-  });
+// Every partial sum of this many int8 products (each of magnitude <= 128 * 128 = 2^14) is an integer of
+// magnitude <= 2^24, so exact in float32 in whatever order a GEMM sums.
+constexpr int64_t kExactFloatTerms = 1024;
+
+// x (M, K) @ w (K, N) of int8 matrices, as exact integers: int32 from oneDNN's s8s8s32 GEMM
+// (at::_int_mm) where int8_gemm_uses_int_mm (csrc/cpu/isa/isa.h); elsewhere float32 GEMMs over chunks
+// of at most kExactFloatTerms of K: one chunk's float32 result is exact, and several are added in int32.
+Tensor int8_products(const Tensor& x, Tensor w) {
+  if (int8_gemm_uses_int_mm()) {
+    // A one-column slice transposes to a (1, N) view with strides (1, 1), which _int_mm reads wrongly
+    // (garbage products); a fresh (1, N) tensor has strides (N, 1).
+    if (w.size(0) == 1) w = at::empty(w.sizes(), w.options()).copy_(w);
+    return at::_int_mm(x, w);
+  }
+  const int64_t terms = x.size(1);
+  if (terms <= kExactFloatTerms) return at::mm(x.to(at::kFloat), w.to(at::kFloat));
+  Tensor sum;
+  for (int64_t start = 0; start < terms; start += kExactFloatTerms) {
+    const int64_t length = std::min(kExactFloatTerms, terms - start);
+    Tensor part = at::mm(x.narrow(1, start, length).to(at::kFloat), w.narrow(0, start, length).to(at::kFloat));
+    sum = sum.defined() ? sum.add_(part.to(at::kInt)) : part.to(at::kInt);
+  }
+  return sum;
 }
 
 std::tuple<Tensor, Tensor> quantized_concat_linear_cpu(TensorList inputs, TensorList scales, const Tensor& weight,
@@ -60,19 +65,15 @@ std::tuple<Tensor, Tensor> quantized_concat_linear_cpu(TensorList inputs, Tensor
   Tensor products;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor x = as_matrix(inputs[i]);
-    Tensor w = weight_columns(weight, plan.column_offset[i], inputs[i].size(-1), x.size(0)).t();
-    // A one-column slice transposes to a (1, N) view with strides (1, 1), which _int_mm reads wrongly
-    // (garbage products); a fresh (1, N) tensor has strides (N, 1).
-    if (w.size(0) == 1) w = at::empty(w.sizes(), w.options()).copy_(w);
-    products = at::_int_mm(x, w);
+    products = int8_products(x, weight_columns(weight, plan.column_offset[i], inputs[i].size(-1), x.size(0)).t());
     const Tensor token_scale = scales[i].reshape({x.size(0)}).contiguous();
     const int g = plan.group[i];
     if (g < 0) {
-      add_scaled_products(z, products, token_scale, z_written);
+      MMKERN_ISA_CALL(add_scaled_products, z, products, token_scale, z_written);
       z_written = true;
     } else {
       if (!partials[g].defined()) partials[g] = at::empty({plan.group_rows[g], out_features}, float_options);
-      add_scaled_products(partials[g], products, token_scale, written[g]);
+      MMKERN_ISA_CALL(add_scaled_products, partials[g], products, token_scale, written[g]);
       written[g] = true;
     }
   }

@@ -52,6 +52,8 @@ def describe_environment(device: torch.device) -> dict:
         # The host's vector ISA as torch dispatches on it (AVX2, AVX512, ...): CPU figures, and ATen's
         # int8 product among them, depend on it by factors of ten.
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        # ... and the build of mmkern's C++ hot loops that ran, with its int8 GEMM (csrc/cpu/isa).
+        "mmkern_cpu_isa": f"{mmkern.cpu_isa()}, int8 GEMM {torch.ops.mmkern.cpu_int8_gemm()}",
         "mmkern": mmkern.__version__,
         "python": platform.python_version(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

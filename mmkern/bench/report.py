@@ -74,7 +74,19 @@ def plot_speedups(records: list, plots_dir: str) -> list:
 
 
 def _environment_lines(environment: dict) -> list:
-    keys = ("device", "cpu_isa", "driver", "cuda", "torch", "triton", "mmkern", "python", "timestamp", "preset")
+    keys = (
+        "device",
+        "cpu_isa",
+        "mmkern_cpu_isa",
+        "driver",
+        "cuda",
+        "torch",
+        "triton",
+        "mmkern",
+        "python",
+        "timestamp",
+        "preset",
+    )
     return [f"- {key}: {environment[key]}" for key in keys if environment.get(key) is not None]
 
 
