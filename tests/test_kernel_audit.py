@@ -14,9 +14,8 @@ pytestmark = [
     pytest.mark.skipif(_config.TRITON_ON_CPU, reason="compiles Triton's JIT kernels, not interpreted ones"),
 ]
 
-# (op, case, mode, kernel): why, and what mends it. None today: the quick preset's launches all keep
-# the invariants (the full preset's position-bias forward over padded keys still spills 8 B:
-# benchmarks/audit/sm90.md).
+# (op, case, mode, kernel): why, and what mends it. None today: the quick preset's launches, and the
+# full preset's (benchmarks/audit/sm90.md), all keep the invariants.
 KNOWN: dict = {}
 
 

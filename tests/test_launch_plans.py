@@ -88,6 +88,17 @@ def test_hopper_reads_through_tma_and_ampere_keeps_tiles_it_does_not_spill():
 
 
 @pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter always takes its one small tile")
+def test_a_bias_spreads_the_forwards_widest_tile_over_two_warpgroups():
+    """At hd64 the 128-row forward runs one warpgroup, but with a bias (its tile of 64-bit addresses) it
+    spilled on sm_90 and sm_80: two warpgroups then share the rows; tiles of 64 rows keep one."""
+    assert tiles.attention_forward_tile(1024, 64, 64, torch.bfloat16) == tiles.AttentionTile(128, 64, 4, 3)
+    assert tiles.attention_forward_tile(1024, 64, 64, torch.bfloat16, bias=True) == tiles.AttentionTile(128, 64, 8, 3)
+    assert tiles.attention_forward_tile(1024, 64, 64, torch.bfloat16, 80, True).num_warps == 8
+    assert tiles.attention_forward_tile(48, 64, 64, torch.bfloat16, bias=True) == tiles.AttentionTile(64, 64, 4, 3)
+    assert tiles.attention_forward_tile(1024, 128, 128, torch.bfloat16, bias=True).num_warps == 8
+
+
+@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter always takes its one small tile")
 def test_key_gradients_take_the_audits_spill_free_tiles():
     """S^T = K Q^T puts keys on the MMA's rows: on Hopper 128 of them over 8 warps and 32 queries a step;
     on Ampere, whose MMA holds operands in registers, 16x128 at hd64 and 32x64 at hd128."""

@@ -1333,7 +1333,7 @@ class Problem:
     def forward_tile(self):
         """The forward's tile, for a head's queries or, packed, a key head's group of them."""
         rows = self.q_len * self.group if self.packs_query_heads() else self.q_len
-        return attention_forward_tile(rows, self.d_pad, self.dv_pad, self.q.dtype, self.capability)
+        return attention_forward_tile(rows, self.d_pad, self.dv_pad, self.q.dtype, self.capability, self.has_bias)
 
     def backward_tile(self):
         return attention_backward_tile(self.d_pad, self.dv_pad, self.q.dtype)

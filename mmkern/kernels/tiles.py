@@ -307,11 +307,15 @@ def packs_query_heads(q_len, group: int) -> bool:
     return group > 1 and q_len < below
 
 
-def attention_forward_tile(rows, d_pad: int, dv_pad: int, dtype: torch.dtype, capability: int = 90) -> AttentionTile:
+def attention_forward_tile(
+    rows, d_pad: int, dv_pad: int, dtype: torch.dtype, capability: int = 90, bias: bool = False
+) -> AttentionTile:
     """The forward's tile for ``rows`` query rows a (sample, head) program (a key head's group of query
     heads when packed) and padded head dims ``d_pad``, ``dv_pad``. Few rows take a short tile, but on
     Hopper at least 64 (4 warps of warpgroup MMA; fewer rows run the older mma.sync path); fp32/fp64
-    operands half the rows and keys (twice the bytes, and no wide MMA)."""
+    operands half the rows and keys (twice the bytes, and no wide MMA). With a ``bias`` the 128-row
+    tile runs 8 warps at hd64 too: the bias tile's addresses (64 bits a score) took one warpgroup to
+    255 registers and an 8-byte spill on sm_90, two warpgroups to 179 and none."""
     tile = _chosen("attention_forward", rows, d_pad, dv_pad, dtype, capability)
     if tile is not None:
         return tile
@@ -324,6 +328,8 @@ def attention_forward_tile(rows, d_pad: int, dv_pad: int, dtype: torch.dtype, ca
     block_m = power_of_2_at_least(rows, min(64, block_m) if capability >= 90 else 16, block_m)
     if block_m <= 64 and widest <= 128:
         warps = 4
+    elif bias and block_m == 128:
+        warps = 8
     return AttentionTile(block_m, block_n, warps, 2 if widest > 128 else 3)
 
 
@@ -347,8 +353,9 @@ def attention_backward_kv_tile(d_pad: int, dv_pad: int, dtype: torch.dtype, capa
     block_m queries a step. The kernel computes S^T = K Q^T, keys on the MMA's rows: on Hopper 128 keys
     over 8 warps take warpgroup MMA, and 32 queries a step keep small the per-query vectors (lse, delta,
     positions), which lie along the accumulator's columns, where each thread holds many of them. The
-    audit (sm_90, bf16): 161-245 registers, no spills at hd64-hd128 but 8 B with a softcap, where 64
-    queries by 64 keys took 211-255 and spilled with lengths, grouped heads, sinks or a softcap.
+    audit (sm_90, bf16): 136-255 registers, no spills at hd64-hd128 (a softcap spilled 8 B until Q and
+    dO came through TMA), where 64 queries by 64 keys took 211-255 and spilled with lengths, grouped
+    heads, sinks or a softcap.
     Ampere's MMA holds its operands in registers: 16x128 at hd64 and 32x64 at hd128, over 8 warps, are
     the audit's spill-free tiles there (32x128 spilled 8-352 B at hd128)."""
     tile = _chosen("attention_backward_kv", d_pad, dv_pad, dtype, capability)
