@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import mmkern
-from mmkern import ops
+from mmkern import _config, ops
 
+# The variants are the C++ kernels'; under the interpreter switch CPU tensors run the Triton kernels.
+pytestmark = pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the C++ CPU kernels' ISA variants")
 VARIANTS = torch.ops.mmkern.supported_cpu_isas().split(",")
 CHUNK = 1024  # csrc/cpu/quantized_concat_linear.cpp's kExactFloatTerms
 
