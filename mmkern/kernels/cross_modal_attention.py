@@ -126,6 +126,13 @@ def _write_limit(length, full_len, OWN_ROWS_ONLY: tl.constexpr):
 
 
 @triton.jit
+def _box(descriptor, b, start, h, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """The (ROWS, WIDTH) tile of rows start.. of sample b, head h, read through a TMA descriptor of a
+    (B, L, H, D) tensor in (1, ROWS, 1, WIDTH) boxes (rows past L and dims past D come in as zeros)."""
+    return tl.reshape(descriptor.load([b.to(tl.int32), tl.cast(start, tl.int32), h.to(tl.int32), 0]), (ROWS, WIDTH))
+
+
+@triton.jit
 def _sample_and_head(pid, heads):
     """(sample, head) of a program over the (sample, head) pairs of ``heads`` heads a sample, in 64 bits
     (offsets past 2^31 elements)."""
@@ -442,9 +449,7 @@ def _forward_kernel(
             # (1, BLOCK_N, 1, D_PAD) boxes of the (B, Lk, Hkv, D) tensor: dims past D and keys past Lk
             # come in as zeros; keys in [hi, Lk) are the sample's own, read as the pointer path reads
             # masked keys inside [lo, hi): their scores are masked below.
-            k = tl.reshape(
-                k_ptr.load([b.to(tl.int32), tl.cast(start, tl.int32), kv_head.to(tl.int32), 0]), (BLOCK_N, D_PAD)
-            )
+            k = _box(k_ptr, b, start, kv_head, BLOCK_N, D_PAD)
             k = tl.trans(k)
         else:
             k = tl.load(
@@ -504,9 +509,7 @@ def _forward_kernel(
             )
             p = tl.where(keep, p, 0.0)
         if KV_TMA:
-            v = tl.reshape(
-                v_ptr.load([b.to(tl.int32), tl.cast(start, tl.int32), kv_head.to(tl.int32), 0]), (BLOCK_N, DV_PAD)
-            )
+            v = _box(v_ptr, b, start, kv_head, BLOCK_N, DV_PAD)
         else:
             v = tl.load(
                 v_base + cols[:, None] * stride_vl + v_dims[None, :] * stride_vd,
@@ -876,9 +879,8 @@ def _grad_kv_kernel(
             if Q_TMA:
                 # (1, BLOCK_M, 1, D_PAD) boxes of the (B, Lq, Hq, D) tensors, every query valid: rows past
                 # Lq and dims past D come in as zeros.
-                box = [b.to(tl.int32), tl.cast(start, tl.int32), h.to(tl.int32), 0]
-                q = tl.reshape(q_ptr.load(box), (BLOCK_M, D_PAD))
-                grad = tl.reshape(grad_ptr.load(box), (BLOCK_M, DV_PAD))
+                q = _box(q_ptr, b, start, h, BLOCK_M, D_PAD)
+                grad = _box(grad_ptr, b, start, h, BLOCK_M, DV_PAD)
             else:
                 q = tl.load(
                     q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
@@ -1115,9 +1117,8 @@ def _grad_q_kernel(
         cols = start + cols0
         col_valid = cols < kv_len
         if KV_TMA:  # as in the forward; keys past the block's range are the sample's own, of zero weight
-            box = [b.to(tl.int32), tl.cast(start, tl.int32), (h // GROUP).to(tl.int32), 0]
-            k = tl.reshape(k_ptr.load(box), (BLOCK_N, D_PAD))
-            v_t = tl.trans(tl.reshape(v_ptr.load(box), (BLOCK_N, DV_PAD)))
+            k = _box(k_ptr, b, start, h // GROUP, BLOCK_N, D_PAD)
+            v_t = tl.trans(_box(v_ptr, b, start, h // GROUP, BLOCK_N, DV_PAD))
         else:
             k = tl.load(
                 k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
