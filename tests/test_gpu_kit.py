@@ -23,8 +23,9 @@ def _stub(folder, name, body):
 
 @pytest.fixture
 def kit(tmp_path):
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir, calls, clock = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "clock"
     bin_dir.mkdir()
+    clock.write_text("0\n")
     # python: answers the capability query, logs every other call; the sweep's call leaves a table.
     _stub(
         bin_dir,
@@ -37,7 +38,8 @@ def kit(tmp_path):
     )
     _stub(bin_dir, "nvidia-smi", 'echo "NVIDIA H200, 570.00, 143771 MiB"\n')
     _stub(bin_dir, "compute-sanitizer", f'echo "sanitizer $*" >> {calls}\n')
-    # timeout: logs its limit, sleeps it out where KIT_STAGES_TAKE_THEIR_LIMIT is set, runs the command.
+    # timeout: logs its limit and, where KIT_STAGES_TAKE_THEIR_LIMIT is set, advances the kit's clock
+    # (KIT_CLOCK) by it, as if the command had run it out; then runs the command.
     _stub(
         bin_dir,
         "timeout",
@@ -47,7 +49,7 @@ def kit(tmp_path):
             [[ "${{args[0]}}" == -[sk] ]] && args=("${{args[@]:2}}") || args=("${{args[@]:1}}")
         done
         echo "timeout ${{args[0]}}" >> {calls}
-        [ -n "${{KIT_STAGES_TAKE_THEIR_LIMIT:-}}" ] && sleep "${{args[0]}}"
+        if [ -n "${{KIT_STAGES_TAKE_THEIR_LIMIT:-}}" ]; then echo $(($(cat {clock}) + args[0])) > {clock}; fi
         exec "${{args[@]:1}}"
         """,
     )
@@ -58,6 +60,7 @@ def kit(tmp_path):
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "PYTHON": str(bin_dir / "python3"),
             "OUT": str(tmp_path),
+            "KIT_CLOCK": str(clock),
             **env,
         }
         result = subprocess.run(
@@ -105,7 +108,7 @@ def test_switches_leave_stages_out(kit):
 
 
 def test_stages_that_find_the_budget_spent_are_skipped(kit):
-    # Each stage sleeps out its limit: the build takes 2 s, the tests the 3 s left, the rest none.
+    # Each stage runs out its limit on the kit's clock: the build takes 2 s, the tests the 3 s left, the rest none.
     result, calls = kit(
         KIT_STAGES_TAKE_THEIR_LIMIT="1",
         KIT_BUDGET="6",
