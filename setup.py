@@ -208,15 +208,22 @@ def extension():
     # torch 2.6-2.9, C++20 for newer).
     # -ffp-contract=off: the CPU kernels' AVX2 and AVX-512 builds (csrc/cpu/isa) may not fuse a multiply
     # and an add into an FMA, so that every ISA variant rounds as the baseline one does.
-    cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]
+    # -fopenmp: at::parallel_for is inline code over `#pragma omp parallel` (torch's OpenMP backend);
+    # built without it the pragma is dropped and every CPU kernel ran on one thread. Linked so, _C
+    # names libgomp.so.1, which resolves to the copy torch has already loaded.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-fdiagnostics-color=always"]
+    link_flags = ["-fopenmp"]
     if not CUDA_HOME:
-        return CppExtension("mmkern._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
+        return CppExtension(
+            "mmkern._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, py_limited_api=True
+        )
     nvcc_flags = ["-O3", "--threads", NVCC_THREADS, "-lineinfo"]
     return CUDAExtension(
         "mmkern._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("MMKERN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 

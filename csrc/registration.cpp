@@ -46,6 +46,9 @@ TORCH_LIBRARY(mmkern, m) {
   // How the CPU kernels multiply int8 matrices under the running variant: "int_mm" (oneDNN's int8
   // GEMM) or "float32_chunks" (exact float32 GEMMs over K-chunks).
   m.def("cpu_int8_gemm() -> str", [] { return std::string(cpu::int8_gemm_uses_int_mm() ? "int_mm" : "float32_chunks"); });
+  // How many threads the CPU kernels' parallel loops run on (torch.get_num_threads(), unless the build
+  // lacked OpenMP).
+  m.def("cpu_kernel_threads() -> int", [] { return cpu::parallel_threads(); });
 
   // act(cat([x.expand(*lead, d) for x in inputs], -1) @ weight.T + bias) without building the
   // concat. Returns (out, activation_saved): the pre-activation for gelu, gelu_tanh and silu

@@ -80,7 +80,8 @@ def report() -> list:
             "CPU kernels",
             f"{mmkern.cpu_isa()} build of the hot loops (this host runs {torch.ops.mmkern.supported_cpu_isas()}; "
             f"MMKERN_CPU_ISA or mmkern.set_cpu_isa picks another), int8 products: "
-            f"{int8_gemm[torch.ops.mmkern.cpu_int8_gemm()]}",
+            f"{int8_gemm[torch.ops.mmkern.cpu_int8_gemm()]}; on {torch.ops.mmkern.cpu_kernel_threads()} of "
+            f"torch's {torch.get_num_threads()} threads",
         )
     )
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmkern::"))

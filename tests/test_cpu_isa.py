@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mmkern
-from mmkern import _config, ops
+from mmkern import _config, env, ops
 
 # The variants are the C++ kernels'; under the interpreter switch CPU tensors run the Triton kernels.
 pytestmark = pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the C++ CPU kernels' ISA variants")
@@ -189,11 +189,22 @@ def test_avx_code_stays_in_the_variants_namespaces():
 
 
 def test_the_environment_report_names_the_running_variant(restore_variant):
-    from mmkern import env
-
     for variant in VARIANTS:
         mmkern.set_cpu_isa(variant)
         row = dict(env.report())["CPU kernels"]
         assert row.startswith(f"{variant} build") and torch.ops.mmkern.supported_cpu_isas() in row, row
         gemm = "oneDNN's int8 GEMM" if torch.ops.mmkern.cpu_int8_gemm() == "int_mm" else "exact float32 GEMMs"
         assert gemm in row, row
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_kernels_parallel_loops_run_on_every_thread(threads):
+    # Built without OpenMP, at::parallel_for's pragma is compiled out and every loop runs on one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.ops.mmkern.cpu_kernel_threads() == threads
+        row = dict(env.report())["CPU kernels"]
+        assert row.endswith(f"on {threads} of torch's {threads} threads"), row
+    finally:
+        torch.set_num_threads(previous)

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -292,11 +293,15 @@ Tensor group_rows(const Tensor& x, int64_t kv_head, int64_t group, int64_t row0,
 }
 
 // Runs fn(b, kv_head) for every group, in parallel when the groups alone can fill the threads.
+// OpenMP's threads start with their own thread-local state, so each takes the caller's: fn's ATen
+// calls must run below autograd, under the caller's dispatch keys and grad mode, as the caller's do.
 template <typename Fn>
 void for_each_group(const Layout& l, const Fn& fn) {
   const int64_t groups = l.batch * l.kv_heads;
   if (groups >= at::get_num_threads()) {
+    const at::ThreadLocalState state;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(state);
       for (int64_t g = begin; g < end; ++g) fn(g / l.kv_heads, g % l.kv_heads);
     });
   } else {

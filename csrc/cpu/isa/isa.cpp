@@ -1,10 +1,12 @@
 // The CPU kernels' variant: the host's best unless MMKERN_CPU_ISA (or set_cpu_isa) names another.
 #include "isa.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <vector>
 
 namespace mmkern {
 namespace cpu {
@@ -95,6 +97,15 @@ bool int8_gemm_uses_int_mm() {
 #else
   return false;
 #endif
+}
+
+int64_t parallel_threads() {
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::atomic<bool>> ran(threads);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = true; });
+  int64_t count = 0;
+  for (const auto& flag : ran) count += flag.load();
+  return count;
 }
 
 }  // namespace cpu

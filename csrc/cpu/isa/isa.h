@@ -4,6 +4,7 @@
 // op calls the variant chosen once per process from the host's CPU (or MMKERN_CPU_ISA), or since the
 // last set_cpu_isa. Every variant gives the same bits: the build turns off FMA contraction, and the
 // loops sum in one order whatever the vector width.
+#include <cstdint>
 #include <string>
 
 namespace mmkern {
@@ -23,6 +24,9 @@ std::string supported_isas();
 // with 8-bit dot products (AVX512-VNNI), where they run about 4x a float32 GEMM. Elsewhere _int_mm was
 // measured 10-100x slower than a float32 GEMM, and the products are exact float32 GEMMs over K-chunks.
 bool int8_gemm_uses_int_mm();
+// How many threads at::parallel_for runs the CPU kernels' loops on: torch's intra-op thread count,
+// where the library was built with OpenMP as torch was; 1 where the build dropped the pragma.
+int64_t parallel_threads();
 
 }  // namespace cpu
 }  // namespace mmkern
