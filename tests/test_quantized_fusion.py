@@ -48,6 +48,25 @@ def test_gated_matches_reference(qdtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gated_at_extreme_gates(device):
+    # Every gate the sigmoid's range reduction treats apart (past -87 its exp is 0, NaN stays NaN), and
+    # a sweep of a row that ends in a part register.
+    edges = [-float("inf"), -1e30, -100, -87.5, -87, -86.9, -50, -20, -1, -1e-30, 0, 1e-30, 1, 20, 50, 87, 88, 100]
+    edges += [1e30, float("inf"), float("nan")]
+    gate = torch.cat([torch.tensor(edges), torch.linspace(-90, 90, 1001)]).reshape(2, -1).to(device)
+    inputs_q, scales = quantized_features(2, tuple(gate.shape), torch.int8, device)
+    actual = ops.quantized_fusion(inputs_q, scales, mode="gated", gate=gate, out_dtype=torch.float32)
+    options = {"mode": "gated", "gate": gate}
+    exact = reference.quantized_fusion(
+        inputs_q, scales, **options, out_dtype=torch.float64, compute_dtype=torch.float64
+    )
+    eager = reference.quantized_fusion(inputs_q, scales, **options, out_dtype=torch.float32)
+    nan = exact.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert_close_to_reference(actual[~nan], exact[~nan], eager[~nan], "gated at extreme gates", terms=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs(device):
     inputs_q, scales = quantized_features(2, (6, 4, 40), torch.int8, device)
     views = [x.transpose(0, 1) for x in inputs_q], [s.transpose(0, 1) for s in scales]
