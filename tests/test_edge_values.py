@@ -3,10 +3,12 @@ operations, scores that all tie, one valid key, all-zero features, and NaN or in
 propagate exactly as the eager reference propagates them or be rejected, never turn into a finite
 wrong answer."""
 
+import re
+
 import pytest
 import torch
 
-from mmkern import ops, reference
+from mmkern import _config, ops, reference
 from tests.numerics import DEVICES, dtypes_for
 
 
@@ -120,3 +122,45 @@ def test_nan_features_are_rejected_by_quantization(device, value_checks):
     x = poisoned((3, 16), (1, 4), float("nan"), device, torch.float32)
     with pytest.raises(ValueError, match="NaN or inf"):
         ops.quantize_per_token(x)
+
+
+def _poisoned_scale_calls(value):
+    """For each quantized op, a call whose one scale argument holds ``value`` in its second entry, and
+    the argument's name."""
+    xq, scale = ops.quantize_per_token(torch.randn(2, 3, 8))
+    bad = scale.clone().view(-1).index_fill(0, torch.tensor([1]), value).view_as(scale)
+    weight_q, weight_scale = ops.quantize_per_token(torch.randn(4, 16))
+    weight_scale = weight_scale.view(-1)
+    bad_weight_scale = weight_scale.index_fill(0, torch.tensor([1]), value)
+    return {
+        "dequantize_per_token": (lambda: ops.dequantize_per_token(xq, bad), "scale"),
+        "quantized_fusion": (lambda: ops.quantized_fusion([xq, xq], [scale, bad]), "scales[1]"),
+        "quantized_concat_linear scales": (
+            lambda: ops.quantized_concat_linear([xq, xq], [scale, bad], weight_q, weight_scale),
+            "scales[1]",
+        ),
+        "quantized_concat_linear weight_scale": (
+            lambda: ops.quantized_concat_linear([xq, xq], [scale, scale], weight_q, bad_weight_scale),
+            "weight_scale",
+        ),
+    }
+
+
+@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter switch puts Triton's kernels in C++'s place")
+@pytest.mark.parametrize("value", [-1.0, -1e-45, -1e-4, -3e38, float("nan"), float("inf"), float("-inf")])
+def test_cpu_kernels_refuse_bad_scales_by_name(value):
+    """The C++ kernels check the scales they read, with no value-checks switch, and name the argument
+    and the value as the GPU path's check does (Python's repr of the float32 value)."""
+    shown = repr(torch.tensor(value, dtype=torch.float32).item())
+    for call, name in _poisoned_scale_calls(value).values():
+        with pytest.raises(ValueError, match=re.escape(f"{name} holds {shown}; scales must be finite and >= 0")):
+            call()
+
+
+@pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter switch puts Triton's kernels in C++'s place")
+def test_cpu_kernels_refuse_bad_scales_under_compile():
+    """A compiled graph cannot check values on the host, but on CPU it runs the C++ kernels, which do."""
+    for call, name in _poisoned_scale_calls(-2.0).values():
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match=re.escape(f"{name} holds -2.0")):
+            torch.compile(call, fullgraph=True)()

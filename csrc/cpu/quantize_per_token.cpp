@@ -8,6 +8,7 @@
 
 #include "../quantize_rules.h"
 #include "isa/hot_loops.h"
+#include "scale_values.h"
 
 namespace mmkern {
 namespace {
@@ -33,6 +34,7 @@ Tensor fake_quantize_per_token_cpu(const Tensor& x, at::ScalarType dtype) {
 Tensor dequantize_per_token_cpu(const Tensor& xq, const Tensor& scale, at::ScalarType dtype) {
   const Tensor input = xq.contiguous();
   const Tensor scales = scale.contiguous();
+  check_scale_values(scales, "scale");
   Tensor out = at::empty(xq.sizes(), xq.options().dtype(dtype));
   MMKERN_ISA_CALL(dequantize_rows, input, scales, out);
   return out;

@@ -15,6 +15,7 @@
 
 #include "concat_plan.h"
 #include "isa/hot_loops.h"
+#include "scale_values.h"
 
 namespace mmkern {
 namespace {
@@ -54,6 +55,8 @@ std::tuple<Tensor, Tensor> quantized_concat_linear_cpu(TensorList inputs, Tensor
   TORCH_CHECK(!inputs.empty(), "mmkern::quantized_concat_linear: inputs must not be empty");
   TORCH_CHECK(scales.size() == inputs.size(), "mmkern::quantized_concat_linear: one scale per input");
   check_activation(activation, "quantized_concat_linear");
+  for (size_t i = 0; i < scales.size(); ++i) check_scale_values(scales[i], "scales", static_cast<int64_t>(i));
+  check_scale_values(weight_scale, "weight_scale");
   const auto plan = make_plan(inputs);
   const int64_t out_features = weight.size(0);
   const auto float_options = weight.options().dtype(at::kFloat);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "isa/hot_loops.h"
+#include "scale_values.h"
 
 namespace mmkern {
 namespace {
@@ -25,6 +26,7 @@ Tensor quantized_fusion_cpu(TensorList inputs, TensorList scales, const std::opt
   for (size_t i = 0; i < inputs.size(); ++i) {
     xs.push_back(inputs[i].contiguous());
     ss.push_back(scales[i].contiguous());
+    check_scale_values(ss.back(), "scales", static_cast<int64_t>(i));
   }
   const Tensor weight_values = weights.has_value() ? weights->to(at::kFloat).contiguous() : Tensor();
   const Tensor gate_values = gated ? gate->to(at::kFloat).contiguous() : Tensor();

@@ -85,8 +85,12 @@ def checks_values(device: torch.device) -> bool:
 
 
 def check_scale_values(named_scales: list) -> None:
-    """Scales must be finite and non-negative (where checks_values; one read of the device for all)."""
-    if not named_scales or not checks_values(named_scales[0][1].device):
+    """Scales must be finite and non-negative: checked here on the GPU path where checks_values (one
+    read of the device for all of them); the C++ CPU kernels check the scales they read themselves
+    (csrc/cpu/scale_values.cpp), with the same message, so a CPU call builds no tensors to check."""
+    if not named_scales or not runs_on_triton(named_scales[0][1].device):
+        return
+    if not checks_values(named_scales[0][1].device):
         return
     values = torch.cat([s.reshape(-1) for _, s in named_scales])
     if values.numel() == 0:
