@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mmkern
-from mmkern import _config, env, ops
+from mmkern import _config, env, ops, reference
 
 # The variants are the C++ kernels'; under the interpreter switch CPU tensors run the Triton kernels.
 pytestmark = pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the C++ CPU kernels' ISA variants")
@@ -91,6 +91,25 @@ def test_fusion_gives_the_same_bits_in_every_variant(mode, out_dtype, restore_va
         options = {"mode": "gated", "gate": torch.randn(5, 9, 67)}
 
     _assert_same_bits(_run_every_variant(lambda: ops.quantized_fusion(inputs, scales, out_dtype=out_dtype, **options)))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 6])  # 1-4 unrolled at compile time, more at run time
+@pytest.mark.parametrize("quantized", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("cols", [1, 15, 67, 1000])
+def test_fused_sum_gives_the_eager_references_bits_in_every_variant(count, quantized, cols, restore_variant):
+    """The sum adds w_i * (x_i * s_i) in input order, as the eager reference does: the same bits, not
+    merely close, whatever the count of inputs and the columns left over past the vector width."""
+    generator = torch.Generator().manual_seed(cols)
+    pairs = [ops.quantize_per_token(torch.randn(3, 5, cols, generator=generator), quantized) for _ in range(count)]
+    inputs, scales = [p[0] for p in pairs], [p[1] for p in pairs]
+    weights = torch.randn(count, generator=generator)
+    for variant in VARIANTS:
+        mmkern.set_cpu_isa(variant)
+        for w in (None, weights):
+            for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+                actual = ops.quantized_fusion(inputs, scales, w, out_dtype=out_dtype)
+                expected = reference.quantized_fusion(inputs, scales, w, out_dtype=out_dtype)
+                assert torch.equal(actual, expected), (variant, w is None, out_dtype)
 
 
 def _extreme_int8(*shape, generator):
