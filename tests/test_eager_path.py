@@ -114,3 +114,75 @@ def test_the_fast_path_steps_aside_for_graphs_modes_and_subclasses():
     compiled = torch.compile(lambda t: seen.append(_eager.takes_eager_path([t])) or t, backend="eager", fullgraph=False)
     compiled(x)
     assert seen and not any(seen)
+
+
+cpp_kernels = pytest.mark.skipif(_config.TRITON_ON_CPU, reason="the interpreter switch sends CPU tensors to Triton")
+
+
+@cpp_kernels
+@pytest.mark.parametrize("op", [case.op for case in host_cases(torch.device("cpu"), torch.float32)])
+def test_a_cpu_call_past_the_dispatcher_is_bitwise_the_op(op, monkeypatch):
+    """Without gradients a CPU call goes straight to the C++ kernel (mmkern.ops._eager.call_op); with
+    them it takes the registered op. Either way the results are the op's, bit for bit."""
+    case = next(c for c in host_cases(torch.device("cpu"), torch.float32) if c.op == op)
+    with torch.no_grad():
+        past, through = both_paths(lambda: torch.utils._pytree.tree_leaves(case.mmkern()), monkeypatch)
+    for a, b in zip(past, through, strict=True):
+        assert torch.equal(a, b)
+    with_gradients, registered = both_paths(lambda: outputs_and_gradients(case), monkeypatch)
+    for a, b in zip(with_gradients, registered, strict=True):
+        assert torch.equal(a, b)
+
+
+class _RecordingOp:
+    """Stands in for an OpOverload: records whether call_op redispatched past the dispatcher."""
+
+    def __init__(self):
+        self.paths = []
+
+    def __call__(self, x):
+        self.paths.append("dispatcher")
+        return x
+
+    def redispatch(self, keys, x):
+        assert keys.has(torch._C.DispatchKey.CPU)
+        self.paths.append("cpu kernel")
+        return x
+
+
+@cpp_kernels
+def test_a_cpu_call_takes_the_dispatcher_where_something_needs_it():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, leaf = torch.randn(3, 4), torch.randn(3, 4, requires_grad=True)
+    op = _RecordingOp()
+    _eager.call_op(op, [x, None], x)
+    assert op.paths == ["cpu kernel"]
+    cases = {
+        "a gradient": lambda: _eager.call_op(op, [x, leaf], x),
+        "autocast": lambda: _eager.call_op(op, [x], x),
+        "a profiler": lambda: _eager.call_op(op, [x], x),
+        "fake tensors": lambda: _eager.call_op(op, [fake], fake),
+        "compile": lambda: torch.compile(lambda t: _eager.call_op(op, [t], t), backend="eager", fullgraph=True)(x),
+        "vmap": lambda: torch.func.vmap(lambda row: _eager.call_op(op, [row], row))(x),
+    }
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    for name, call in cases.items():
+        op.paths.clear()
+        if name == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                call()
+        elif name == "a profiler":
+            with torch.profiler.profile():
+                call()
+        elif name == "fake tensors":
+            with mode:
+                call()
+        else:
+            call()
+        assert op.paths and set(op.paths) == {"dispatcher"}, name
+    with torch.no_grad():
+        op.paths.clear()
+        _eager.call_op(op, [leaf], leaf)
+        assert op.paths == ["cpu kernel"]

@@ -84,15 +84,14 @@ def checks_values(device: torch.device) -> bool:
     return _config.value_checks() or not runs_on_triton(device)
 
 
-def check_scale_values(named_scales: list) -> None:
+def check_scale_values(scales: list, name_of) -> None:
     """Scales must be finite and non-negative: checked here on the GPU path where checks_values (one
-    read of the device for all of them); the C++ CPU kernels check the scales they read themselves
-    (csrc/cpu/scale_values.cpp), with the same message, so a CPU call builds no tensors to check."""
-    if not named_scales or not runs_on_triton(named_scales[0][1].device):
+    read of the device for all of them; ``name_of(i)`` names ``scales[i]`` in the error, built only
+    then); the C++ CPU kernels check the scales they read themselves (csrc/cpu/scale_values.cpp), with
+    the same message, so a CPU call builds no tensors to check."""
+    if not scales or not runs_on_triton(scales[0].device) or not checks_values(scales[0].device):
         return
-    if not checks_values(named_scales[0][1].device):
-        return
-    values = torch.cat([s.reshape(-1) for _, s in named_scales])
+    values = torch.cat([s.reshape(-1) for s in scales])
     if values.numel() == 0:
         return
     # One extremum pass over all of them (a NaN is both extrema): three ops where a test per scale
@@ -100,7 +99,7 @@ def check_scale_values(named_scales: list) -> None:
     low, high = values.aminmax()
     if bool((low >= 0) & (high < float("inf"))):
         return
-    for name, scale in named_scales:
+    for i, scale in enumerate(scales):
         bad = scale[~(torch.isfinite(scale) & (scale >= 0))]
         if bad.numel():
-            raise ValueError(f"{name} holds {bad[0].item()}; scales must be finite and >= 0")
+            raise ValueError(f"{name_of(i)} holds {bad[0].item()}; scales must be finite and >= 0")

@@ -12,7 +12,7 @@ import torch
 from mmkern.activations import ACTIVATIONS, SMOOTH_ACTIVATIONS
 from mmkern.kernels.launch import leading_shape, runs_on_triton, triton_has_float64_dot
 from mmkern.ops._checks import check_choice, check_concat_shapes, check_same_device, check_tensor, tensor_list
-from mmkern.ops._eager import autocast_inputs, needs_gradient, takes_eager_path, without_autocast
+from mmkern.ops._eager import autocast_inputs, call_op, needs_gradient, takes_eager_path, without_autocast
 from mmkern.ops._registration import (
     dtype_after_autocast,
     register_autocast,
@@ -55,9 +55,10 @@ def concat_linear(
     activation = "none" if activation is None else activation
     inputs = check_concat_linear_arguments(inputs, weight, bias, activation)
     check_same_dtype(inputs, weight, bias)
-    if takes_eager_path([*inputs, weight, bias]):
+    tensors = [*inputs, weight, bias]
+    if takes_eager_path(tensors):
         return eager_projection(_EagerConcatLinear, launch_forward, inputs, weight, bias, activation)
-    out, _ = torch.ops.mmkern.concat_linear.default(inputs, weight, bias, activation)
+    out, _ = call_op(torch.ops.mmkern.concat_linear.default, tensors, inputs, weight, bias, activation)
     return out
 
 

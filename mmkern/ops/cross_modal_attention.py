@@ -10,7 +10,7 @@ import torch
 
 from mmkern.kernels.launch import accumulate_dtype, runs_on_triton, triton_has_float64_dot
 from mmkern.ops._checks import checks_values
-from mmkern.ops._eager import autocast_inputs, needs_gradient, takes_eager_path, without_autocast
+from mmkern.ops._eager import autocast_inputs, call_op, needs_gradient, takes_eager_path, without_autocast
 from mmkern.ops._registration import (
     dtype_after_autocast,
     register_autocast,
@@ -103,10 +103,11 @@ def cross_modal_attention(
     variants = _check_variants(key_mask, (batch, k.shape[1]), "(batch, k_len)", softcap, sinks, q_heads, q.device)
     bias = _check_bias(bias, (batch, q_heads, q_len, k.shape[1]), q.device)
     arguments = (q, k, v, kv_lens, q_lens, scale, dropout_p, seed, *window, *variants, bias)
-    if takes_eager_path((q, k, v, kv_lens, q_lens, variants[0], variants[2], bias)):
+    tensors = (q, k, v, kv_lens, q_lens, variants[0], variants[2], bias)
+    if takes_eager_path(tensors):
         out, lse = _eager_attention("", *arguments)
     else:
-        out, lse = torch.ops.mmkern.cross_modal_attention.default(*arguments)
+        out, lse = call_op(torch.ops.mmkern.cross_modal_attention.default, tensors, *arguments)
     return (out, lse) if return_lse else out
 
 
@@ -181,10 +182,11 @@ def cross_modal_attention_packed(
         *window,
         *variants,
     )
-    if takes_eager_path((q, k, v, cu_seqlens_q, cu_seqlens_k, variants[0], variants[2])):
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, variants[0], variants[2])
+    if takes_eager_path(tensors):
         out, lse = _eager_attention("packed_", *arguments)
     else:
-        out, lse = torch.ops.mmkern.cross_modal_attention_packed.default(*arguments)
+        out, lse = call_op(torch.ops.mmkern.cross_modal_attention_packed.default, tensors, *arguments)
     return (out, lse) if return_lse else out
 
 

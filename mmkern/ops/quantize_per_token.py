@@ -9,6 +9,7 @@ the public functions, their argument checks, the fake kernels and the autograd r
 import torch
 
 from mmkern.ops._checks import check_scale_values, check_tensor, checks_values
+from mmkern.ops._eager import call_op
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -38,7 +39,7 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tupl
     """
     _check_float_input(x, "x")
     _check_quantized_dtype(dtype, "dtype")
-    xq, scale = torch.ops.mmkern.quantize_per_token.default(x, dtype)
+    xq, scale = call_op(torch.ops.mmkern.quantize_per_token.default, [x], x, dtype)
     if checks_values(scale.device):
         raise_on_nonfinite_rows(scale, "x")
     return xq, scale
@@ -60,8 +61,8 @@ def dequantize_per_token(xq: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     check_quantized_pair(xq, scale, "xq", "scale")
     if dtype not in OUT_DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {dtype}")
-    check_scale_values([("scale", scale)])
-    return torch.ops.mmkern.dequantize_per_token.default(xq, scale, dtype)
+    check_scale_values([scale], lambda i: "scale")
+    return call_op(torch.ops.mmkern.dequantize_per_token.default, [xq, scale], xq, scale, dtype)
 
 
 def fake_quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
@@ -78,7 +79,7 @@ def fake_quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8) ->
     """
     _check_float_input(x, "x")
     _check_quantized_dtype(dtype, "dtype")
-    return torch.ops.mmkern.fake_quantize_per_token.default(x, dtype)
+    return call_op(torch.ops.mmkern.fake_quantize_per_token.default, [x], x, dtype)
 
 
 def _check_float_input(x, name: str) -> None:

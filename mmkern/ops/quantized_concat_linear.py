@@ -21,7 +21,7 @@ from mmkern.ops._checks import (
     check_tensor,
     tensor_list,
 )
-from mmkern.ops._eager import eager_function, needs_gradient, takes_eager_path
+from mmkern.ops._eager import call_op, eager_function, needs_gradient, takes_eager_path
 from mmkern.ops._registration import register_autocast, register_triton_kernel, triton_implementation
 from mmkern.ops.concat_linear import (
     check_concat_linear_arguments,
@@ -76,11 +76,12 @@ def quantized_concat_linear(
     activation = "none" if activation is None else activation
     inputs_q, scales = _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype)
     arguments = (inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype)
-    if takes_eager_path([*inputs_q, *scales, weight_q, weight_scale, bias]):
+    tensors = [*inputs_q, *scales, weight_q, weight_scale, bias]
+    if takes_eager_path(tensors):
         if needs_gradient([bias]):
             return _EagerQuantizedConcatLinear.apply(*arguments)[0]
         return _launch_quantized(*arguments)[0]
-    return torch.ops.mmkern.quantized_concat_linear.default(*arguments)[0]
+    return call_op(torch.ops.mmkern.quantized_concat_linear.default, tensors, *arguments)[0]
 
 
 def _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, activation, out_dtype):
@@ -125,7 +126,7 @@ def _check_quantized_arguments(inputs_q, scales, weight_q, weight_scale, bias, a
     )
     check_same_device(named, weight_q.device, "weight_q", "quantized_concat_linear")
     check_concat_shapes(inputs_q, weight_q, bias, "inputs_q", "weight_q")
-    check_scale_values(named_scales)
+    check_scale_values([scale for _, scale in named_scales], lambda i: named_scales[i][0])
     return inputs_q, scales
 
 
@@ -157,11 +158,12 @@ def quantize_and_concat_linear(
     check_same_dtype(inputs, weight, bias)
     if weight.dtype == torch.float64:
         raise TypeError("weight is float64; quantize_and_concat_linear takes float16, bfloat16 or float32")
-    if takes_eager_path([*inputs, weight, bias]):
+    tensors = [*inputs, weight, bias]
+    if takes_eager_path(tensors):
         return eager_projection(
             _EagerQuantizeAndConcatLinear, _eager_quantize_and_project, inputs, weight, bias, activation
         )
-    out, *_ = torch.ops.mmkern.quantize_and_concat_linear.default(inputs, weight, bias, activation)
+    out, *_ = call_op(torch.ops.mmkern.quantize_and_concat_linear.default, tensors, inputs, weight, bias, activation)
     return out
 
 

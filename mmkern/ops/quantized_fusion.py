@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from mmkern.ops._checks import check_choice, check_same_device, check_scale_values, check_tensor, tensor_list
-from mmkern.ops._eager import eager_function, needs_gradient, takes_eager_path
+from mmkern.ops._eager import call_op, eager_function, needs_gradient, takes_eager_path
 from mmkern.ops._registration import register_triton_kernel, triton_implementation
 from mmkern.ops.quantize_per_token import FLOAT_DTYPES, check_quantized_pair
 
@@ -53,14 +53,17 @@ def quantized_fusion(
     """
     inputs_q, scales = _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype)
     arguments = (inputs_q, scales, weights, gate, mode, out_dtype)
-    if takes_eager_path([*inputs_q, *scales, weights, gate]):
+    tensors = [*inputs_q, *scales, weights, gate]
+    if takes_eager_path(tensors):
         if needs_gradient([weights, gate]):
             return _EagerQuantizedFusion.apply(*arguments)
         return _launch(*arguments)
-    return torch.ops.mmkern.quantized_fusion.default(*arguments)
+    return call_op(torch.ops.mmkern.quantized_fusion.default, tensors, *arguments)
 
 
 def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
+    # One pass over the inputs, with each argument's name built only for its error: a small CPU call's
+    # checks cost about as much as its kernel.
     inputs_q = tensor_list(inputs_q, "inputs_q")
     scales = tensor_list(scales, "scales")
     check_choice(mode, "mode", MODES)
@@ -70,18 +73,24 @@ def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
         raise ValueError(f"scales must hold one tensor per input, {len(inputs_q)}, got {len(scales)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
+    first = inputs_q[0]
+    device = first.device
     for i, (x, scale) in enumerate(zip(inputs_q, scales)):
         check_quantized_pair(x, scale, f"inputs_q[{i}]", f"scales[{i}]")
-        if x.dtype != inputs_q[0].dtype:
+        if i == 0:
+            continue
+        if x.dtype != first.dtype:
             raise TypeError(
-                f"inputs_q[{i}] has dtype {x.dtype} but inputs_q[0] has {inputs_q[0].dtype}; "
+                f"inputs_q[{i}] has dtype {x.dtype} but inputs_q[0] has {first.dtype}; "
                 "fused features share one quantized dtype"
             )
-        if x.shape != inputs_q[0].shape:
+        if x.shape != first.shape:
             raise ValueError(
-                f"inputs_q[{i}] has shape {tuple(x.shape)} but inputs_q[0] has {tuple(inputs_q[0].shape)}; "
+                f"inputs_q[{i}] has shape {tuple(x.shape)} but inputs_q[0] has {tuple(first.shape)}; "
                 "fused features share one shape"
             )
+        if x.device != device:
+            check_same_device([(f"inputs_q[{i}]", x)], device, "inputs_q[0]", "quantized_fusion")
     if mode == "sum":
         if gate is not None:
             raise ValueError('gate is only taken with mode="gated"')
@@ -101,15 +110,12 @@ def _check_fusion_arguments(inputs_q, scales, weights, mode, gate, out_dtype):
             raise ValueError('mode="gated" needs a gate (*lead, d) of logits')
         if gate.dtype not in FLOAT_DTYPES:
             raise TypeError(f"gate has dtype {gate.dtype}; expected float16, bfloat16 or float32")
-        if gate.shape != inputs_q[0].shape:
-            raise ValueError(f"gate must have the inputs' shape {tuple(inputs_q[0].shape)}, got {tuple(gate.shape)}")
-    named = (
-        [(f"inputs_q[{i}]", x) for i, x in enumerate(inputs_q)]
-        + [(f"scales[{i}]", s) for i, s in enumerate(scales)]
-        + [(name, t) for name, t in (("weights", weights), ("gate", gate)) if t is not None]
-    )
-    check_same_device(named, inputs_q[0].device, "inputs_q[0]", "quantized_fusion")
-    check_scale_values([(f"scales[{i}]", s) for i, s in enumerate(scales)])
+        if gate.shape != first.shape:
+            raise ValueError(f"gate must have the inputs' shape {tuple(first.shape)}, got {tuple(gate.shape)}")
+    # Each scale is on its input's device (check_quantized_pair), each input on inputs_q[0]'s.
+    named = [(name, t) for name, t in (("weights", weights), ("gate", gate)) if t is not None]
+    check_same_device(named, device, "inputs_q[0]", "quantized_fusion")
+    check_scale_values(scales, lambda i: f"scales[{i}]")
     return inputs_q, scales
 
 
